@@ -1,0 +1,90 @@
+"""Ingest function: an SQS batch of S3 notifications in, one decision per part out.
+
+Two decorators and one call, as powertools' batch utility intends: each SQS record is
+handled alone and a failure is reported in ``batchItemFailures`` so only that message
+returns to the queue (and reaches the DLQ after its receive limit). A bare S3
+notification (what ``sam local invoke -e events/s3-put.json`` passes) is handled too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.batch import (
+    BatchProcessor,
+    EventType,
+    process_partial_response,
+)
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from s3rollup.aws import Aws
+from s3rollup.config import Settings
+from s3rollup.ingest import Ingest, Outcome, parse_notification
+from s3rollup.launch import make_launcher
+
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics()
+processor = BatchProcessor(event_type=EventType.SQS)
+
+_ingest: Ingest | None = None
+
+
+def service() -> Ingest:
+    """The ingest service, built once per container from the function's environment."""
+    global _ingest
+    if _ingest is None:
+        settings = Settings.from_env()
+        aws = Aws()
+        _ingest = Ingest(settings, aws.s3, aws.dynamodb, make_launcher(settings, aws.client("ecs")))
+    return _ingest
+
+
+def _record(outcome: Outcome) -> None:
+    metrics.add_metric(name=f"Parts{outcome.decision.title()}", unit=MetricUnit.Count, value=1)
+    if outcome.job:
+        metrics.add_metric(name="JobsLaunched", unit=MetricUnit.Count, value=1)
+    logger.info(
+        "part decided",
+        extra={
+            "decision": outcome.decision,
+            "dataset": outcome.dataset,
+            "reason": outcome.reason,
+            "job_id": outcome.job,
+        },
+    )
+
+
+def handle_notification(body: dict[str, Any], actor: str) -> None:
+    """Decide on every S3 record of one notification."""
+    for event in parse_notification(body):
+        _record(service().handle(event, actor))
+
+
+@tracer.capture_method
+def record_handler(record: SQSRecord) -> None:
+    """One SQS message: an S3 notification (or the s3:TestEvent, which is ignored)."""
+    handle_notification(record.json_body, actor=f"lambda:{_request_id}")
+
+
+_request_id = "-"
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """Lambda entry point."""
+    global _request_id
+    _request_id = context.aws_request_id
+    records = event.get("Records") or []
+    if records and records[0].get("eventSource") == "aws:s3":
+        handle_notification(event, actor=f"lambda:{_request_id}")
+        return {"batchItemFailures": []}
+    response = process_partial_response(
+        event=event, record_handler=record_handler, processor=processor, context=context
+    )
+    return dict(response)

@@ -1,0 +1,237 @@
+"""The tamper-evident audit log: one hash chain per dataset in the audit table.
+
+Each record holds its sequence number, UTC time, event type, actor, object identity and
+decision, ``prev_hash`` and ``hash`` = SHA-256 over the canonical JSON of everything else.
+The chain head (seq 0) holds the last sequence number and hash. An append is one DynamoDB
+transaction that puts the record only if its seq is new and moves the head only if it still
+points where the writer read it, so concurrent writers never fork the chain, leave a gap or
+write a record twice; a writer that loses the race reads the head again and retries.
+
+Callers may add their own items to the same transaction (e.g. registering a part), so a
+decision and its audit record are written together or not at all.
+
+Records never hold cell values or personal data: only keys, versions, checksums, counts
+and reason codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from .errors import AuditError
+
+GENESIS = "0" * 64
+HEAD_SEQ = 0
+# Fields a record may carry besides the chain bookkeeping; anything else is refused so
+# that no caller can put a cell value into the audit trail by accident.
+FIELDS = (
+    "key",
+    "version_id",
+    "etag",
+    "sha256",
+    "size",
+    "rows",
+    "decision",
+    "reason",
+    "job_id",
+    "objects",
+    "parts",
+    "detail",
+)
+
+
+class Duplicate(Exception):
+    """A condition on one of the caller's own transaction items failed."""
+
+    def __init__(self, index: int, reason: dict[str, Any]) -> None:
+        super().__init__(f"condition on transaction item {index} failed")
+        self.index = index
+        self.reason = reason
+
+
+def canonical(record: dict[str, Any]) -> bytes:
+    """The bytes the record's hash is computed over (everything but ``hash``)."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical record."""
+    return hashlib.sha256(canonical(record)).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The first thing wrong with a chain."""
+
+    seq: int
+    code: str
+    message: str
+
+
+class AuditLog:
+    """Append to and read the audit chains of one table."""
+
+    def __init__(self, dynamodb: Any, table: str, max_attempts: int = 60) -> None:
+        self._db = dynamodb
+        self.table = table
+        self.max_attempts = max_attempts
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def _head(self, chain: str) -> tuple[int, str]:
+        item = self._db.get_item(
+            TableName=self.table,
+            Key={"chain": {"S": chain}, "seq": {"N": str(HEAD_SEQ)}},
+            ConsistentRead=True,
+        ).get("Item")
+        if not item:
+            return 0, GENESIS
+        return int(item["head_seq"]["N"]), item["head_hash"]["S"]
+
+    def append(
+        self,
+        chain: str,
+        event: str,
+        actor: str,
+        extra_items: Sequence[dict[str, Any]] = (),
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Append one record (and the caller's extra transaction items) to a chain.
+
+        Raises Duplicate when a condition on one of ``extra_items`` fails (nothing is
+        written), AuditError when the chain stays contended past ``max_attempts``.
+        """
+        unknown = set(fields) - set(FIELDS)
+        if unknown:
+            raise AuditError(f"audit record fields not allowed: {sorted(unknown)}")
+        body = {k: v for k, v in fields.items() if v is not None}
+        for attempt in range(self.max_attempts):
+            seq, prev = self._head(chain)
+            record: dict[str, Any] = {
+                "chain": chain,
+                "seq": seq + 1,
+                "time": _now(),
+                "event": event,
+                "actor": actor,
+                **body,
+                "prev_hash": prev,
+            }
+            record["hash"] = record_hash(record)
+            head_condition = (
+                {"ConditionExpression": "attribute_not_exists(seq)"}
+                if seq == 0
+                else {
+                    "ConditionExpression": "head_seq = :s",
+                    "ExpressionAttributeValues": {":s": {"N": str(seq)}},
+                }
+            )
+            items = [
+                {
+                    "Put": {
+                        "TableName": self.table,
+                        "Item": {
+                            "chain": {"S": chain},
+                            "seq": {"N": str(seq + 1)},
+                            "record": {"S": canonical_json(record)},
+                        },
+                        "ConditionExpression": "attribute_not_exists(seq)",
+                    }
+                },
+                {
+                    "Put": {
+                        "TableName": self.table,
+                        "Item": {
+                            "chain": {"S": chain},
+                            "seq": {"N": str(HEAD_SEQ)},
+                            "head_seq": {"N": str(seq + 1)},
+                            "head_hash": {"S": record["hash"]},
+                        },
+                        **head_condition,
+                    }
+                },
+                *extra_items,
+            ]
+            try:
+                self._db.transact_write_items(TransactItems=items)
+                return record
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] != "TransactionCanceledException":
+                    raise AuditError(f"audit append failed: {exc.response['Error']['Code']}") from exc
+                reasons = exc.response.get("CancellationReasons") or []
+                for i, reason in enumerate(reasons[2:], start=2):
+                    if reason.get("Code") == "ConditionalCheckFailed":
+                        raise Duplicate(i - 2, dict(reason)) from exc
+                # Lost the race for the head (or a transaction conflict): read it again.
+                time.sleep(min(0.5, 0.005 * (2 ** min(attempt, 6))) * random.random())
+        raise AuditError(f"audit chain stayed contended for {self.max_attempts} attempts")
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def records(self, chain: str) -> Iterator[dict[str, Any]]:
+        """All records of a chain in sequence order (the head is not a record)."""
+        kwargs: dict[str, Any] = {
+            "TableName": self.table,
+            "KeyConditionExpression": "chain = :c AND seq > :z",
+            "ExpressionAttributeValues": {":c": {"S": chain}, ":z": {"N": str(HEAD_SEQ)}},
+            "ConsistentRead": True,
+        }
+        while True:
+            page = self._db.query(**kwargs)
+            for item in page.get("Items", []):
+                record = json.loads(item["record"]["S"])
+                record["_seq_key"] = int(item["seq"]["N"])
+                yield record
+            if "LastEvaluatedKey" not in page:
+                return
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def head(self, chain: str) -> tuple[int, str]:
+        """(last sequence number, last hash) of a chain; (0, GENESIS) when empty."""
+        return self._head(chain)
+
+    def verify(self, chain: str) -> tuple[int, Problem | None]:
+        """Walk the chain: hashes, links, continuity and the head. Returns (records, problem)."""
+        expected_prev, expected_seq, count = GENESIS, 1, 0
+        for record in self.records(chain):
+            seq_key = record.pop("_seq_key")
+            seq = record.get("seq")
+            if seq_key != expected_seq:
+                return count, Problem(expected_seq, "GAP", f"record {expected_seq} is missing")
+            if seq != seq_key:
+                return count, Problem(seq_key, "SEQ_MISMATCH", f"record {seq_key} says seq {seq}")
+            if record.get("chain") != chain:
+                return count, Problem(seq_key, "WRONG_CHAIN", f"record {seq_key} names another chain")
+            if record.get("prev_hash") != expected_prev:
+                return count, Problem(
+                    seq_key, "BROKEN_LINK", f"record {seq_key} does not link to its predecessor"
+                )
+            if record_hash(record) != record.get("hash"):
+                return count, Problem(seq_key, "BAD_HASH", f"record {seq_key} was altered")
+            expected_prev, expected_seq, count = record["hash"], expected_seq + 1, count + 1
+        head_seq, head_hash = self._head(chain)
+        if (head_seq, head_hash) != (count, expected_prev):
+            return count, Problem(
+                count + 1 if head_seq > count else head_seq,
+                "HEAD_MISMATCH",
+                f"chain head points at record {head_seq} but the chain ends at {count}",
+            )
+        return count, None
+
+
+def canonical_json(record: dict[str, Any]) -> str:
+    """The stored form of a record: canonical JSON including its hash."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

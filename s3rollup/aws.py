@@ -1,0 +1,73 @@
+"""AWS clients, created lazily and shared; the standard endpoint and credential chain apply.
+
+boto3 honours AWS_ENDPOINT_URL, so the same code talks to the embedded endpoint or to AWS.
+When the endpoint is on this machine and no credentials are configured, the embedded
+endpoint's throwaway credentials are used so a user needs only AWS_ENDPOINT_URL.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+from urllib.parse import urlparse
+
+import boto3
+from botocore.config import Config
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_CONFIG = Config(
+    retries={"mode": "standard", "max_attempts": 6},
+    connect_timeout=5,
+    read_timeout=60,
+    max_pool_connections=32,
+)
+
+
+def is_local_endpoint(url: str | None) -> bool:
+    """True when url points at this machine (the embedded endpoint)."""
+    return bool(url) and (urlparse(url).hostname or "") in _LOOPBACK
+
+
+class Aws:
+    """A thread-safe cache of boto3 clients for one region and endpoint."""
+
+    def __init__(self, region: str | None = None, endpoint_url: str | None = None) -> None:
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self.region = (
+            region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        )
+        self._session: boto3.session.Session | None = None
+        self._clients: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _new_session(self) -> boto3.session.Session:
+        session = boto3.session.Session(region_name=self.region)
+        if is_local_endpoint(self.endpoint_url) and session.get_credentials() is None:
+            session = boto3.session.Session(
+                region_name=self.region,
+                aws_access_key_id="s3rollup-local",
+                aws_secret_access_key="s3rollup-local",  # noqa: S106 - the embedded endpoint's
+            )
+        return session
+
+    def client(self, service: str) -> Any:
+        """The shared client for a service (created on first use)."""
+        with self._lock:
+            if service not in self._clients:
+                if self._session is None:
+                    self._session = self._new_session()
+                self._clients[service] = self._session.client(  # type: ignore[call-overload]
+                    service, endpoint_url=self.endpoint_url, config=_CONFIG
+                )
+            return self._clients[service]
+
+    @property
+    def s3(self) -> Any:
+        """S3 client."""
+        return self.client("s3")
+
+    @property
+    def dynamodb(self) -> Any:
+        """DynamoDB client."""
+        return self.client("dynamodb")

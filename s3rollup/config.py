@@ -1,0 +1,80 @@
+"""Settings, read once at the edge (handler cold start, worker start, CLI) and passed down."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from .errors import ConfigError
+
+PREFIX = "S3ROLLUP_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the ingest function and the worker need to know about their stack."""
+
+    bucket: str
+    kms_key_arn: str
+    audit_table: str
+    state_table: str
+    launcher: str = "ecs"  # ecs: ecs.run_task; local: a worker process on this machine
+    ecs_cluster: str = ""
+    task_definition: str = ""
+    worker_container: str = "worker"
+    subnets: tuple[str, ...] = ()
+    security_groups: tuple[str, ...] = ()
+    min_group_size: int = 1
+    lease_seconds: int = 900
+    max_part_bytes: int = 5 << 30
+    dask_scheduler: str = ""  # address of an existing scheduler; empty: a LocalCluster
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from S3ROLLUP_* variables; a missing required one is a ConfigError."""
+        env = os.environ if env is None else env
+
+        def get(name: str, default: str | None = None) -> str:
+            value = env.get(PREFIX + name, default)
+            if value is None or value == "":
+                if default is not None:
+                    return default
+                raise ConfigError(f"{PREFIX}{name} is not set")
+            return value
+
+        def integer(name: str, default: int) -> int:
+            raw = get(name, str(default))
+            try:
+                return int(raw)
+            except ValueError:
+                raise ConfigError(f"{PREFIX}{name} must be an integer") from None
+
+        def csv(name: str) -> tuple[str, ...]:
+            return tuple(s.strip() for s in get(name, "").split(",") if s.strip())
+
+        settings = cls(
+            bucket=get("BUCKET"),
+            kms_key_arn=get("KMS_KEY_ARN"),
+            audit_table=get("AUDIT_TABLE"),
+            state_table=get("STATE_TABLE"),
+            launcher=get("LAUNCHER", "ecs"),
+            ecs_cluster=get("ECS_CLUSTER", ""),
+            task_definition=get("TASK_DEFINITION", ""),
+            worker_container=get("WORKER_CONTAINER", "worker"),
+            subnets=csv("SUBNETS"),
+            security_groups=csv("SECURITY_GROUPS"),
+            min_group_size=integer("MIN_GROUP_SIZE", 1),
+            lease_seconds=integer("LEASE_SECONDS", 900),
+            max_part_bytes=integer("MAX_PART_BYTES", 5 << 30),
+            dask_scheduler=get("DASK_SCHEDULER", ""),
+        )
+        if settings.launcher not in ("ecs", "local"):
+            raise ConfigError(f"{PREFIX}LAUNCHER must be 'ecs' or 'local'")
+        if settings.min_group_size < 1:
+            raise ConfigError(f"{PREFIX}MIN_GROUP_SIZE must be at least 1")
+        return settings
+
+    def with_(self, **changes: object) -> Settings:
+        """A copy with some fields changed."""
+        return replace(self, **changes)  # type: ignore[arg-type]

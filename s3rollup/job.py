@@ -1,0 +1,450 @@
+"""The worker's job: fold a dataset's new parts into its published statistics.
+
+One job per dataset at a time (the lease in the state table). A job:
+1. reconciles incoming/<dataset>/ against the registry (events may be late or lost);
+2. computes a partial aggregate for each accepted part whose partial is missing or stale,
+   one Dask task per part, stored as partials/<dataset>/<part-id>.parquet;
+3. merges the partials of all current parts and publishes results/<dataset>/
+   (aggregate.parquet, aggregate.json, then manifest.json naming the exact object
+   versions, so a reader that starts from the manifest never mixes two results);
+4. before giving the lease back, picks up parts that arrived meanwhile.
+
+Run as ``python -m s3rollup.job`` with S3ROLLUP_DATASET and S3ROLLUP_JOB_ID set (the
+container overrides of the RunTask request) and the task definition's environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pandas as pd
+from botocore.exceptions import ClientError
+
+from .audit import AuditLog, Duplicate
+from .aws import Aws
+from .config import Settings
+from .contract import (
+    Contract,
+    check_dataset,
+    parse_part_key,
+    partial_key,
+    quarantine_key,
+    result_prefix,
+)
+from .errors import S3RollupError
+from .ingest import Ingest
+from .logs import configure
+from .parse import PartError, detect_format, read_part
+from .state import AGGREGATED, Part, State
+from .stats import finalize, merge_partials, partial_from_frame
+
+log = logging.getLogger("s3rollup.job")
+
+_process_aws: Aws | None = None
+
+
+def _aws() -> Aws:
+    # One client cache per process: Dask tasks may run in other processes or machines.
+    global _process_aws
+    if _process_aws is None:
+        _process_aws = Aws()
+    return _process_aws
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex SHA-256 of bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the task's share, not the host's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def json_rows(frame: pd.DataFrame) -> list[list[Any]]:
+    """Rows as JSON-ready lists: exact float repr (17 significant digits), NaN as null."""
+    columns = [frame[c].tolist() for c in frame.columns]
+    return [
+        [None if isinstance(v, float) and math.isnan(v) else v for v in row]
+        for row in zip(*columns, strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class PartialTask:
+    """Everything a Dask task needs to compute one part's partial (picklable)."""
+
+    bucket: str
+    kms_key_arn: str
+    dataset: str
+    key: str
+    version_id: str
+    contract: Contract
+
+
+def compute_partial(task: PartialTask) -> dict[str, Any]:
+    """Read one part version, aggregate it, store its partial; report rows and checksums."""
+    s3 = _aws().s3
+    part = parse_part_key(task.key)
+    kwargs: dict[str, Any] = {"Bucket": task.bucket, "Key": task.key}
+    if task.version_id != "null":
+        kwargs["VersionId"] = task.version_id
+    body = s3.get_object(**kwargs)["Body"].read()
+    result: dict[str, Any] = {
+        "key": task.key,
+        "version_id": task.version_id,
+        "sha256": sha256_hex(body),
+    }
+    try:
+        frame = read_part(body, task.contract, detect_format(body[:8], part.name))
+    except PartError as exc:
+        result["error"] = {"code": exc.code, "message": exc.message, "line": exc.line}
+        return result
+    partial = partial_from_frame(frame, task.contract)
+    buf = io.BytesIO()
+    partial.to_parquet(buf, index=False)
+    data = buf.getvalue()
+    s3.put_object(
+        Bucket=task.bucket,
+        Key=partial_key(task.dataset, part.part_id),
+        Body=data,
+        ServerSideEncryption="aws:kms",
+        SSEKMSKeyId=task.kms_key_arn,
+        Metadata={"source-version-id": task.version_id, "rows": str(len(frame))},
+    )
+    result.update(rows=len(frame), partial_sha256=sha256_hex(data))
+    return result
+
+
+@contextlib.contextmanager
+def dask_client(settings: Settings) -> Iterator[Any]:
+    """A Dask client: the configured scheduler, else a LocalCluster sized to this task's CPUs."""
+    from distributed import Client, LocalCluster
+
+    # distributed sets its own loggers to INFO on import; its chatter is not ours to ship.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+
+    if settings.dask_scheduler:
+        with Client(settings.dask_scheduler, timeout="30s") as client:
+            yield client
+        return
+    # Threads in one process: part parsing and aggregation release the GIL, and a process
+    # pool would only add start-up time and copies on a small task.
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=available_cpus(),
+            processes=False,
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def task_actor() -> str:
+    """Who is acting: the ECS task ARN on Fargate, else this host and process."""
+    uri = os.environ.get("ECS_CONTAINER_METADATA_URI_V4", "")
+    if uri.startswith("http://169.254."):
+        with contextlib.suppress(Exception), urllib.request.urlopen(f"{uri}/task", timeout=2) as r:  # noqa: S310
+            return "ecs:" + str(json.load(r)["TaskARN"])
+    return f"local:{socket.gethostname()}:{os.getpid()}"
+
+
+class _NoLaunch:
+    """The job itself holds the lease: reconciling must not start another job."""
+
+    def launch(self, dataset: str, job_id: str) -> str:
+        return ""
+
+
+class Job:
+    """One job for one dataset."""
+
+    def __init__(self, settings: Settings, aws: Aws, dataset: str, job_id: str, actor: str) -> None:
+        self.settings, self.aws = settings, aws
+        self.dataset, self.job_id, self.actor = check_dataset(dataset), job_id, actor
+        self.audit = AuditLog(aws.dynamodb, settings.audit_table)
+        self.state = State(aws.dynamodb, settings.state_table)
+        self.ingest = Ingest(settings, aws.s3, aws.dynamodb, _NoLaunch())
+        self.rounds = 0
+
+    def run(self) -> int:
+        """Run until no part is waiting; 0 on success (or when another job holds the lease)."""
+        if not self.state.acquire_lease(self.dataset, self.job_id, self.settings.lease_seconds):
+            log.info(
+                "another job holds the dataset",
+                extra={"dataset": self.dataset, "job_id": self.job_id},
+            )
+            return 0
+        self.audit.append(self.dataset, "JOB_STARTED", self.actor, job_id=self.job_id)
+        started = time.monotonic()
+        try:
+            with dask_client(self.settings) as client:
+                while True:
+                    self.round(client)
+                    self.state.release_lease(self.dataset, self.job_id)
+                    # Parts registered while we worked found the lease taken: they are ours.
+                    if not self._waiting() or not self.state.acquire_lease(
+                        self.dataset, self.job_id, self.settings.lease_seconds
+                    ):
+                        break
+        except Exception as exc:
+            code = exc.code if isinstance(exc, S3RollupError) else type(exc).__name__
+            log.exception(
+                "job failed", extra={"dataset": self.dataset, "job_id": self.job_id, "reason": code}
+            )
+            self.audit.append(self.dataset, "JOB_FAILED", self.actor, job_id=self.job_id, reason=code)
+            self.state.release_lease(self.dataset, self.job_id)
+            return 1
+        seconds = round(time.monotonic() - started, 3)
+        self.audit.append(
+            self.dataset,
+            "JOB_FINISHED",
+            self.actor,
+            job_id=self.job_id,
+            detail={"rounds": self.rounds, "seconds": str(seconds)},
+        )
+        log.info(
+            "job finished",
+            extra={"dataset": self.dataset, "job_id": self.job_id, "seconds": seconds},
+        )
+        return 0
+
+    def _waiting(self) -> bool:
+        return any(p.needs_partial for p in self.state.parts(self.dataset))
+
+    def round(self, client: Any) -> None:
+        """Reconcile, compute missing partials, merge and publish."""
+        self.rounds += 1
+        self.ingest.reconcile(self.dataset, self.actor)
+        contract = self.ingest.contract(self.dataset)
+        todo = [p for p in self.state.parts(self.dataset) if p.needs_partial]
+        tasks = [
+            PartialTask(
+                self.settings.bucket,
+                self.settings.kms_key_arn,
+                self.dataset,
+                p.key,
+                p.version_id,
+                contract,
+            )
+            for p in todo
+        ]
+        results = client.gather(client.map(compute_partial, tasks, pure=False)) if tasks else []
+        by_key = {p.key: p for p in todo}
+        for res in results:
+            self._record_partial(by_key[res["key"]], res)
+        self.state.renew_lease(self.dataset, self.job_id, self.settings.lease_seconds)
+        self.publish(contract)
+
+    def _record_partial(self, part: Part, res: dict[str, Any]) -> None:
+        pid = parse_part_key(part.key).part_id
+        if "error" in res:
+            err = res["error"]
+            try:
+                self.audit.append(
+                    self.dataset,
+                    "PART_REJECTED",
+                    self.actor,
+                    extra_items=[self.state.rejected_item(part, err["code"])],
+                    key=part.key,
+                    version_id=part.version_id,
+                    etag=part.etag,
+                    sha256=res["sha256"],
+                    decision="REJECTED",
+                    reason=err["code"],
+                    job_id=self.job_id,
+                    detail={"line": err["line"]} if err["line"] else None,
+                )
+            except Duplicate:
+                return  # the part changed meanwhile; its new version has its own decision
+            self._quarantine(part, err)
+            log.warning(
+                "part rejected by the worker",
+                extra={
+                    "dataset": self.dataset,
+                    "part_id": pid,
+                    "reason": err["code"],
+                    "line": err["line"],
+                },
+            )
+            return
+        try:
+            self.audit.append(
+                self.dataset,
+                "PART_AGGREGATED",
+                self.actor,
+                extra_items=[
+                    self.state.aggregated_item(part, res["rows"], res["sha256"], res["partial_sha256"])
+                ],
+                key=part.key,
+                version_id=part.version_id,
+                etag=part.etag,
+                sha256=res["sha256"],
+                rows=res["rows"],
+                job_id=self.job_id,
+            )
+        except Duplicate:
+            log.info("part changed while aggregating", extra={"dataset": self.dataset, "part_id": pid})
+
+    def _quarantine(self, part: Part, err: dict[str, Any]) -> None:
+        pk = parse_part_key(part.key)
+        s3, bucket = self.aws.s3, self.settings.bucket
+        sse = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.settings.kms_key_arn}
+        source = {"Bucket": bucket, "Key": part.key}
+        if part.version_id != "null":
+            source["VersionId"] = part.version_id
+        target = quarantine_key(pk)
+        s3.copy_object(Bucket=bucket, Key=target, CopySource=source, **sse)
+        reason = {**err, "key": part.key, "version_id": part.version_id}
+        s3.put_object(
+            Bucket=bucket,
+            Key=target + ".reason.json",
+            Body=json.dumps(reason, indent=2).encode(),
+            **sse,
+        )
+        with contextlib.suppress(ClientError):
+            s3.delete_object(Bucket=bucket, Key=partial_key(self.dataset, pk.part_id))
+
+    def _load_partials(self, parts: list[Part]) -> list[pd.DataFrame]:
+        s3, bucket = self.aws.s3, self.settings.bucket
+        tables = []
+        for p in parts:
+            obj = s3.get_object(Bucket=bucket, Key=partial_key(self.dataset, parse_part_key(p.key).part_id))
+            data = obj["Body"].read()
+            if (
+                obj.get("Metadata", {}).get("source-version-id") != p.version_id
+                or sha256_hex(data) != p.partial_sha256
+            ):
+                raise S3RollupError(
+                    f"partial of a part does not match its registry entry ({p.key!r})",
+                    "STALE_PARTIAL",
+                )
+            tables.append(pd.read_parquet(io.BytesIO(data)))
+        return tables
+
+    def publish(self, contract: Contract) -> dict[str, Any]:
+        """Merge the partials of all current parts and write results/<dataset>/, manifest last."""
+        parts = sorted(
+            (p for p in self.state.parts(self.dataset) if p.status == AGGREGATED and not p.needs_partial),
+            key=lambda p: p.key,
+        )
+        merged = merge_partials(self._load_partials(parts), contract)
+        final = finalize(merged, contract)
+        prefix = result_prefix(self.dataset)
+        s3, bucket = self.aws.s3, self.settings.bucket
+        sse = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.settings.kms_key_arn}
+
+        buf = io.BytesIO()
+        final.to_parquet(buf, index=False)
+        parquet = buf.getvalue()
+        as_json = json.dumps(
+            {"dataset": self.dataset, "columns": list(final.columns), "rows": json_rows(final)},
+            separators=(",", ":"),
+            allow_nan=False,
+        ).encode()
+        objects: dict[str, dict[str, Any]] = {}
+        for name, data, ctype in (
+            ("aggregate.parquet", parquet, "application/vnd.apache.parquet"),
+            ("aggregate.json", as_json, "application/json"),
+        ):
+            put = s3.put_object(Bucket=bucket, Key=prefix + name, Body=data, ContentType=ctype, **sse)
+            objects[name] = {
+                "key": prefix + name,
+                "version_id": put.get("VersionId", "null"),
+                "sha256": sha256_hex(data),
+                "bytes": len(data),
+            }
+        total_groups = len(merged)
+        manifest = {
+            "dataset": self.dataset,
+            "job_id": self.job_id,
+            "generated_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "contract": {
+                "group_by": list(contract.group_by),
+                "values": list(contract.values),
+                "statistics": list(contract.statistics),
+                "derived": [d.name for d in contract.derived],
+                "min_group_size": contract.min_group_size,
+            },
+            "groups": len(final),
+            "groups_suppressed": int(total_groups - len(final)),
+            "rows": int(sum(p.rows for p in parts)),
+            "parts": [
+                {
+                    "key": p.key,
+                    "version_id": p.version_id,
+                    "etag": p.etag,
+                    "rows": p.rows,
+                    "sha256": p.sha256,
+                    "partial_sha256": p.partial_sha256,
+                }
+                for p in parts
+            ],
+            "objects": objects,
+        }
+        data = json.dumps(manifest, indent=2).encode()
+        put = s3.put_object(
+            Bucket=bucket,
+            Key=prefix + "manifest.json",
+            Body=data,
+            ContentType="application/json",
+            **sse,
+        )
+        objects["manifest.json"] = {
+            "key": prefix + "manifest.json",
+            "version_id": put.get("VersionId", "null"),
+            "sha256": sha256_hex(data),
+        }
+        self.audit.append(
+            self.dataset,
+            "RESULT_WRITTEN",
+            self.actor,
+            job_id=self.job_id,
+            objects={k: {"version_id": v["version_id"], "sha256": v["sha256"]} for k, v in objects.items()},
+            parts=len(parts),
+            rows=manifest["rows"],
+        )
+        log.info(
+            "result written",
+            extra={"dataset": self.dataset, "parts": len(parts), "groups": len(final)},
+        )
+        return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the worker task."""
+    configure(os.environ.get("S3ROLLUP_LOG_LEVEL", "INFO"))
+    try:
+        settings = Settings.from_env()
+        dataset = os.environ.get("S3ROLLUP_DATASET", "")
+        job_id = os.environ.get("S3ROLLUP_JOB_ID", "")
+        if not dataset or not job_id:
+            print("s3rollup worker: S3ROLLUP_DATASET and S3ROLLUP_JOB_ID must be set", file=sys.stderr)
+            return 2
+        return Job(settings, Aws(), dataset, job_id, task_actor()).run()
+    except S3RollupError as exc:
+        print(f"s3rollup worker: {exc} [{exc.code}]", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

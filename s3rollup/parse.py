@@ -1,0 +1,394 @@
+"""Part files (CSV, CSV.gz, Parquet) to DataFrames that follow a dataset's contract.
+
+The fast path is pyarrow's multi-threaded CSV reader (or the Parquet reader) with the
+contract's types. Only when it rejects a part does a slow, pure-Python second pass walk
+the records to say which line is at fault.
+
+Error messages name columns and line numbers, never a cell's content: parts may hold
+personal data and rejection reasons end up in logs and in the quarantine record. The
+pyarrow exceptions that do quote cells are never chained to a PartError.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import operator
+import re
+import zlib
+from collections.abc import Callable, Sequence
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from s3rollup.contract import Contract
+
+_ARROW_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string()}
+_BOM = b"\xef\xbb\xbf"
+# The header must end within this many bytes: a part without line breaks near its start
+# is not a CSV file with a header.
+_MAX_HEADER_BYTES = 1 << 20
+# What pyarrow's CSV converters accept, after they trim spaces and tabs. Used only on the
+# error path, and only to propose a culprit that pyarrow itself then confirms.
+_INT_BODY = r"[ \t]*-?[0-9]+[ \t]*"
+_NUMBER = r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|(?i:inf|infinity))"
+_FLOAT_BODY = rf"[ \t]*(?:{_NUMBER}|[+-]?(?i:nan))[ \t]*"
+_INT_RE = re.compile(_INT_BODY)
+_FLOAT_RE = re.compile(_FLOAT_BODY)
+# Whole-record shapes for the second pass (cells joined by NUL, which no cell pattern
+# accepts): one regex call per clean record. Integers of up to 18 digits cannot overflow;
+# longer ones, and every mismatch, get the per-cell check.
+_RECORD_CELL = {
+    "int64": r"[ \t]*-?[0-9]{1,18}[ \t]*",
+    "float64": _FLOAT_BODY,
+    "string": r"[^\x00\udc80-\udcff]+",
+}
+_RECORD_KEY_FLOAT = rf"[ \t]*{_NUMBER}[ \t]*"  # a NaN key is a null key
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class PartError(Exception):
+    """A part that cannot be read under its contract; ``code`` says why, ``line`` where."""
+
+    def __init__(self, code: str, message: str, line: int | None = None) -> None:
+        super().__init__(message if line is None else f"{message} (line {line})")
+        self.code = code
+        self.message = message
+        self.line = line
+
+
+def detect_format(head: bytes, name: str) -> str:
+    """'parquet', 'csv.gz' or 'csv', from the first bytes of the part (not its name)."""
+    del name  # the key's suffix is the sender's claim; the magic bytes are the fact
+    if head[:4] == b"PAR1":
+        return "parquet"
+    if head[:2] == b"\x1f\x8b":
+        return "csv.gz"
+    return "csv"
+
+
+def read_part(body: bytes, contract: Contract, fmt: str | None = None) -> pd.DataFrame:
+    """The part's group-key and value columns, typed as the contract says, or a PartError."""
+    fmt = fmt or detect_format(body[:4], "")
+    if fmt == "parquet":
+        table = _read_parquet(body, contract)
+    elif fmt == "csv.gz":
+        table = _read_csv(body, contract, gzipped=True)
+    elif fmt == "csv":
+        table = _read_csv(body, contract, gzipped=False)
+    else:
+        raise PartError("BAD_FORMAT", f"unknown part format {fmt!r}")
+    return _to_frame(table, contract)
+
+
+# ---- shared -----------------------------------------------------------------------------
+
+
+def _check_header(names: Sequence[str], contract: Contract, line: int | None) -> None:
+    """The columns must be exactly the declared ones, each once (any order)."""
+    declared = contract.columns
+    seen: set[str] = set()
+    for pos, name in enumerate(names, start=1):
+        if name in seen:
+            raise PartError("DUPLICATE_COLUMN", f"column {_describe(name, pos, declared)} repeats", line)
+        seen.add(name)
+    for name in declared:
+        if name not in seen:
+            raise PartError("MISSING_COLUMN", f"column {name!r} is missing", line)
+    for pos, name in enumerate(names, start=1):
+        if name not in declared:
+            raise PartError(
+                "UNEXPECTED_COLUMN",
+                f"column {_describe(name, pos, declared)} is not declared",
+                line,
+            )
+
+
+def _describe(name: str, pos: int, declared: dict[str, str]) -> str:
+    # An undeclared "column name" may be a data row of a headerless file: quote only
+    # names the contract declares, and give the position otherwise.
+    return repr(name) if name in declared else f"#{pos}"
+
+
+def _empty_table(contract: Contract) -> pa.Table:
+    cols = contract.used_columns
+    return pa.table([pa.array([], type=_ARROW_TYPES[contract.columns[c]]) for c in cols], names=list(cols))
+
+
+def _first_null_key(table: pa.Table, contract: Contract) -> tuple[str, int] | None:
+    """The first group-key column holding a null (or NaN), and the row index of that null."""
+    first: tuple[str, int] | None = None
+    for col in contract.group_by:
+        arr = table.column(col)
+        missing = pc.is_null(arr, nan_is_null=True)
+        if pc.any(missing).as_py():
+            row = pc.index(missing, True).as_py()
+            if first is None or row < first[1]:
+                first = (col, row)
+    return first
+
+
+def _to_frame(table: pa.Table, contract: Contract) -> pd.DataFrame:
+    df = table.select(list(contract.used_columns)).to_pandas(split_blocks=True)
+    for col in contract.used_columns:
+        # to_pandas already maps int64 (nulls -> float64), float64 and string; a header-
+        # only part must come out with the same dtypes as a full one.
+        if contract.columns[col] == "float64" and df[col].dtype != "float64":
+            df[col] = df[col].astype("float64")
+    return df
+
+
+# ---- CSV --------------------------------------------------------------------------------
+
+
+def _read_csv(body: bytes, contract: Contract, gzipped: bool) -> pa.Table:
+    if gzipped:
+        head, complete = _gunzip_head(body)
+    else:
+        head, complete = body[:_MAX_HEADER_BYTES], len(body) <= _MAX_HEADER_BYTES
+    names, header_only = _parse_header(head, complete)
+    _check_header(names, contract, line=1)
+    if header_only:
+        # pyarrow cannot infer a header without a line break after it.
+        return _empty_table(contract)
+    used = list(contract.used_columns)
+    convert = pacsv.ConvertOptions(
+        column_types={c: _ARROW_TYPES[contract.columns[c]] for c in used},
+        include_columns=used,
+        null_values=[""],
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=True,
+    )
+    # Quoted values may span lines; telling pyarrow costs parallelism, so only when a
+    # quote is present at all (gzip: unknown without inflating, so assume it is).
+    parse = pacsv.ParseOptions(newlines_in_values=gzipped or b'"' in body)
+    source = pa.BufferReader(body)
+    try:
+        table = pacsv.read_csv(
+            # Streaming lets inflating overlap parsing (inflating is the slower half).
+            pa.CompressedInputStream(source, "gzip") if gzipped else source,
+            parse_options=parse,
+            convert_options=convert,
+        )
+    except (pa.ArrowException, OSError) as exc:
+        data = _gunzip(body) if gzipped else body
+        raise _locate_csv_error(data, contract, names, exc) from None
+    if _first_null_key(table, contract) is not None:
+        data = _gunzip(body) if gzipped else body
+        raise _locate_csv_error(data, contract, names, None) from None
+    return table
+
+
+def _gunzip_head(body: bytes) -> tuple[bytes, bool]:
+    """The first inflated bytes, and whether they are the whole (first) gzip member."""
+    inflate = zlib.decompressobj(wbits=31)
+    try:
+        head = inflate.decompress(body[: 1 << 16], _MAX_HEADER_BYTES)
+    except zlib.error:
+        raise PartError("BAD_FORMAT", "not a valid gzip stream") from None
+    return head, inflate.eof
+
+
+def _gunzip(body: bytes) -> bytes:
+    try:
+        return gzip.decompress(body)
+    except (OSError, EOFError, zlib.error):
+        raise PartError("BAD_FORMAT", "not a valid gzip stream") from None
+
+
+def _parse_header(head: bytes, complete: bool) -> tuple[list[str], bool]:
+    """The header's column names, and whether the part is that header without a line break.
+
+    ``complete`` says whether ``head`` is the whole file rather than its first bytes.
+    """
+    if head.startswith(_BOM):
+        head = head[len(_BOM) :]
+    m = re.search(rb"\r\n|[\r\n]", head)
+    if m is None and not complete:
+        raise PartError("BAD_FORMAT", "the header line does not end", 1)
+    line = head if m is None else head[: m.start()]
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PartError("BAD_ENCODING", "header is not UTF-8", 1) from None
+    if not text.strip():
+        raise PartError("BAD_FORMAT", "first line must be the header and is empty", 1)
+    names = next(csv.reader([text]))
+    return names, m is None
+
+
+def _cell_checker(typ: str, is_key: bool) -> Callable[[str], str | None]:
+    """A function from a cell to the reason it is rejected (None when it is fine)."""
+
+    def check(cell: str) -> str | None:
+        if cell == "":
+            return "NULL_GROUP_KEY" if is_key else None
+        if typ == "string":
+            return "BAD_ENCODING" if _has_undecodable(cell) else None
+        if typ == "int64":
+            if _INT_RE.fullmatch(cell) and _INT64_MIN <= int(cell) <= _INT64_MAX:
+                return None
+            return "BAD_VALUE"
+        if _FLOAT_RE.fullmatch(cell):
+            if is_key and cell.strip(" \t").lstrip("+-").lower() == "nan":
+                return "NULL_GROUP_KEY"
+            return None
+        return "BAD_VALUE"
+
+    return check
+
+
+def _has_undecodable(cell: str) -> bool:
+    # surrogateescape maps each undecodable byte to a lone surrogate U+DC80..U+DCFF.
+    return any("\udc80" <= ch <= "\udcff" for ch in cell)
+
+
+def _arrow_rejects(cell: str, typ: str) -> bool:
+    """Ask pyarrow itself about one cell, so the line reported is the one it choked on."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([cell])
+    raw = b"v\n" + buf.getvalue().encode("utf-8", errors="surrogateescape")
+    convert = pacsv.ConvertOptions(
+        column_types={"v": _ARROW_TYPES[typ]}, null_values=[""], strings_can_be_null=True
+    )
+    try:
+        pacsv.read_csv(pa.BufferReader(raw), convert_options=convert)
+    except pa.ArrowException:
+        return True
+    return False
+
+
+def _record_pattern(contract: Contract) -> re.Pattern[str]:
+    cells = []
+    for col in contract.used_columns:
+        typ = contract.columns[col]
+        if col in contract.group_by:
+            cells.append(_RECORD_KEY_FLOAT if typ == "float64" else _RECORD_CELL[typ])
+        else:
+            cells.append(f"(?:{_RECORD_CELL[typ]})?")
+    return re.compile("\x00".join(f"(?:{c})" for c in cells))
+
+
+def _locate_csv_error(
+    data: bytes, contract: Contract, names: list[str], exc: BaseException | None
+) -> PartError:
+    """Walk the records in order and describe the first one pyarrow would refuse."""
+    text = data.decode("utf-8", errors="surrogateescape")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    reader = csv.reader(io.StringIO(text, newline=""))
+    used = contract.used_columns
+    positions = [names.index(col) for col in used]
+    cells_of = operator.itemgetter(*positions)
+    clean = _record_pattern(contract).fullmatch
+    checks = [
+        (col, contract.columns[col], _cell_checker(contract.columns[col], col in contract.group_by))
+        for col in used
+    ]
+    try:
+        next(reader)  # the header, already checked
+        end = reader.line_num
+        for record in reader:
+            start, end = end + 1, reader.line_num
+            if not record:
+                continue  # blank lines are skipped, as pyarrow does
+            if len(record) != len(names):
+                return PartError(
+                    "BAD_FORMAT", f"{len(record)} fields where the header has {len(names)}", start
+                )
+            cells = cells_of(record)
+            if clean("\x00".join(cells) if len(used) > 1 else cells):
+                continue
+            for cell, (col, typ, check) in zip(cells if len(used) > 1 else (cells,), checks, strict=True):
+                code = check(cell)
+                if code == "BAD_VALUE" and not _arrow_rejects(cell, typ):
+                    code = None
+                if code == "NULL_GROUP_KEY":
+                    return PartError(code, f"group key column {col!r} is empty", start)
+                if code == "BAD_ENCODING":
+                    return PartError(code, f"column {col!r} is not UTF-8", start)
+                if code is not None:
+                    return PartError(code, f"column {col!r} is not a valid {typ}", start)
+    except csv.Error:
+        # In practice the csv module's field size limit; pyarrow has none, so its own
+        # verdict (without a line) is the better report.
+        pass
+    return _describe_arrow_error(exc, names)
+
+
+def _describe_arrow_error(exc: BaseException | None, names: list[str]) -> PartError:
+    """A line-less PartError from a pyarrow failure the slow pass could not pin down."""
+    msg = str(exc) if exc is not None else ""
+    # Only the column number is taken from pyarrow's message: the rest may quote a cell.
+    m = re.match(r"In CSV column #(\d+)", msg)
+    column = f"column {names[int(m.group(1))]!r}" if m and int(m.group(1)) < len(names) else "a column"
+    if "UTF8" in msg:
+        return PartError("BAD_ENCODING", f"{column} is not UTF-8")
+    if "conversion error" in msg:
+        return PartError("BAD_VALUE", f"{column} holds a value that is not of its type")
+    if isinstance(exc, OSError):
+        return PartError("BAD_FORMAT", "not a valid gzip stream")
+    return PartError("BAD_FORMAT", "malformed CSV")
+
+
+# ---- Parquet ----------------------------------------------------------------------------
+
+
+def _read_parquet(body: bytes, contract: Contract) -> pa.Table:
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(body))
+        schema = pf.schema_arrow
+    except (pa.ArrowException, OSError):
+        raise PartError("BAD_FORMAT", "not a readable Parquet file") from None
+    _check_header(_parquet_columns(schema), contract, line=None)
+    used = list(contract.used_columns)
+    try:
+        table = pf.read(columns=used, use_threads=True)
+    except (pa.ArrowException, OSError):
+        raise PartError("BAD_FORMAT", "Parquet data cannot be read") from None
+    arrays = [_cast_parquet_column(table.column(c), c, contract.columns[c]) for c in used]
+    # A fresh table drops the writer's pandas metadata (index, categorical dtypes).
+    out = pa.table(arrays, names=used)
+    null = _first_null_key(out, contract)
+    if null is not None:
+        raise PartError("NULL_GROUP_KEY", f"group key column {null[0]!r} is null in row {null[1] + 1}")
+    return out
+
+
+def _parquet_columns(schema: pa.Schema) -> list[str]:
+    # pandas stores an unnamed, non-default index as an extra column and lists it in its
+    # metadata: the writer's bookkeeping, not data. A named index is a real column.
+    meta = schema.pandas_metadata or {}
+    index_cols = {
+        c
+        for c in meta.get("index_columns", [])
+        if isinstance(c, str) and re.fullmatch(r"__index_level_\d+__", c)
+    }
+    return [n for n in schema.names if n not in index_cols]
+
+
+def _cast_parquet_column(arr: pa.ChunkedArray, col: str, typ: str) -> pa.ChunkedArray:
+    """The column as the contract's type, if that is lossless; otherwise BAD_VALUE."""
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        arr, t = arr.cast(t.value_type), t.value_type
+    target = _ARROW_TYPES[typ]
+    if pa.types.is_null(t):
+        ok = True  # a column written with no values at all
+    elif typ == "string":
+        ok = pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+    else:
+        ok = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+    if not ok:
+        raise PartError("BAD_VALUE", f"column {col!r} has Parquet type {t}, expected {typ}")
+    if t == target:
+        return arr
+    try:
+        # safe=True refuses overflow, truncation and lost precision.
+        return pc.cast(arr, target, safe=True)
+    except pa.ArrowException:
+        raise PartError("BAD_VALUE", f"column {col!r} does not fit {typ} without loss") from None

@@ -1,0 +1,267 @@
+"""The state table: the registry of parts and the per-dataset job lease.
+
+Items (pk, sk):
+- ``PART#<dataset>``, ``<key>``: the part's current version, etag, size, status
+  (PENDING, AGGREGATED, REJECTED, REMOVED), reason code, rows and the version its partial
+  was computed from.
+- ``LEASE#<dataset>``, ``LEASE``: the job that holds the dataset, until ``expires``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+PENDING, AGGREGATED, REJECTED, REMOVED = "PENDING", "AGGREGATED", "REJECTED", "REMOVED"
+
+
+@dataclass(frozen=True)
+class Part:
+    """A registered part as the state table knows it."""
+
+    dataset: str
+    key: str
+    version_id: str
+    etag: str
+    size: int
+    status: str
+    reason: str = ""
+    rows: int = -1
+    partial_version: str = ""
+    partial_sha256: str = ""
+    sha256: str = ""
+
+    @property
+    def needs_partial(self) -> bool:
+        """True when the part is accepted but its partial is missing or stale."""
+        return self.status in (PENDING, AGGREGATED) and self.partial_version != self.version_id
+
+
+def _part_from_item(item: dict[str, Any]) -> Part:
+    def s(name: str) -> str:
+        return item[name]["S"] if name in item else ""
+
+    def n(name: str, default: int = -1) -> int:
+        return int(item[name]["N"]) if name in item else default
+
+    return Part(
+        dataset=item["pk"]["S"].split("#", 1)[1],
+        key=item["sk"]["S"],
+        version_id=s("version_id"),
+        etag=s("etag"),
+        size=n("size", 0),
+        status=s("status"),
+        reason=s("reason"),
+        rows=n("rows"),
+        partial_version=s("partial_version"),
+        partial_sha256=s("partial_sha256"),
+        sha256=s("sha256"),
+    )
+
+
+class State:
+    """Parts and leases in the state table."""
+
+    def __init__(self, dynamodb: Any, table: str) -> None:
+        self._db = dynamodb
+        self.table = table
+
+    # ---- parts ------------------------------------------------------------------------------
+
+    @staticmethod
+    def part_pk(dataset: str) -> dict[str, Any]:
+        """Partition key value of a dataset's parts."""
+        return {"S": f"PART#{dataset}"}
+
+    def register_item(
+        self,
+        dataset: str,
+        key: str,
+        version_id: str,
+        etag: str,
+        size: int,
+        status: str,
+        reason: str = "",
+    ) -> dict[str, Any]:
+        """A transaction item that records a decision on one version of a part, exactly once.
+
+        It fails (ConditionalCheckFailed) when this version already has a decision, so N
+        deliveries of the same event decide once; a version that was removed and has come
+        back (its delete marker was deleted) is decided again.
+        """
+        item = {
+            "pk": self.part_pk(dataset),
+            "sk": {"S": key},
+            "version_id": {"S": version_id},
+            "etag": {"S": etag},
+            "size": {"N": str(size)},
+            "status": {"S": status},
+            "updated": {"N": str(int(time.time()))},
+        }
+        if reason:
+            item["reason"] = {"S": reason}
+        return {
+            "Put": {
+                "TableName": self.table,
+                "Item": item,
+                "ConditionExpression": ("attribute_not_exists(pk) OR version_id <> :v OR #st = :removed"),
+                "ExpressionAttributeNames": {"#st": "status"},
+                "ExpressionAttributeValues": {":v": {"S": version_id}, ":removed": {"S": REMOVED}},
+            }
+        }
+
+    def remove_item(self, dataset: str, key: str) -> dict[str, Any]:
+        """A transaction item that marks a registered part REMOVED (once)."""
+        return {
+            "Update": {
+                "TableName": self.table,
+                "Key": {"pk": self.part_pk(dataset), "sk": {"S": key}},
+                "UpdateExpression": "SET #st = :removed, updated = :t REMOVE partial_version",
+                "ConditionExpression": "attribute_exists(pk) AND #st <> :removed",
+                "ExpressionAttributeNames": {"#st": "status"},
+                "ExpressionAttributeValues": {
+                    ":removed": {"S": REMOVED},
+                    ":t": {"N": str(int(time.time()))},
+                },
+            }
+        }
+
+    def aggregated_item(self, part: Part, rows: int, sha256: str, partial_sha256: str) -> dict[str, Any]:
+        """A transaction item that marks a part's version AGGREGATED with its partial."""
+        return {
+            "Update": {
+                "TableName": self.table,
+                "Key": {"pk": self.part_pk(part.dataset), "sk": {"S": part.key}},
+                "UpdateExpression": (
+                    "SET #st = :agg, #rows = :rows, sha256 = :sha, partial_version = :v,"
+                    " partial_sha256 = :psha, updated = :t"
+                ),
+                # Only if the part is still at the version the partial was computed from.
+                "ConditionExpression": "version_id = :v AND #st IN (:pending, :agg)",
+                "ExpressionAttributeNames": {"#st": "status", "#rows": "rows"},
+                "ExpressionAttributeValues": {
+                    ":agg": {"S": AGGREGATED},
+                    ":pending": {"S": PENDING},
+                    ":rows": {"N": str(rows)},
+                    ":sha": {"S": sha256},
+                    ":v": {"S": part.version_id},
+                    ":psha": {"S": partial_sha256},
+                    ":t": {"N": str(int(time.time()))},
+                },
+            }
+        }
+
+    def rejected_item(self, part: Part, reason: str) -> dict[str, Any]:
+        """A transaction item that marks a part's version REJECTED by the worker."""
+        return {
+            "Update": {
+                "TableName": self.table,
+                "Key": {"pk": self.part_pk(part.dataset), "sk": {"S": part.key}},
+                "UpdateExpression": "SET #st = :rej, reason = :r, updated = :t REMOVE partial_version",
+                "ConditionExpression": "version_id = :v AND #st <> :rej",
+                "ExpressionAttributeNames": {"#st": "status"},
+                "ExpressionAttributeValues": {
+                    ":rej": {"S": REJECTED},
+                    ":r": {"S": reason},
+                    ":v": {"S": part.version_id},
+                    ":t": {"N": str(int(time.time()))},
+                },
+            }
+        }
+
+    def get_part(self, dataset: str, key: str) -> Part | None:
+        """The registered part at key, or None."""
+        item = self._db.get_item(
+            TableName=self.table,
+            Key={"pk": self.part_pk(dataset), "sk": {"S": key}},
+            ConsistentRead=True,
+        ).get("Item")
+        return _part_from_item(item) if item else None
+
+    def parts(self, dataset: str) -> list[Part]:
+        """Every registered part of a dataset, in key order."""
+        out: list[Part] = []
+        kwargs: dict[str, Any] = {
+            "TableName": self.table,
+            "KeyConditionExpression": "pk = :pk",
+            "ExpressionAttributeValues": {":pk": self.part_pk(dataset)},
+            "ConsistentRead": True,
+        }
+        while True:
+            page = self._db.query(**kwargs)
+            out.extend(_part_from_item(i) for i in page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                return out
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    # ---- lease ------------------------------------------------------------------------------
+
+    def _lease_key(self, dataset: str) -> dict[str, Any]:
+        return {"pk": {"S": f"LEASE#{dataset}"}, "sk": {"S": "LEASE"}}
+
+    def acquire_lease(self, dataset: str, job_id: str, seconds: int) -> bool:
+        """Take the dataset's lease for job_id if it is free, expired or already ours."""
+        now = int(time.time())
+        try:
+            self._db.put_item(
+                TableName=self.table,
+                Item={
+                    **self._lease_key(dataset),
+                    "job_id": {"S": job_id},
+                    "expires": {"N": str(now + seconds)},
+                    "taken": {"N": str(now)},
+                },
+                ConditionExpression="attribute_not_exists(pk) OR expires < :now OR job_id = :me",
+                ExpressionAttributeValues={":now": {"N": str(now)}, ":me": {"S": job_id}},
+            )
+            return True
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                return False
+            raise
+
+    def renew_lease(self, dataset: str, job_id: str, seconds: int) -> bool:
+        """Extend our lease; False when it is no longer ours."""
+        try:
+            self._db.update_item(
+                TableName=self.table,
+                Key=self._lease_key(dataset),
+                UpdateExpression="SET expires = :e",
+                ConditionExpression="job_id = :me",
+                ExpressionAttributeValues={
+                    ":e": {"N": str(int(time.time()) + seconds)},
+                    ":me": {"S": job_id},
+                },
+            )
+            return True
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                return False
+            raise
+
+    def release_lease(self, dataset: str, job_id: str) -> bool:
+        """Give the lease back if we hold it."""
+        try:
+            self._db.delete_item(
+                TableName=self.table,
+                Key=self._lease_key(dataset),
+                ConditionExpression="job_id = :me",
+                ExpressionAttributeValues={":me": {"S": job_id}},
+            )
+            return True
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                return False
+            raise
+
+    def lease(self, dataset: str) -> dict[str, Any] | None:
+        """The current lease item (job_id, expires) or None."""
+        item = self._db.get_item(TableName=self.table, Key=self._lease_key(dataset), ConsistentRead=True).get(
+            "Item"
+        )
+        if not item:
+            return None
+        return {"job_id": item["job_id"]["S"], "expires": int(item["expires"]["N"])}

@@ -1,0 +1,66 @@
+"""Helpers shared by the integration tests."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any
+
+import pandas as pd
+
+from s3rollup.demo import to_csv_bytes
+
+
+def put_part(stack: Any, dataset: str, name: str, body: bytes | pd.DataFrame) -> str:
+    """Upload a part as a producer would (SSE-KMS under the stack's key); return its key."""
+    data = to_csv_bytes(body) if isinstance(body, pd.DataFrame) else body
+    key = f"incoming/{dataset}/{name}"
+    stack.aws.s3.put_object(
+        Bucket=stack.info.outputs["DataBucketName"],
+        Key=key,
+        Body=data,
+        ServerSideEncryption="aws:kms",
+        SSEKMSKeyId=stack.info.outputs["DataKeyArn"],
+    )
+    return key
+
+
+def manifest(stack: Any, dataset: str) -> dict[str, Any] | None:
+    """The dataset's published manifest, or None."""
+    s3 = stack.aws.s3
+    try:
+        raw = s3.get_object(
+            Bucket=stack.info.outputs["DataBucketName"], Key=f"results/{dataset}/manifest.json"
+        )
+    except s3.exceptions.NoSuchKey:
+        return None
+    result: dict[str, Any] = json.loads(raw["Body"].read())
+    return result
+
+
+def wait_manifest(stack: Any, dataset: str, keys: set[str], timeout: float = 120) -> dict[str, Any]:
+    """Wait until the manifest lists exactly these keys."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = manifest(stack, dataset)
+        if m and {p["key"] for p in m["parts"]} == keys:
+            return m
+        time.sleep(0.25)
+    raise AssertionError(f"manifest never listed {sorted(keys)}; last: {manifest(stack, dataset)}")
+
+
+def result_frame(stack: Any, dataset: str) -> pd.DataFrame:
+    """The published aggregate.parquet."""
+    raw = stack.aws.s3.get_object(
+        Bucket=stack.info.outputs["DataBucketName"], Key=f"results/{dataset}/aggregate.parquet"
+    )["Body"].read()
+    return pd.read_parquet(io.BytesIO(raw))
+
+
+def audit_records(stack: Any, dataset: str) -> list[dict[str, Any]]:
+    """Every audit record of a dataset's chain."""
+    from s3rollup.audit import AuditLog
+
+    log = AuditLog(stack.aws.dynamodb, stack.info.outputs["AuditTableName"])
+    return [{k: v for k, v in r.items() if k != "_seq_key"} for r in log.records(dataset)]

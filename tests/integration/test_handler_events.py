@@ -1,0 +1,95 @@
+"""The ingest handler invoked with the events/ files `sam local invoke -e` would pass."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from s3rollup.state import PENDING, State
+from tests.conftest import load_event
+from tests.helpers import audit_records, put_part
+
+pytestmark = pytest.mark.integration
+
+GOOD = b"id,value1,value2,value3,category\n1,0.5,1.5,2.5,3\n"
+
+
+class Ctx:
+    aws_request_id = "req-events-test"
+    function_name = "IngestFunction"
+    memory_limit_in_mb = 512
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:IngestFunction"
+
+
+def _retarget(event: dict[str, Any], bucket: str, dataset: str) -> dict[str, Any]:
+    """Point an events/ file at the test stack's bucket and a fresh dataset."""
+    text = json.dumps(event).replace("s3rollup-data-123456789012-us-east-1", bucket)
+    return json.loads(
+        text.replace("incoming/sales/", f"incoming/{dataset}/").replace(
+            "incoming%2Fsales%2F", f"incoming%2F{dataset}%2F"
+        )
+    )
+
+
+def _no_job(stack: Any, dataset: str) -> None:
+    # Hold the dataset's lease so these tests exercise ingest alone.
+    State(stack.aws.dynamodb, stack.info.outputs["StateTableName"]).acquire_lease(
+        dataset, "test-holds-lease", 600
+    )
+
+
+def test_bare_s3_put_event_registers_the_part_once(stack: Any, lambda_app: Any, dataset: str) -> None:
+    _no_job(stack, dataset)
+    bucket = stack.info.outputs["DataBucketName"]
+    key = put_part(stack, dataset, "part-00000.csv", GOOD)
+    event = _retarget(load_event("s3-put.json"), bucket, dataset)
+    app = lambda_app
+    for _ in range(3):  # the same event delivered three times
+        assert app.handler(event, Ctx()) == {"batchItemFailures": []}
+    part = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"]).get_part(dataset, key)
+    assert part is not None and part.status == PENDING
+    accepted = [r for r in audit_records(stack, dataset) if r["event"] == "PART_ACCEPTED"]
+    assert [r["key"] for r in accepted] == [key]
+
+
+def test_sqs_batch_with_encoded_keys_and_test_event(stack: Any, lambda_app: Any, dataset: str) -> None:
+    _no_job(stack, dataset)
+    bucket = stack.info.outputs["DataBucketName"]
+    k1 = put_part(stack, dataset, "part-00000.csv", GOOD)
+    k2 = put_part(stack, dataset, "café part +1 100%.csv", GOOD)
+    event = _retarget(load_event("sqs-s3-batch.json"), bucket, dataset)
+    response = lambda_app.handler(event, Ctx())
+    assert response == {"batchItemFailures": []}
+    keys = sorted(r["key"] for r in audit_records(stack, dataset) if r["event"] == "PART_ACCEPTED")
+    assert keys == sorted([k1, k2])
+
+
+def test_s3_test_event_is_ignored(stack: Any, lambda_app: Any, dataset: str) -> None:
+    event = load_event("sqs-s3-test-event.json")
+    assert lambda_app.handler(event, Ctx()) == {"batchItemFailures": []}
+
+
+def test_poison_record_is_reported_alone(stack: Any, lambda_app: Any, dataset: str) -> None:
+    _no_job(stack, dataset)
+    bucket = stack.info.outputs["DataBucketName"]
+    put_part(stack, dataset, "part-00000.csv", GOOD)
+    event = _retarget(load_event("sqs-s3-batch.json"), bucket, dataset)
+    event["Records"][1]["body"] = "{not json"
+    response = lambda_app.handler(event, Ctx())
+    assert response == {"batchItemFailures": [{"itemIdentifier": event["Records"][1]["messageId"]}]}
+
+
+def test_delete_event_removes_a_registered_part(stack: Any, lambda_app: Any, dataset: str) -> None:
+    _no_job(stack, dataset)
+    bucket = stack.info.outputs["DataBucketName"]
+    key = put_part(stack, dataset, "part-00000.csv", GOOD)
+    app = lambda_app
+    app.handler(_retarget(load_event("s3-put.json"), bucket, dataset), Ctx())
+    stack.aws.s3.delete_object(Bucket=bucket, Key=key)
+    app.handler(_retarget(load_event("s3-delete.json"), bucket, dataset), Ctx())
+    part = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"]).get_part(dataset, key)
+    assert part is not None and part.status == "REMOVED"
+    events = [r["event"] for r in audit_records(stack, dataset)]
+    assert events == ["PART_ACCEPTED", "PART_REMOVED"]

@@ -1,0 +1,278 @@
+"""Part files become contract-typed frames, or a PartError that names column and line only."""
+
+from __future__ import annotations
+
+import gzip
+import io
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from s3rollup.contract import DEFAULT_CONTRACT, Contract
+from s3rollup.parse import PartError, detect_format, read_part
+
+C = DEFAULT_CONTRACT
+HEADER = "id,value1,value2,value3,category\n"
+STRING_KEYS = Contract(columns={"region": "string", "x": "float64"}, group_by=("region",), values=("x",))
+
+
+def seed_frame(n: int = 200, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "value1": rng.standard_normal(n),
+            "value2": rng.standard_normal(n),
+            "value3": rng.standard_normal(n),
+            "category": rng.integers(0, 20, n),
+        }
+    )
+
+
+def csv_bytes(df: pd.DataFrame) -> bytes:
+    # repr-exact floats so a round trip can be compared bit for bit
+    return df.to_csv(index=False, float_format="%.17g").encode("utf-8")
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def rows(*lines: str) -> bytes:
+    return (HEADER + "".join(line + "\n" for line in lines)).encode("utf-8")
+
+
+def reject(body: bytes, contract: Contract = C) -> PartError:
+    with pytest.raises(PartError) as info:
+        read_part(body, contract)
+    return info.value
+
+
+# ---- formats ----------------------------------------------------------------------------
+
+
+def test_detect_format_goes_by_content_not_name() -> None:
+    assert detect_format(b"PAR1", "part.csv") == "parquet"
+    assert detect_format(b"\x1f\x8b\x08\x00", "part.parquet") == "csv.gz"
+    assert detect_format(b"id,v", "part.csv.gz") == "csv"
+
+
+def test_csv_csv_gz_and_parquet_read_to_identical_frames() -> None:
+    # GIVEN the same rows as CSV, gzipped CSV and Parquet
+    df = seed_frame()
+    body = csv_bytes(df)
+    # WHEN each is read
+    from_csv = read_part(body, C)
+    from_gz = read_part(gzip.compress(body), C)
+    from_parquet = read_part(parquet_bytes(pa.Table.from_pandas(df, preserve_index=False)), C)
+    # THEN the frames are identical and hold the used columns of the source
+    expected = df[list(C.used_columns)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(from_csv, expected, check_exact=True)
+    pd.testing.assert_frame_equal(from_gz, expected, check_exact=True)
+    pd.testing.assert_frame_equal(from_parquet, expected, check_exact=True)
+
+
+def test_returns_used_columns_in_contract_order_whatever_the_header_order() -> None:
+    body = b"category,value3,id,value2,value1\n3,1.5,1,2.5,0.5\n"
+    df = read_part(body, C)
+    assert list(df.columns) == ["category", "value1", "value2", "value3"]
+    assert df.iloc[0].tolist() == [3, 0.5, 2.5, 1.5]
+
+
+def test_header_only_csv_is_a_part_with_zero_rows_and_contract_dtypes() -> None:
+    for body in (HEADER.encode(), HEADER.strip().encode(), gzip.compress(HEADER.encode())):
+        df = read_part(body, C)
+        assert len(df) == 0
+        assert df.dtypes.to_dict() == {
+            "category": np.dtype("int64"),
+            "value1": np.dtype("float64"),
+            "value2": np.dtype("float64"),
+            "value3": np.dtype("float64"),
+        }
+
+
+def test_utf8_bom_is_tolerated() -> None:
+    body = b"\xef\xbb\xbf" + rows("1,0.5,1.5,2.5,7")
+    assert read_part(body, C)["category"].tolist() == [7]
+    assert read_part(gzip.compress(body), C)["category"].tolist() == [7]
+
+
+def test_empty_value_cells_are_nan() -> None:
+    df = read_part(rows("1,,1.5,,7", "2,0.5,,2.5,8"), C)
+    assert np.isnan(df["value1"][0]) and np.isnan(df["value3"][0]) and np.isnan(df["value2"][1])
+
+
+def test_crlf_line_endings_are_read() -> None:
+    body = rows("1,0.5,1.5,2.5,7", "2,0.5,1.5,2.5,8").replace(b"\n", b"\r\n")
+    assert read_part(body, C)["category"].tolist() == [7, 8]
+
+
+def test_string_keys_come_back_as_pandas_strings() -> None:
+    df = read_part("region,x\nnorth,1\nsüd,2\n".encode(), STRING_KEYS)
+    assert pd.api.types.is_string_dtype(df["region"]) and df["region"].tolist() == ["north", "süd"]
+
+
+# ---- header problems --------------------------------------------------------------------
+
+
+def test_missing_column_is_rejected() -> None:
+    err = reject(b"id,value1,value2,value3\n1,2,3,4\n")
+    assert (err.code, err.line) == ("MISSING_COLUMN", 1) and "category" in err.message
+
+
+def test_duplicate_column_is_rejected() -> None:
+    err = reject(b"id,value1,value2,value3,category,value2\n1,2,3,4,5,6\n")
+    assert (err.code, err.line) == ("DUPLICATE_COLUMN", 1) and "value2" in err.message
+
+
+def test_unexpected_column_is_rejected() -> None:
+    err = reject(b"id,value1,value2,value3,category,extra\n1,2,3,4,5,6\n")
+    assert (err.code, err.line) == ("UNEXPECTED_COLUMN", 1)
+
+
+def test_headerless_file_does_not_echo_its_first_row() -> None:
+    # GIVEN a file whose first line is data, not a header
+    err = reject(b"17,jane.doe@example.com,1,2,3\n")
+    # THEN the header error quotes nothing from that line
+    assert err.code in ("MISSING_COLUMN", "UNEXPECTED_COLUMN")
+    assert "jane" not in str(err) and "17" not in str(err)
+
+
+def test_empty_file_is_a_bad_format() -> None:
+    assert reject(b"").code == "BAD_FORMAT"
+
+
+def test_header_that_is_not_utf8_is_bad_encoding() -> None:
+    err = reject(HEADER.replace("value3", "valu\xe93").encode("latin-1"))
+    assert (err.code, err.line) == ("BAD_ENCODING", 1)
+
+
+# ---- cell problems ----------------------------------------------------------------------
+
+
+def test_bad_value_reports_code_and_line_but_not_the_value() -> None:
+    # GIVEN a CSV whose 56th data row (line 57, the header is line 1) has a bad value2
+    lines = [f"{i},0.5,1.5,2.5,{i % 7}" for i in range(200)]
+    lines[55] = "55,0.5,SECRET-4242,2.5,3"
+    # WHEN it is read
+    err = reject(rows(*lines))
+    # THEN the error says BAD_VALUE at line 57, in value2, without the cell
+    assert (err.code, err.line) == ("BAD_VALUE", 57)
+    assert "value2" in err.message
+    assert "SECRET" not in str(err) and "4242" not in str(err)
+
+
+def test_bad_value_in_gzipped_csv_reports_its_line() -> None:
+    lines = [f"{i},0.5,1.5,2.5,{i % 7}" for i in range(100)]
+    lines[9] = "9,0.5,1.5,2.5,seven"
+    err = reject(gzip.compress(rows(*lines)))
+    assert (err.code, err.line) == ("BAD_VALUE", 11) and "seven" not in str(err)
+
+
+def test_pyarrow_exception_is_not_chained_to_the_part_error() -> None:
+    # pyarrow's own message quotes the cell; it must not ride along in tracebacks.
+    err = reject(rows("1,0.5,PRIVATE,2.5,7"))
+    assert err.__cause__ is None and err.__suppress_context__
+
+
+def test_line_numbers_count_physical_lines_of_quoted_multiline_cells() -> None:
+    body = (HEADER + '1,0.5,1.5,2.5,7\n"2\n\n",0.5,1.5,2.5,8\n3,0.5,oops,2.5,9\n').encode()
+    err = reject(body)
+    assert (err.code, err.line) == ("BAD_VALUE", 6)
+
+
+def test_integer_column_rejects_fractions_and_overflow() -> None:
+    assert reject(rows("1,0.5,1.5,2.5,7", "2,0.5,1.5,2.5,7.5")).line == 3
+    err = reject(rows("1,0.5,1.5,2.5,99999999999999999999"))
+    assert (err.code, err.line) == ("BAD_VALUE", 2)
+
+
+def test_null_group_key_reports_its_line() -> None:
+    err = reject(rows("1,0.5,1.5,2.5,7", "2,0.5,1.5,2.5,", "3,0.5,1.5,2.5,8"))
+    assert (err.code, err.line) == ("NULL_GROUP_KEY", 3) and "category" in err.message
+
+
+def test_empty_string_group_key_is_null() -> None:
+    err = reject(b"region,x\nnorth,1\n,2\n", STRING_KEYS)
+    assert (err.code, err.line) == ("NULL_GROUP_KEY", 3)
+
+
+def test_row_with_wrong_field_count_is_bad_format_with_line() -> None:
+    err = reject(rows("1,0.5,1.5,2.5,7", "2,0.5,1.5", "3,0.5,1.5,2.5,9"))
+    assert (err.code, err.line) == ("BAD_FORMAT", 3)
+
+
+def test_invalid_utf8_in_a_string_key_is_bad_encoding_with_line() -> None:
+    err = reject(b"region,x\nnorth,1\nb\xe9l,2\n", STRING_KEYS)
+    assert (err.code, err.line) == ("BAD_ENCODING", 3)
+
+
+def test_corrupt_gzip_is_bad_format() -> None:
+    assert reject(b"\x1f\x8b\x08\x00garbage").code == "BAD_FORMAT"
+    assert reject(gzip.compress(csv_bytes(seed_frame()))[:-40]).code == "BAD_FORMAT"
+
+
+# ---- Parquet ----------------------------------------------------------------------------
+
+
+def test_parquet_narrow_numeric_types_are_widened() -> None:
+    table = pa.table(
+        {
+            "id": pa.array([1, 2], pa.int32()),
+            "value1": pa.array([0.5, 1.5], pa.float32()),
+            "value2": pa.array([1, 2], pa.int16()),
+            "value3": pa.array([2.5, 3.5], pa.float64()),
+            "category": pa.array([7, 8], pa.int32()),
+        }
+    )
+    df = read_part(parquet_bytes(table), C)
+    assert df["category"].dtype == np.int64 and df["value1"].dtype == np.float64
+    assert df["value2"].tolist() == [1.0, 2.0]
+
+
+def test_parquet_lossy_cast_is_bad_value() -> None:
+    df = seed_frame(5).assign(category=[1.0, 2.5, 3.0, 4.0, 5.0])
+    err = reject(parquet_bytes(pa.Table.from_pandas(df, preserve_index=False)))
+    assert err.code == "BAD_VALUE" and "category" in err.message and "2.5" not in str(err)
+
+
+def test_parquet_text_in_a_numeric_column_is_bad_value() -> None:
+    df = seed_frame(3).assign(value2=["1", "2", "x"])
+    err = reject(parquet_bytes(pa.Table.from_pandas(df, preserve_index=False)))
+    assert err.code == "BAD_VALUE" and "value2" in err.message
+
+
+def test_parquet_null_group_key_is_rejected() -> None:
+    df = seed_frame(3).assign(category=pd.array([1, None, 3], dtype="Int64"))
+    err = reject(parquet_bytes(pa.Table.from_pandas(df, preserve_index=False)))
+    assert err.code == "NULL_GROUP_KEY" and err.line is None
+
+
+def test_parquet_header_is_checked_like_csv() -> None:
+    df = seed_frame(3)
+    assert reject(parquet_bytes(pa.Table.from_pandas(df.drop(columns="id")))).code == ("MISSING_COLUMN")
+    extra = pa.Table.from_pandas(df.assign(extra=1), preserve_index=False)
+    assert reject(parquet_bytes(extra)).code == "UNEXPECTED_COLUMN"
+
+
+def test_parquet_from_pandas_with_unnamed_index_is_accepted() -> None:
+    df = seed_frame(6).iloc[[5, 1, 3]]
+    table = pa.Table.from_pandas(df, preserve_index=True)
+    assert "__index_level_0__" in table.column_names
+    assert read_part(parquet_bytes(table), C)["category"].tolist() == df["category"].tolist()
+
+
+def test_garbage_after_parquet_magic_is_bad_format() -> None:
+    assert reject(b"PAR1 not really parquet").code == "BAD_FORMAT"
+
+
+def test_parquet_column_with_no_values_reads_as_nan() -> None:
+    table = pa.Table.from_pandas(seed_frame(3), preserve_index=False)
+    table = table.set_column(table.schema.get_field_index("value3"), "value3", pa.nulls(3, pa.null()))
+    df = read_part(parquet_bytes(table), C)
+    assert df["value3"].dtype == np.float64 and df["value3"].isna().all()
