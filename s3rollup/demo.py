@@ -9,6 +9,7 @@ running the reference ``complex_operation`` over the same rows (1e-9 relative).
 from __future__ import annotations
 
 import io
+import os
 import sys
 import time
 from typing import Any
@@ -37,10 +38,14 @@ def generate_part(index: int, rows: int, seed: int) -> pd.DataFrame:
 
 
 def to_csv_bytes(frame: pd.DataFrame) -> bytes:
-    """CSV bytes with full float precision (round-trips exactly)."""
-    buf = io.StringIO()
-    frame.to_csv(buf, index=False, float_format="%.17g")
-    return buf.getvalue().encode()
+    """CSV bytes whose floats round-trip exactly (shortest repr); NaN as an empty cell."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    buf = io.BytesIO()
+    # Arrow's writer is ~8x faster than pandas' to_csv with a float format.
+    pacsv.write_csv(pa.Table.from_pandas(frame, preserve_index=False), buf)
+    return buf.getvalue()
 
 
 def compare(result: pd.DataFrame, expected: pd.DataFrame, rtol: float = RTOL) -> list[str]:
@@ -98,7 +103,9 @@ def run(parts: int, rows: int, seed: int, dataset: str, timeout: float, stack_na
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     say("starting the embedded stack (moto on 127.0.0.1) from template.yaml ...")
-    with EmbeddedStack(stack_name=stack_name) as stack:
+    # The demo prints its own summary; the function's and the worker's logs stay at WARNING.
+    os.environ.setdefault("S3ROLLUP_LOG_LEVEL", "WARNING")
+    with EmbeddedStack(stack_name=stack_name, log_level=os.environ["S3ROLLUP_LOG_LEVEL"]) as stack:
         assert stack.info is not None and stack.aws is not None
         aws, info = stack.aws, stack.info
         bucket, key_arn = info.outputs["DataBucketName"], info.outputs["DataKeyArn"]

@@ -352,10 +352,14 @@ def load_handler(env: dict[str, str]) -> ModuleType:
 class Dispatcher:
     """Polls the ingest queue and invokes the handler as Lambda's SQS integration would."""
 
-    def __init__(self, info: StackInfo, aws: Aws, reconcile_every: float = 5.0) -> None:
+    def __init__(
+        self, info: StackInfo, aws: Aws, reconcile_every: float = 5.0, log_level: str | None = None
+    ) -> None:
         self.info, self.aws = info, aws
         self.reconcile_every = reconcile_every
         env = dict(info.function_env)
+        if log_level:
+            env["POWERTOOLS_LOG_LEVEL"] = log_level
         env.update(
             S3ROLLUP_LAUNCHER="local",
             POWERTOOLS_TRACE_DISABLED="true",
@@ -478,9 +482,10 @@ class EmbeddedStack:
         region: str = "us-east-1",
         dispatch: bool = True,
         reconcile_every: float = 5.0,
+        log_level: str | None = None,
     ) -> None:
         self.port, self.stack_name, self.region = port, stack_name, region
-        self.dispatch, self.reconcile_every = dispatch, reconcile_every
+        self.dispatch, self.reconcile_every, self.log_level = dispatch, reconcile_every, log_level
         self.server: Any = None
         self.info: StackInfo | None = None
         self.dispatcher: Dispatcher | None = None
@@ -492,6 +497,8 @@ class EmbeddedStack:
         # moto reports each resource type its CloudFormation skips, and werkzeug each
         # request: the skipped ones are applied by _apply_skipped, the requests are noise.
         warnings.filterwarnings("ignore", message=".*not supported by moto's CloudFormation.*")
+        # Metrics are off locally (no CloudWatch); powertools warns about that on every batch.
+        warnings.filterwarnings("ignore", message="No application metrics to publish")
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
         # Listen on loopback only: the embedded endpoint is for this machine.
@@ -506,7 +513,7 @@ class EmbeddedStack:
         self.aws = Aws(self.region, endpoint)
         self.info = provision(self.aws, self.stack_name)
         if self.dispatch:
-            self.dispatcher = Dispatcher(self.info, self.aws, self.reconcile_every)
+            self.dispatcher = Dispatcher(self.info, self.aws, self.reconcile_every, self.log_level)
             self.dispatcher.start()
         return self
 
