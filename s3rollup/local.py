@@ -283,12 +283,28 @@ def provision(aws: Aws, stack_name: str = "s3rollup", template_path: Path = TEMP
     )
 
 
+def _apply_bucket_properties(s3: Any, bucket: str, props: dict[str, Any]) -> None:
+    """Bucket properties moto's CloudFormation leaves out (versioning among them)."""
+    if "VersioningConfiguration" in props:
+        s3.put_bucket_versioning(
+            Bucket=bucket, VersioningConfiguration={"Status": props["VersioningConfiguration"]["Status"]}
+        )
+    if "PublicAccessBlockConfiguration" in props:
+        s3.put_public_access_block(
+            Bucket=bucket, PublicAccessBlockConfiguration=props["PublicAccessBlockConfiguration"]
+        )
+    if "OwnershipControls" in props:
+        s3.put_bucket_ownership_controls(Bucket=bucket, OwnershipControls=props["OwnershipControls"])
+
+
 def _apply_skipped(aws: Aws, cfn: dict[str, Any], resolver: Resolver) -> list[str]:
     """Apply the resources and properties moto's CloudFormation does not; return those left out."""
     s3, sqs = aws.s3, aws.client("sqs")
     skipped: list[str] = []
     for logical, res in cfn["Resources"].items():
         props = res.get("Properties", {})
+        if res["Type"] == "AWS::S3::Bucket":
+            _apply_bucket_properties(s3, resolver.physical[logical], resolver.resolve(props))
         if res["Type"] == "AWS::S3::Bucket" and "NotificationConfiguration" in props:
             config = resolver.resolve(props["NotificationConfiguration"])
             queues = [

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
@@ -64,3 +66,16 @@ def audit_records(stack: Any, dataset: str) -> list[dict[str, Any]]:
 
     log = AuditLog(stack.aws.dynamodb, stack.info.outputs["AuditTableName"])
     return [{k: v for k, v in r.items() if k != "_seq_key"} for r in log.records(dataset)]
+
+
+@contextlib.contextmanager
+def silent(stack: Any) -> Iterator[None]:
+    """Uploads inside send no S3 event (as if S3 dropped them): the test delivers its own."""
+    s3, bucket = stack.aws.s3, stack.info.outputs["DataBucketName"]
+    config = s3.get_bucket_notification_configuration(Bucket=bucket)
+    config.pop("ResponseMetadata", None)
+    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={})
+    try:
+        yield
+    finally:
+        s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration=config)

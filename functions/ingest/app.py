@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools import Logger, Metrics, Tracer, single_metric
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import (
     BatchProcessor,
@@ -45,6 +45,12 @@ def service() -> Ingest:
 
 def _record(outcome: Outcome) -> None:
     metrics.add_metric(name=f"Parts{outcome.decision.title()}", unit=MetricUnit.Count, value=1)
+    if outcome.decision == "REJECTED":
+        # Reason codes are a small fixed set: safe as a dimension, and what operators alarm on.
+        with single_metric(
+            name="PartsRejectedByReason", unit=MetricUnit.Count, value=1, namespace=metrics.namespace
+        ) as metric:
+            metric.add_dimension(name="reason", value=outcome.reason)
     if outcome.job:
         metrics.add_metric(name="JobsLaunched", unit=MetricUnit.Count, value=1)
     logger.info(
@@ -81,7 +87,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     global _request_id
     _request_id = context.aws_request_id
     records = event.get("Records") or []
-    if records and records[0].get("eventSource") == "aws:s3":
+    if event.get("Event") == "s3:TestEvent" or (records and records[0].get("eventSource") == "aws:s3"):
+        # A bare S3 notification (S3 -> Lambda, or `sam local invoke -e events/s3-put.json`).
         handle_notification(event, actor=f"lambda:{_request_id}")
         return {"batchItemFailures": []}
     response = process_partial_response(

@@ -9,7 +9,7 @@ import pytest
 
 from s3rollup.state import PENDING, State
 from tests.conftest import load_event
-from tests.helpers import audit_records, put_part
+from tests.helpers import audit_records, put_part, silent
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,8 @@ def _no_job(stack: Any, dataset: str) -> None:
 def test_bare_s3_put_event_registers_the_part_once(stack: Any, lambda_app: Any, dataset: str) -> None:
     _no_job(stack, dataset)
     bucket = stack.info.outputs["DataBucketName"]
-    key = put_part(stack, dataset, "part-00000.csv", GOOD)
+    with silent(stack):
+        key = put_part(stack, dataset, "part-00000.csv", GOOD)
     event = _retarget(load_event("s3-put.json"), bucket, dataset)
     app = lambda_app
     for _ in range(3):  # the same event delivered three times
@@ -57,8 +58,10 @@ def test_bare_s3_put_event_registers_the_part_once(stack: Any, lambda_app: Any, 
 def test_sqs_batch_with_encoded_keys_and_test_event(stack: Any, lambda_app: Any, dataset: str) -> None:
     _no_job(stack, dataset)
     bucket = stack.info.outputs["DataBucketName"]
-    k1 = put_part(stack, dataset, "part-00000.csv", GOOD)
-    k2 = put_part(stack, dataset, "café part +1 100%.csv", GOOD)
+    with silent(stack):
+        k1 = put_part(stack, dataset, "part-00000.csv", GOOD)
+    with silent(stack):
+        k2 = put_part(stack, dataset, "café part +1 100%.csv", GOOD)
     event = _retarget(load_event("sqs-s3-batch.json"), bucket, dataset)
     response = lambda_app.handler(event, Ctx())
     assert response == {"batchItemFailures": []}
@@ -74,7 +77,8 @@ def test_s3_test_event_is_ignored(stack: Any, lambda_app: Any, dataset: str) -> 
 def test_poison_record_is_reported_alone(stack: Any, lambda_app: Any, dataset: str) -> None:
     _no_job(stack, dataset)
     bucket = stack.info.outputs["DataBucketName"]
-    put_part(stack, dataset, "part-00000.csv", GOOD)
+    with silent(stack):
+        put_part(stack, dataset, "part-00000.csv", GOOD)
     event = _retarget(load_event("sqs-s3-batch.json"), bucket, dataset)
     event["Records"][1]["body"] = "{not json"
     response = lambda_app.handler(event, Ctx())
@@ -84,7 +88,8 @@ def test_poison_record_is_reported_alone(stack: Any, lambda_app: Any, dataset: s
 def test_delete_event_removes_a_registered_part(stack: Any, lambda_app: Any, dataset: str) -> None:
     _no_job(stack, dataset)
     bucket = stack.info.outputs["DataBucketName"]
-    key = put_part(stack, dataset, "part-00000.csv", GOOD)
+    with silent(stack):
+        key = put_part(stack, dataset, "part-00000.csv", GOOD)
     app = lambda_app
     app.handler(_retarget(load_event("s3-put.json"), bucket, dataset), Ctx())
     stack.aws.s3.delete_object(Bucket=bucket, Key=key)

@@ -62,3 +62,14 @@ def test_local_launcher_uses_the_deployed_task_definition_environment(stack: Any
     assert env["S3ROLLUP_AUDIT_TABLE"] == outputs["AuditTableName"]
     assert env["S3ROLLUP_KMS_KEY_ARN"] == outputs["DataKeyArn"]
     assert (env["S3ROLLUP_DATASET"], env["S3ROLLUP_JOB_ID"]) == ("sales", "job-local-1")
+
+
+def test_the_embedded_bucket_has_the_template_s_protections(stack: Any) -> None:
+    s3, bucket = stack.aws.s3, stack.info.outputs["DataBucketName"]
+    assert s3.get_bucket_versioning(Bucket=bucket)["Status"] == "Enabled"
+    block = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
+    assert all(block.values()) and len(block) == 4
+    rule = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"][0]
+    assert rule["ApplyServerSideEncryptionByDefault"]["KMSMasterKeyID"] == stack.info.outputs["DataKeyArn"]
+    rules = s3.get_bucket_notification_configuration(Bucket=bucket)["QueueConfigurations"]
+    assert {r["Filter"]["Key"]["FilterRules"][0]["Value"] for r in rules} == {"incoming/"}

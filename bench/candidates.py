@@ -1,0 +1,415 @@
+"""One benchmark candidate, run in a fresh process by bench/run.py.
+
+    python bench/candidates.py '<json spec>'
+
+The spec names the candidate, the input files, where to write the timings (JSON) and,
+optionally, where to write the result in the reference's shape (a pandas pickle) for the
+correctness check. Libraries are imported before the clock starts: ``seconds`` is the
+work itself (cluster start and shutdown included); run.py also records the whole process's
+wall time, imports included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+VALUES = ("value1", "value2", "value3")
+STATS = ("mean", "std", "min", "max")
+
+now = time.perf_counter
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("distributed", "dask", "tornado", "bokeh"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# ---- result shapes ----------------------------------------------------------------------
+
+
+def shape_from_columns(category: Any, cols: dict[tuple[str, str], Any]) -> Any:
+    """A frame in complex_operation's shape: (value, stat) columns + ('combined', ''), by category."""
+    import numpy as np
+    import pandas as pd
+
+    order = np.argsort(np.asarray(category), kind="stable")
+    data = {k: np.asarray(v)[order] for k, v in cols.items()}
+    out = pd.DataFrame(data, index=pd.Index(np.asarray(category)[order], name="category"))
+    out.columns = pd.MultiIndex.from_tuples(list(data))
+    return out
+
+
+def _flat_to_shape(frame: Any) -> Any:
+    """A flat frame with category, v_stat and combined columns, in the reference shape."""
+    cols = {(v, s): frame[f"{v}_{s}"].to_numpy() for v in VALUES for s in STATS}
+    cols[("combined", "")] = frame["combined"].to_numpy()
+    return shape_from_columns(frame["category"].to_numpy(), cols)
+
+
+# ---- s3rollup ---------------------------------------------------------------------------
+
+
+def _settings() -> Any:
+    from s3rollup.config import Settings
+
+    # Empty dask_scheduler: dask_client builds the job's own LocalCluster.
+    return Settings(bucket="bench", kms_key_arn="bench", audit_table="bench", state_table="bench")
+
+
+def _part_partial(path: str) -> dict[str, Any]:
+    """One Dask task: what compute_partial does to one part, minus S3 (bytes from a file)."""
+    from s3rollup.contract import DEFAULT_CONTRACT
+    from s3rollup.parse import detect_format, read_part
+    from s3rollup.stats import partial_from_frame
+
+    t0 = now()
+    body = Path(path).read_bytes()
+    t1 = now()
+    frame = read_part(body, DEFAULT_CONTRACT, detect_format(body[:8], path))
+    t2 = now()
+    partial = partial_from_frame(frame, DEFAULT_CONTRACT)
+    t3 = now()
+    return {"partial": partial, "read": t1 - t0, "parse": t2 - t1, "partial_s": t3 - t2, "rows": len(frame)}
+
+
+def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+    from s3rollup.contract import DEFAULT_CONTRACT as C
+    from s3rollup.job import dask_client
+    from s3rollup.stats import finalize, merge_partials, to_reference_shape
+
+    files = spec["files"]
+    t0 = now()
+    with dask_client(_settings()) as client:
+        t1 = now()
+        results = client.gather(client.map(_part_partial, files, pure=False))
+        t2 = now()
+        merged = merge_partials([r["partial"] for r in results], C)
+        t3 = now()
+        final = finalize(merged, C)
+        t4 = now()
+    t5 = now()
+    stages = {
+        "cluster_start": t1 - t0,
+        "tasks_wall": t2 - t1,
+        "task_read_sum": sum(r["read"] for r in results),
+        "task_parse_sum": sum(r["parse"] for r in results),
+        "task_partial_sum": sum(r["partial_s"] for r in results),
+        "merge": t3 - t2,
+        "finalize": t4 - t3,
+        "cluster_close": t5 - t4,
+        "seconds": t5 - t0,
+    }
+    return stages, lambda: to_reference_shape(final, C)
+
+
+def _new_partial(path: str, out: str) -> dict[str, Any]:
+    """The new part's task: read, parse, aggregate, store the partial (as compute_partial)."""
+    import io
+
+    r = _part_partial(path)
+    t0 = now()
+    buf = io.BytesIO()
+    r["partial"].to_parquet(buf, index=False)
+    Path(out).write_bytes(buf.getvalue())
+    return {"read": r["read"], "parse": r["parse"], "partial_s": r["partial_s"], "store": now() - t0}
+
+
+def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+    import io
+
+    import pandas as pd
+
+    from s3rollup.contract import DEFAULT_CONTRACT as C
+    from s3rollup.job import dask_client
+    from s3rollup.stats import finalize, merge_partials, to_reference_shape
+
+    stored = sorted(str(p) for p in Path(spec["partials_dir"]).glob("*.parquet"))
+    if len(stored) != spec["n"]:
+        raise SystemExit(f"expected {spec['n']} stored partials, found {len(stored)}")
+    with tempfile.TemporaryDirectory(dir=spec.get("tmp")) as tmp:
+        new_out = str(Path(tmp) / "new-part.parquet")
+        t0 = now()
+        with dask_client(_settings()) as client:
+            t1 = now()
+            task = client.gather(client.submit(_new_partial, spec["new_part"], new_out, pure=False))
+            t2 = now()
+            partials = []
+            for p in [*stored, new_out]:
+                data = Path(p).read_bytes()
+                hashlib.sha256(data).hexdigest()  # the job checks each partial's checksum
+                partials.append(pd.read_parquet(io.BytesIO(data)))
+            t3 = now()
+            merged = merge_partials(partials, C)
+            t4 = now()
+            final = finalize(merged, C)
+            t5 = now()
+        t6 = now()
+    stages = {
+        "cluster_start": t1 - t0,
+        "new_partial": t2 - t1,
+        "task_read_sum": task["read"],
+        "task_parse_sum": task["parse"],
+        "task_partial_sum": task["partial_s"],
+        "store_partial": task["store"],
+        "load_partials": t3 - t2,
+        "merge": t4 - t3,
+        "finalize": t5 - t4,
+        "cluster_close": t6 - t5,
+        "seconds": t6 - t0,
+    }
+    return stages, lambda: to_reference_shape(final, C)
+
+
+# ---- the seed and the others ------------------------------------------------------------
+
+
+def run_pandas_seed(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+    import pandas as pd
+
+    from s3rollup.reference import complex_operation
+
+    t0 = now()
+    read = pd.read_csv if spec["fmt"] == "csv" else pd.read_parquet
+    df = pd.concat([read(f) for f in spec["files"]], ignore_index=True)
+    t1 = now()
+    result = complex_operation(df)
+    t2 = now()
+    return {"read_concat": t1 - t0, "aggregate": t2 - t1, "seconds": t2 - t0}, lambda: result
+
+
+def seed_complex_operation_dask(df: Any) -> tuple[Any, str]:
+    """The seed's analysis on a Dask frame, lazily; and where ``combined`` was computed.
+
+    s3rollup.reference.complex_operation assigns result[('combined', '')], which Dask
+    refuses (NotImplementedError: item assignment with a tuple). The seed itself wrote
+    result['combined'] = ..., which Dask accepts: that is what runs here. Only if that
+    failed too would the aggregate be computed first and ``combined`` added in pandas.
+    """
+    result = df.groupby("category").agg({v: list(STATS) for v in VALUES})
+    try:
+        result["combined"] = (
+            result[("value1", "mean")] * result[("value2", "std")]
+            + result[("value3", "max")]
+            - result[("value1", "min")]
+        )
+        return result, "dask (seed's result['combined'] = ...)"
+    except Exception:
+        return result, "pandas (after compute)"
+
+
+def run_dask(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+    import dask.dataframe as dd
+    from distributed import Client, LocalCluster
+
+    _quiet()
+    t0 = now()
+    cluster = LocalCluster(n_workers=spec["n_workers"], threads_per_worker=spec["threads_per_worker"])
+    client = Client(cluster)
+    t1 = now()
+    reader = dd.read_csv if spec["fmt"] == "csv" else dd.read_parquet
+    df = reader(spec["glob"])
+    lazy, where = seed_complex_operation_dask(df)
+    result = lazy.compute()
+    if where.startswith("pandas"):
+        result[("combined", "")] = (
+            result[("value1", "mean")] * result[("value2", "std")]
+            + result[("value3", "max")]
+            - result[("value1", "min")]
+        )
+    t2 = now()
+    client.close()
+    cluster.close()
+    t3 = now()
+    stages = {
+        "cluster_start": t1 - t0,
+        "compute": t2 - t1,
+        "cluster_close": t3 - t2,
+        "seconds": t3 - t0,
+        "partitions": df.npartitions,
+        "combined_where": where,
+    }
+    return stages, lambda: result.sort_index()
+
+
+def run_polars(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+    import polars as pl
+
+    t0 = now()
+    scan = pl.scan_csv(spec["glob"]) if spec["fmt"] == "csv" else pl.scan_parquet(spec["glob"])
+    aggs = []
+    for v in VALUES:
+        c = pl.col(v)
+        aggs += [
+            c.mean().alias(f"{v}_mean"),
+            c.std().alias(f"{v}_std"),  # ddof=1
+            c.min().alias(f"{v}_min"),
+            c.max().alias(f"{v}_max"),
+        ]
+    out = (
+        scan.group_by("category")
+        .agg(aggs)
+        .with_columns(
+            combined=pl.col("value1_mean") * pl.col("value2_std")
+            + pl.col("value3_max")
+            - pl.col("value1_min")
+        )
+        .sort("category")
+        .collect()
+    )
+    t1 = now()
+    return {"seconds": t1 - t0}, lambda: _flat_to_shape(out.to_pandas())
+
+
+def run_duckdb(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+    import duckdb
+
+    source = "read_csv_auto" if spec["fmt"] == "csv" else "read_parquet"
+    select = ", ".join(
+        f"avg({v}) AS {v}_mean, stddev_samp({v}) AS {v}_std, min({v}) AS {v}_min, max({v}) AS {v}_max"
+        for v in VALUES
+    )
+    # Only fixed names go into the text; the path is a parameter.
+    sql = (
+        f"SELECT category, {select}, "  # noqa: S608
+        "avg(value1) * stddev_samp(value2) + max(value3) - min(value1) AS combined "
+        f"FROM {source}(?) GROUP BY category ORDER BY category"
+    )
+    t0 = now()
+    con = duckdb.connect()
+    out = con.execute(sql, [spec["glob"]]).fetchnumpy()
+    con.close()
+    t1 = now()
+    return {"seconds": t1 - t0}, lambda: _flat_to_shape(out)
+
+
+# ---- end to end through the embedded stack ----------------------------------------------
+
+
+def _e2e(spec: dict[str, Any]) -> dict[str, Any]:
+    import pandas as pd
+
+    from s3rollup.demo import generate_part, to_csv_bytes, wait_for_manifest
+    from s3rollup.local import EmbeddedStack
+    from s3rollup.reference import complex_operation
+    from s3rollup.stats import to_reference_shape
+
+    os.environ.setdefault("S3ROLLUP_LOG_LEVEL", "WARNING")
+    n, rows, seed, adds = spec["n"], spec["rows"], spec["seed"], spec["adds"]
+    dataset = "bench-e2e"
+    frames = [generate_part(i, rows, seed) for i in range(n + adds)]
+    bodies = [to_csv_bytes(f) for f in frames]
+    report: dict[str, Any] = {"n": n, "rows": rows, "adds": []}
+    t_stack = now()
+    with EmbeddedStack(port=0, stack_name="s3rollup-bench", reconcile_every=0, log_level="WARNING") as stack:
+        assert stack.aws is not None and stack.info is not None and stack.dispatcher is not None
+        report["stack_start"] = now() - t_stack
+        s3, out = stack.aws.s3, stack.info.outputs
+        bucket = out["DataBucketName"]
+        launcher = stack.dispatcher.app.service().launcher
+
+        def put(i: int) -> str:
+            key = f"incoming/{dataset}/part-{i:05d}.csv"
+            s3.put_object(
+                Bucket=bucket,
+                Key=key,
+                Body=bodies[i],
+                ServerSideEncryption="aws:kms",
+                SSEKMSKeyId=out["DataKeyArn"],
+            )
+            return key
+
+        def idle() -> None:
+            # Every worker process started so far has exited: the next part starts a job.
+            for proc in list(getattr(launcher, "processes", [])):
+                proc.wait(timeout=spec["timeout"])
+
+        keys = set()
+        t0 = now()
+        for i in range(n):
+            keys.add(put(i))
+        wait_for_manifest(stack.aws, bucket, dataset, keys, spec["timeout"])
+        idle()
+        report["initial"] = now() - t0
+        for j in range(adds):
+            i = n + j
+            t0 = now()
+            keys.add(put(i))
+            t1 = now()
+            _wait_manifest_fast(stack.aws, bucket, dataset, keys, spec["timeout"])
+            t2 = now()
+            idle()
+            t3 = now()
+            report["adds"].append(
+                {"n_before": i, "upload": t1 - t0, "to_manifest": t2 - t0, "worker_exit": t3 - t0}
+            )
+        from s3rollup.cli import read_result
+
+        _, result = read_result(stack.aws, bucket, dataset)
+    expected = complex_operation(pd.concat(frames, ignore_index=True))
+    from s3rollup.contract import DEFAULT_CONTRACT
+
+    got = to_reference_shape(result.drop(columns=["rows"], errors="ignore"), DEFAULT_CONTRACT)
+    report["_got"], report["_expected"] = got, expected
+    return report
+
+
+def _wait_manifest_fast(aws: Any, bucket: str, dataset: str, keys: set[str], timeout: float) -> None:
+    """wait_for_manifest, polling every 50 ms (its 250 ms would blur the timing)."""
+    deadline = now() + timeout
+    while now() < deadline:
+        try:
+            raw = aws.s3.get_object(Bucket=bucket, Key=f"results/{dataset}/manifest.json")["Body"].read()
+            if {p["key"] for p in json.loads(raw)["parts"]} == keys:
+                return
+        except aws.s3.exceptions.NoSuchKey:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"no manifest listing {len(keys)} parts after {timeout:.0f}s")
+
+
+CANDIDATES: dict[str, Callable[[dict[str, Any]], tuple[dict[str, Any], Callable[[], Any]]]] = {
+    "s3rollup-engine": run_engine,
+    "s3rollup-incremental": run_incremental,
+    "pandas-seed": run_pandas_seed,
+    "dask-seed": run_dask,
+    "dask-cpus": run_dask,
+    "polars": run_polars,
+    "duckdb": run_duckdb,
+}
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    _quiet()
+    if spec["candidate"] == "e2e":
+        report = _e2e(spec)
+        got, expected = report.pop("_got"), report.pop("_expected")
+        if spec.get("result"):
+            got.to_pickle(spec["result"])
+            expected.to_pickle(spec["result"] + ".expected")
+        Path(spec["out"]).write_text(json.dumps(report))
+        return 0
+    stages, result = CANDIDATES[spec["candidate"]](spec)
+    if spec.get("result"):
+        result().to_pickle(spec["result"])
+    Path(spec["out"]).write_text(json.dumps(stages))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,863 @@
+"""s3rollup benchmark: the engine, its incremental path and the usual alternatives, side by side.
+
+    /tmp/venv/bin/python bench/run.py             # 20 parts x 1,000,000 rows, 3 repetitions
+    /tmp/venv/bin/python bench/run.py --quick     # smoke test of the harness (4 x 50,000, 1 rep)
+
+Every candidate run is its own fresh process (bench/candidates.py); the repetitions are
+interleaved (A B C ... A B C ...) so the machine's noise hits every candidate alike. See
+bench/README.md for what each candidate is and how time and memory are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import inspect
+import io
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from s3rollup.contract import DEFAULT_CONTRACT  # noqa: E402
+from s3rollup.demo import generate_part, to_csv_bytes  # noqa: E402
+from s3rollup.job import available_cpus  # noqa: E402
+
+CHILD = Path(__file__).resolve().parent / "candidates.py"
+RESULTS = Path(__file__).resolve().parent / "results"
+RTOL = 1e-9
+MAIN_CANDIDATES = ("s3rollup-engine", "pandas-seed", "dask-seed", "dask-cpus", "polars", "duckdb")
+LIBRARIES = ("pandas", "numpy", "pyarrow", "dask", "distributed", "polars", "duckdb", "psutil")
+# Bytes on disk per generated row: CSV (~72) plus snappy Parquet (~33), with some margin.
+BYTES_PER_ROW = 110
+
+
+def say(msg: str) -> None:
+    print(f"[{datetime.now(UTC):%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- data: generated parts, stored partials, pandas references --------------------------
+
+
+def _fingerprint(*objs: Any, files: tuple[Path, ...] = ()) -> str:
+    h = hashlib.sha256()
+    for o in objs:
+        h.update(inspect.getsource(o).encode() if callable(o) else repr(o).encode())
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:8]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.exists():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+class Pool:
+    """Generated parts of one (rows, seed), made on demand: part i is the same in every set.
+
+    The directory name also carries a fingerprint of the generator, and the stored partials
+    one of the code that computes them, so a change to either never reuses stale files.
+    """
+
+    def __init__(self, cache: Path, rows: int, seed: int) -> None:
+        self.rows, self.seed = rows, seed
+        gen = _fingerprint(generate_part, to_csv_bytes, "snappy-parquet-v1")
+        self.dir = cache / "pool" / f"r{rows}-s{seed}-g{gen}"
+        code = _fingerprint(files=(ROOT / "s3rollup" / "stats.py", ROOT / "s3rollup" / "parse.py"))
+        self.partials = self.dir / f"partials-c{code}"
+
+    def csv(self, i: int) -> Path:
+        return self.dir / "csv" / f"part-{i:05d}.csv"
+
+    def parquet(self, i: int) -> Path:
+        return self.dir / "parquet" / f"part-{i:05d}.parquet"
+
+    def partial(self, i: int) -> Path:
+        return self.partials / f"part-{i:05d}.parquet"
+
+    def ensure_part(self, i: int) -> None:
+        if self.csv(i).exists() and self.parquet(i).exists():
+            return
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        frame = generate_part(i, self.rows, self.seed)
+        body = to_csv_bytes(frame)
+        # Full precision: the CSV must read back bit for bit (shortest round-trip repr).
+        back = pacsv.read_csv(pa.BufferReader(body)).to_pandas()
+        for c in frame.columns:
+            if not np.array_equal(back[c].to_numpy(), frame[c].to_numpy()):
+                raise SystemExit(f"CSV of part {i} does not round-trip column {c!r}")
+        self.csv(i).parent.mkdir(parents=True, exist_ok=True)
+        self.parquet(i).parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.csv(i), body)
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buf)  # snappy, 1 row group
+        _write_atomic(self.parquet(i), buf.getvalue())
+
+    def ensure_partial(self, i: int) -> None:
+        """The partial the job would have stored for part i (from its CSV, as compute_partial)."""
+        if self.partial(i).exists():
+            return
+        from s3rollup.parse import read_part
+        from s3rollup.stats import partial_from_frame
+
+        self.ensure_part(i)
+        partial = partial_from_frame(
+            read_part(self.csv(i).read_bytes(), DEFAULT_CONTRACT, "csv"), DEFAULT_CONTRACT
+        )
+        buf = io.BytesIO()
+        partial.to_parquet(buf, index=False)
+        self.partials.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.partial(i), buf.getvalue())
+
+    def reference(self, parts: int, path: Path) -> None:
+        """complex_operation over parts 0..parts-1 (pandas, all rows at once), pickled."""
+        if path.exists():
+            return
+        from s3rollup.reference import complex_operation
+
+        n = parts * self.rows
+        cols = {"category": np.empty(n, np.int64), **{v: np.empty(n) for v in DEFAULT_CONTRACT.values}}
+        for i in range(parts):
+            f = generate_part(i, self.rows, self.seed)
+            for c, arr in cols.items():
+                arr[i * self.rows : (i + 1) * self.rows] = f[c].to_numpy()
+        result = complex_operation(pd.DataFrame(cols, copy=False))
+        del cols
+        buf = io.BytesIO()
+        result.to_pickle(buf)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, buf.getvalue())
+
+
+@dataclass
+class DataSet:
+    """Parts 0..parts-1 of a pool, in csv/ and parquet/ directories of their own (hard links)."""
+
+    pool: Pool
+    parts: int
+    dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dir = self.pool.dir.parent.parent / "sets" / f"{self.parts}x{self.pool.rows}-s{self.pool.seed}"
+
+    @property
+    def reference(self) -> Path:
+        return self.dir / f"reference-{self.pool.dir.name.rsplit('-', 1)[-1]}.pkl"
+
+    def files(self, fmt: str) -> list[str]:
+        return [str(self.dir / fmt / f"part-{i:05d}.{fmt}") for i in range(self.parts)]
+
+    def glob(self, fmt: str) -> str:
+        return str(self.dir / fmt / f"*.{fmt}")
+
+    def ensure(self) -> None:
+        for i in range(self.parts):
+            if not (self.pool.csv(i).exists() and self.pool.parquet(i).exists()):
+                say(f"  generating part {i} ({self.pool.rows:,} rows)")
+            self.pool.ensure_part(i)
+            _link(self.pool.csv(i), Path(self.files("csv")[i]))
+            _link(self.pool.parquet(i), Path(self.files("parquet")[i]))
+        for fmt in ("csv", "parquet"):
+            # Nothing else may match the glob the other readers use.
+            extra = set((self.dir / fmt).glob(f"*.{fmt}")) - {Path(f) for f in self.files(fmt)}
+            for p in extra:
+                p.unlink()
+        if not self.reference.exists():
+            say(f"  pandas reference over {self.parts} parts x {self.pool.rows:,} rows")
+        self.pool.reference(self.parts, self.reference)
+
+
+@dataclass
+class Incremental:
+    """N stored partials (parts 0..N-1) and the new part N; the reference is over N+1 parts."""
+
+    pool: Pool
+    n: int
+    after: DataSet = field(init=False)
+    dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.after = DataSet(self.pool, self.n + 1)
+        self.dir = (
+            self.pool.dir.parent.parent
+            / "incremental"
+            / f"N{self.n}-r{self.pool.rows}-s{self.pool.seed}-{self.pool.partials.name}"
+        )
+
+    def new_part(self, fmt: str) -> str:
+        return str(self.dir / f"new-part-{self.n:05d}.{fmt}")
+
+    def ensure(self) -> None:
+        self.after.ensure()  # parts 0..N on disk and the reference over them
+        for i in range(self.n):
+            if not self.pool.partial(i).exists():
+                say(f"  stored partial of part {i}")
+            self.pool.ensure_partial(i)
+            _link(self.pool.partial(i), self.dir / "partials" / f"part-{i:05d}.parquet")
+        _link(self.pool.csv(self.n), Path(self.new_part("csv")))
+        _link(self.pool.parquet(self.n), Path(self.new_part("parquet")))
+
+
+# ---- running one candidate --------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One candidate on one input: a row of the table."""
+
+    label: str
+    candidate: str
+    fmt: str
+    spec: dict[str, Any]
+    reference: Path | None
+    group: str = "main"  # main | incremental | full
+    n: int = 0
+    seconds: list[float] = field(default_factory=list)
+    process_s: list[float] = field(default_factory=list)
+    tree_rss: list[int] = field(default_factory=list)
+    maxrss: list[int] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    check: str = "not checked"
+
+    def median(self) -> float:
+        return statistics.median(self.seconds) if self.seconds else float("nan")
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    with contextlib.suppress(psutil.Error):
+        procs = [proc, *proc.children(recursive=True)]
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+    return total
+
+
+def run_child(spec: dict[str, Any], log: Path, timeout: float, poll: float) -> dict[str, Any]:
+    """Run bench/candidates.py in a fresh process; time it and sample its process tree's RSS.
+
+    ``maxrss`` comes from wait4()'s rusage: the peak RSS of the child or of the largest of
+    its (reaped) descendants, exact but per process. ``tree_rss`` is the largest sum of RSS
+    over the child and all its descendants, sampled every ``poll`` seconds (psutil): the
+    figure for multi-process candidates; it can miss a spike shorter than the interval and
+    counts shared pages once per process.
+    """
+    t0 = time.perf_counter()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(CHILD), json.dumps(spec)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            start_new_session=True,  # its own process group: a timeout ends all of it
+        )
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    status, rusage = 0, None
+    while True:
+        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        peak = max(peak, _tree_rss(ps))
+        if time.perf_counter() - t0 > timeout:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            _, status, rusage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(poll)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    # Worker processes of a Dask cluster may outlive the child by a moment: end the group.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    result: dict[str, Any] = {
+        "rc": proc.returncode,
+        "process_s": wall,
+        "tree_rss": peak,
+        "maxrss": rusage.ru_maxrss * 1024 if rusage else 0,  # KiB on Linux
+        "timed_out": wall > timeout,
+    }
+    out_path = Path(spec["out"])
+    if proc.returncode == 0 and out_path.exists():
+        result["stages"] = json.loads(out_path.read_text())
+    return result
+
+
+def check_result(path: Path, reference: Path) -> str:
+    """'ok', or what differs from the pandas reference (rtol 1e-9, NaN positions equal)."""
+    if not path.exists():
+        return "no result"
+    got: pd.DataFrame = pd.read_pickle(path)  # noqa: S301 - written by our own child
+    exp: pd.DataFrame = pd.read_pickle(reference)  # noqa: S301
+    if list(got.index) != list(exp.index):
+        return f"groups differ ({len(got)} vs {len(exp)})"
+    problems = []
+    for col in exp.columns:
+        if col not in got.columns:
+            problems.append(f"{col} missing")
+            continue
+        a = got[col].to_numpy(dtype=float)
+        b = exp[col].to_numpy(dtype=float)
+        na, nb = np.isnan(a), np.isnan(b)
+        if (na != nb).any():
+            problems.append(f"{col}: NaN positions differ")
+            continue
+        ok = np.isclose(a[~na], b[~nb], rtol=RTOL, atol=0.0)
+        if not ok.all():
+            rel = np.max(np.abs(a[~na] - b[~nb]) / np.maximum(np.abs(b[~nb]), 1e-300))
+            problems.append(
+                f"{'/'.join(c for c in col if c)}: {int((~ok).sum())} groups off (max rel {rel:.1e})"
+            )
+    return "ok" if not problems else "MISMATCH: " + "; ".join(problems[:3])
+
+
+# ---- the plan ---------------------------------------------------------------------------
+
+
+def plan(args: argparse.Namespace, tmp: Path) -> tuple[list[Run], list[str]]:
+    """Prepare the data and list the runs of one repetition, in order; plus notes."""
+    notes: list[str] = []
+    cache = args.cache_dir
+    main_pool = Pool(cache, args.rows, args.seed)
+    main = DataSet(main_pool, args.parts)
+    say(f"data: {args.parts} parts x {args.rows:,} rows (seed {args.seed}) under {main.dir}")
+    main.ensure()
+    runs: list[Run] = []
+    cpus = available_cpus()
+    candidates = [c for c in MAIN_CANDIDATES if c in args.candidates]
+    for fmt in args.formats:
+        for cand in candidates:
+            spec: dict[str, Any] = {
+                "candidate": cand,
+                "fmt": fmt,
+                "files": main.files(fmt),
+                "glob": main.glob(fmt),
+            }
+            if cand == "dask-seed":
+                spec.update(n_workers=8, threads_per_worker=2)
+            elif cand == "dask-cpus":
+                spec.update(n_workers=cpus, threads_per_worker=1)
+            runs.append(Run(cand, cand, fmt, spec, main.reference))
+
+    if "s3rollup-incremental" in args.candidates and args.incremental_n:
+        rows = args.incremental_rows
+        need = (max(args.incremental_n) + 1) * rows * BYTES_PER_ROW
+        free = shutil.disk_usage(cache).free
+        if need > free - (5 << 30):
+            fit = max(1000, int((free - (5 << 30)) / BYTES_PER_ROW / (max(args.incremental_n) + 1)))
+            notes.append(
+                f"incremental parts use {fit:,} rows instead of {rows:,}: {need / 2**30:.1f} GiB "
+                f"would not fit in {free / 2**30:.1f} GiB free"
+            )
+            rows = fit
+        args.incremental_rows_used = rows
+        pool = main_pool if rows == args.rows else Pool(cache, rows, args.seed)
+        for n in args.incremental_n:
+            inc = Incremental(pool, n)
+            say(f"incremental data: N={n} stored partials + 1 new part, {rows:,} rows each")
+            inc.ensure()
+            for fmt in args.formats:
+                spec = {
+                    "candidate": "s3rollup-incremental",
+                    "fmt": fmt,
+                    "n": n,
+                    "partials_dir": str(inc.dir / "partials"),
+                    "new_part": inc.new_part(fmt),
+                    "tmp": str(tmp),
+                }
+                runs.append(
+                    Run(
+                        f"s3rollup-incremental N={n}",
+                        "s3rollup-incremental",
+                        fmt,
+                        spec,
+                        inc.after.reference,
+                        "incremental",
+                        n,
+                    )
+                )
+                if args.incremental_full:
+                    after = inc.after
+                    spec = {"candidate": "s3rollup-engine", "fmt": fmt, "files": after.files(fmt)}
+                    runs.append(
+                        Run(
+                            f"s3rollup-engine {n + 1} parts",
+                            "s3rollup-engine",
+                            fmt,
+                            spec,
+                            after.reference,
+                            "full",
+                            n,
+                        )
+                    )
+    return runs, notes
+
+
+def run_e2e(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    out = tmp / "e2e.json"
+    spec = {
+        "candidate": "e2e",
+        "out": str(out),
+        "result": str(tmp / "e2e.pkl"),
+        "n": args.e2e_n,
+        "rows": args.e2e_rows,
+        "seed": args.seed,
+        "adds": args.e2e_adds or args.reps,
+        "timeout": args.timeout,
+    }
+    say(f"e2e: embedded stack, {args.e2e_n} parts x {args.e2e_rows:,} rows, then +1 part x {spec['adds']}")
+    res = run_child(spec, tmp / "e2e.log", args.timeout * 2, args.poll)
+    if res["rc"] != 0:
+        tail = (tmp / "e2e.log").read_text(errors="replace")[-2000:]
+        return {"error": f"rc {res['rc']}: {tail}"}
+    report = json.loads(out.read_text())
+    report["check"] = check_result(tmp / "e2e.pkl", tmp / "e2e.pkl.expected")
+    report["tree_rss"] = res["tree_rss"]
+    return report
+
+
+# ---- report -----------------------------------------------------------------------------
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:,.0f}"
+
+
+def _s(x: float) -> str:
+    return "—" if x != x else f"{x:.2f}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return "—" if not (a == a and b == b and b > 0) else f"{a / b:.2f}x"
+
+
+def machine_facts() -> list[str]:
+    facts = [f"- nproc (affinity): {available_cpus()}; os.cpu_count: {os.cpu_count()}"]
+    with contextlib.suppress(OSError):
+        model = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            "?",
+        )
+        facts.append(f"- CPU: {model}")
+    facts.append(f"- memory: {psutil.virtual_memory().total / 2**30:.1f} GiB")
+    facts.append(f"- platform: {platform.platform()}")
+    facts.append(f"- python: {sys.version.split()[0]} ({sys.executable})")
+    versions = []
+    for lib in LIBRARIES:
+        try:
+            versions.append(f"{lib} {metadata.version(lib)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{lib} (not installed)")
+    facts.append("- libraries: " + ", ".join(versions))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(("OPENBLAS", "OMP_", "MKL_", "POLARS_", "DASK_", "ARROW_", "RAYON_"))
+    }
+    facts.append(
+        "- threading env: "
+        + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "none set")
+        + " (OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are reported, never changed)"
+    )
+    with contextlib.suppress(Exception):
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "s3rollup"], cwd=ROOT, capture_output=True, text=True
+        )
+        facts.append(f"- git: {rev.stdout.strip()}{' (s3rollup/ modified)' if dirty.stdout.strip() else ''}")
+    return facts
+
+
+def _stage_table(runs: list[Run]) -> list[str]:
+    """Median stage times of the s3rollup runs: where the engine's time goes."""
+    lines = []
+    keys = (
+        "cluster_start",
+        "tasks_wall",
+        "new_partial",
+        "task_read_sum",
+        "task_parse_sum",
+        "task_partial_sum",
+        "store_partial",
+        "load_partials",
+        "merge",
+        "finalize",
+        "cluster_close",
+        "seconds",
+    )
+    rows = [r for r in runs if r.candidate.startswith("s3rollup") and r.stages]
+    if not rows:
+        return lines
+    present = [k for k in keys if any(k in s for r in rows for s in r.stages)]
+    lines.append("| run | format | " + " | ".join(present) + " |")
+    lines.append("|---|---|" + "---:|" * len(present))
+    for r in rows:
+        cells = []
+        for k in present:
+            vals = [s[k] for s in r.stages if k in s]
+            cells.append(f"{statistics.median(vals):.2f}" if vals else "")
+        lines.append(f"| {r.label} | {r.fmt} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "`task_*_sum` add up the per-task times of all the parts' tasks (they run on "
+        f"{available_cpus()} threads at once, so they may exceed `tasks_wall`); `read` is the "
+        "file's bytes into memory, `parse` is `read_part`, `partial` is `partial_from_frame`.",
+    ]
+    return lines
+
+
+def render(
+    args: argparse.Namespace,
+    runs: list[Run],
+    notes: list[str],
+    e2e: dict[str, Any] | None,
+    started: datetime,
+    load: tuple[list[float], list[float]],
+) -> str:
+    lines = [
+        f"# s3rollup benchmark: {args.parts} parts x {args.rows:,} rows ({args.parts * args.rows:,} rows)",
+        "",
+    ]
+    lines.append(
+        f"- run: {started:%Y-%m-%d %H:%M} UTC, {args.reps} repetition(s), interleaved, "
+        "one fresh process per run"
+    )
+    lines.append(f"- command: `{shlex.join([sys.executable, *sys.argv])}`")
+    lines.append(
+        f"- load average before / after: {' '.join(f'{x:.2f}' for x in load[0])} / "
+        f"{' '.join(f'{x:.2f}' for x in load[1])}"
+    )
+    lines += machine_facts()
+    for note in notes:
+        lines.append(f"- note: {note}")
+    lines += ["", "## Full computation", ""]
+    lines.append(
+        "Seconds: the work in the child process (libraries already imported; cluster start and "
+        "shutdown included). `process s`: the whole child process, interpreter start and imports "
+        "included. Peak RSS: sum over the child's process tree, sampled every "
+        f"{args.poll:g}s (psutil); `maxrss`: largest single process (wait4 rusage, exact)."
+    )
+    lines.append("")
+    lines.append(
+        "| candidate | format | median s | min s | max s | process s | peak RSS MiB (tree) | maxrss MiB "
+        "| vs polars | vs dask-seed | check |"
+    )
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    med = {(r.candidate, r.fmt): r.median() for r in runs if r.group == "main"}
+    for r in runs:
+        if r.group != "main":
+            continue
+        lines.append(
+            _row(r, med.get(("polars", r.fmt), float("nan")), med.get(("dask-seed", r.fmt), float("nan")))
+        )
+    lines += ["", "Ratios are median / median on the same format: above 1x is slower than the other.", ""]
+
+    inc = [r for r in runs if r.group in ("incremental", "full")]
+    if inc:
+        rows_used = getattr(args, "incremental_rows_used", args.incremental_rows)
+        lines += ["## Incremental: one new part on top of N stored partials", ""]
+        lines.append(
+            f"Parts of {rows_used:,} rows. `s3rollup-incremental`: start the job's cluster, compute "
+            "the new part's partial and store it, read the N+1 stored partials (bytes, sha256, "
+            "Parquet), merge, finalize. Against it: the full engine over the same N+1 parts, and "
+            f"the main `s3rollup-engine` run ({args.parts} x {args.rows:,})."
+        )
+        lines.append("")
+        lines.append(
+            "| run | format | median s | min s | max s | process s | peak RSS MiB (tree) | maxrss MiB "
+            "| check |"
+        )
+        lines.append("|---|---|---:|---:|---:|---:|---:|---:|---|")
+        for r in inc:
+            lines.append(_row(r, None, None))
+        lines += [
+            "",
+            "| N | format | incremental s | full engine over N+1 parts s | incremental / full(N+1) "
+            f"| incremental / s3rollup-engine ({args.parts} parts) |",
+            "|---:|---|---:|---:|---:|---:|",
+        ]
+        for r in inc:
+            if r.group != "incremental":
+                continue
+            full = next((f for f in inc if f.group == "full" and f.n == r.n and f.fmt == r.fmt), None)
+            fm = full.median() if full else float("nan")
+            em = med.get(("s3rollup-engine", r.fmt), float("nan"))
+            lines.append(
+                f"| {r.n} | {r.fmt} | {_s(r.median())} | {_s(fm)} | {_ratio(r.median(), fm)} "
+                f"| {_ratio(r.median(), em)} |"
+            )
+        lines.append("")
+
+    stage = _stage_table(runs)
+    if stage:
+        lines += ["## Where the s3rollup time goes (median seconds per stage)", "", *stage, ""]
+
+    dask_where = {s.get("combined_where") for r in runs if r.candidate.startswith("dask") for s in r.stages}
+    dask_where.discard(None)
+    if dask_where:
+        lines.append(
+            "Dask: `s3rollup.reference.complex_operation` assigns `result[('combined', '')]`, which "
+            "dask refuses (NotImplementedError: item assignment with a tuple); the candidates run the "
+            "seed's own `result['combined'] = ...` instead. `combined` computed in: "
+            f"{', '.join(sorted(dask_where))}."
+        )
+        lines.append("")
+
+    if e2e is not None:
+        lines += ["## End to end through the embedded stack", ""]
+        if "error" in e2e:
+            lines.append(f"failed: {e2e['error']}")
+        else:
+            adds = e2e["adds"]
+            lines.append(
+                f"moto server on 127.0.0.1; {e2e['n']} parts x {e2e['rows']:,} rows uploaded and aggregated "
+                f"first ({e2e['initial']:.1f}s, stack start {e2e['stack_start']:.1f}s); "
+                "then one more part at a time: upload -> manifest listing it (ingest handler, "
+                "worker subprocess `python -m s3rollup.job`, its cluster, the partial, merge, "
+                "publish). Each addition grows N by one."
+            )
+            lines.append("")
+            lines.append("| N before | upload s | upload -> manifest s | upload -> worker exit s |")
+            lines.append("|---:|---:|---:|---:|")
+            for a in adds:
+                lines.append(
+                    f"| {a['n_before']} | {a['upload']:.2f} | {a['to_manifest']:.2f} "
+                    f"| {a['worker_exit']:.2f} |"
+                )
+            meds = statistics.median(a["to_manifest"] for a in adds)
+            lines.append("")
+            lines.append(
+                f"Median upload -> manifest: {meds:.2f}s; peak RSS of the whole tree "
+                f"(stack + workers): {_mib(e2e['tree_rss'])} MiB; result check: {e2e['check']}."
+            )
+        lines.append("")
+
+    failures = [(r, f) for r in runs for f in r.failures]
+    if failures:
+        lines += ["## Failures", ""]
+        lines += [f"- {r.label} ({r.fmt}): {f}" for r, f in failures]
+        lines.append("")
+    lines += ["## Raw seconds per repetition", "", "| run | format | seconds |", "|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r.label} | {r.fmt} | {', '.join(f'{s:.2f}' for s in r.seconds)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _row(r: Run, polars: float | None, dask_seed: float | None) -> str:
+    if not r.seconds:
+        cells = [r.label, r.fmt, "FAILED", "", "", "", "", ""]
+        if polars is not None:
+            cells += ["", ""]
+        return "| " + " | ".join([*cells, r.check]) + " |"
+    label = r.label if r.check == "ok" else f"**{r.label}** (!)"
+    cells = [
+        label,
+        r.fmt,
+        _s(r.median()),
+        _s(min(r.seconds)),
+        _s(max(r.seconds)),
+        _s(statistics.median(r.process_s)),
+        _mib(statistics.median(r.tree_rss)),
+        _mib(statistics.median(r.maxrss)),
+    ]
+    if polars is not None and dask_seed is not None:
+        cells += [_ratio(r.median(), polars), _ratio(r.median(), dask_seed)]
+    return "| " + " | ".join([*cells, r.check]) + " |"
+
+
+# ---- main -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark s3rollup's engine and incremental path against pandas, Dask, Polars and "
+        "DuckDB on generated seed-schema parts (CSV and Parquet), side by side in one run.",
+    )
+    p.add_argument("--parts", type=int, default=20, help="parts of the main data set (default 20)")
+    p.add_argument("--rows", type=int, default=1_000_000, help="rows per part (default 1,000,000)")
+    p.add_argument("--seed", type=int, default=42, help="data seed, as s3rollup demo (default 42)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions, interleaved (default 3)")
+    p.add_argument("--formats", default="csv,parquet", help="comma-separated: csv, parquet (default both)")
+    p.add_argument(
+        "--candidates",
+        default=",".join([*MAIN_CANDIDATES, "s3rollup-incremental"]),
+        help="comma-separated subset of: " + ", ".join([*MAIN_CANDIDATES, "s3rollup-incremental"]),
+    )
+    p.add_argument(
+        "--incremental-n", default="20,100", help="stored partials N to add one part to (default 20,100)"
+    )
+    p.add_argument(
+        "--incremental-rows", type=int, default=1_000_000, help="rows per part there (default 1,000,000)"
+    )
+    p.add_argument(
+        "--no-incremental-full",
+        dest="incremental_full",
+        action="store_false",
+        help="skip the full engine over the N+1 parts (the incremental ratio's denominator)",
+    )
+    p.add_argument("--e2e", action="store_true", help="also time +1 part through the embedded stack (slow)")
+    p.add_argument(
+        "--e2e-n", type=int, default=20, help="parts already aggregated in the e2e run (default 20)"
+    )
+    p.add_argument("--e2e-rows", type=int, default=100_000, help="rows per e2e part (default 100,000)")
+    p.add_argument("--e2e-adds", type=int, default=0, help="parts added one by one in e2e (default --reps)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 4 x 50,000 rows, 1 rep, incremental N=4,10 of 50,000 rows; "
+        "result under .bench-cache/results",
+    )
+    p.add_argument(
+        "--cache-dir", type=Path, default=ROOT / ".bench-cache", help="data cache (default .bench-cache)"
+    )
+    p.add_argument(
+        "--out", type=Path, help="result file (default bench/results/<UTC date>-<parts>x<rows>.md)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=1800, help="seconds before a run is killed (default 1800)"
+    )
+    p.add_argument("--poll", type=float, default=0.1, help="RSS sampling interval, seconds (default 0.1)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.parts, args.rows, args.reps = 4, 50_000, 1
+        args.incremental_n, args.incremental_rows = "4,10", 50_000
+        args.e2e_n, args.e2e_rows = 4, 20_000
+    args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if not set(args.formats) <= {"csv", "parquet"}:
+        p.error("--formats: csv and/or parquet")
+    args.candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    unknown = set(args.candidates) - {*MAIN_CANDIDATES, "s3rollup-incremental"}
+    if unknown:
+        p.error(f"unknown candidates: {', '.join(sorted(unknown))}")
+    args.incremental_n = [int(x) for x in str(args.incremental_n).split(",") if x.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = datetime.now(UTC)
+    load_before = list(os.getloadavg())
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache_dir))
+    runs, notes = plan(args, work)
+    say(f"{len(runs)} runs x {args.reps} repetition(s); logs in {work}")
+    for rep in range(args.reps):
+        for k, r in enumerate(runs):
+            tag = f"{k:02d}-{r.label.replace(' ', '_').replace('=', '')}-{r.fmt}-rep{rep}"
+            spec = {**r.spec, "out": str(work / f"{tag}.json")}
+            if rep == 0 and r.reference is not None:
+                spec["result"] = str(work / f"{tag}.pkl")  # checked once per run
+            res = run_child(spec, work / f"{tag}.log", args.timeout, args.poll)
+            if res["rc"] != 0 or "stages" not in res:
+                tail = (work / f"{tag}.log").read_text(errors="replace").strip().splitlines()[-3:]
+                why = "timed out" if res["timed_out"] else f"exit {res['rc']}"
+                r.failures.append(f"rep {rep}: {why}: {' | '.join(tail)}")
+                say(f"rep {rep + 1}/{args.reps} {r.label:<32} {r.fmt:<8} FAILED ({why})")
+                continue
+            r.seconds.append(res["stages"]["seconds"])
+            r.process_s.append(res["process_s"])
+            r.tree_rss.append(res["tree_rss"])
+            r.maxrss.append(res["maxrss"])
+            r.stages.append(res["stages"])
+            if "result" in spec and r.reference is not None:
+                r.check = check_result(Path(spec["result"]), r.reference)
+            say(
+                f"rep {rep + 1}/{args.reps} {r.label:<32} {r.fmt:<8} {res['stages']['seconds']:7.2f}s "
+                f"(process {res['process_s']:.2f}s, tree {_mib(res['tree_rss'])} MiB) {r.check}"
+            )
+    e2e = run_e2e(args, work) if args.e2e else None
+    load_after = list(os.getloadavg())
+    text = render(args, runs, notes, e2e, started, (load_before, load_after))
+    print(text)
+    out = args.out
+    if out is None:
+        base = (args.cache_dir / "results") if args.quick else RESULTS
+        out = base / f"{started:%Y-%m-%d}-{args.parts}x{args.rows}.md"
+        k = 2
+        while out.exists():
+            out = base / f"{started:%Y-%m-%d}-{args.parts}x{args.rows}-{k}.md"
+            k += 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    raw = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "runs": [
+            {
+                k: getattr(r, k)
+                for k in (
+                    "label",
+                    "candidate",
+                    "fmt",
+                    "group",
+                    "n",
+                    "seconds",
+                    "process_s",
+                    "tree_rss",
+                    "maxrss",
+                    "stages",
+                    "failures",
+                    "check",
+                )
+            }
+            for r in runs
+        ],
+        "e2e": e2e,
+    }
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
+    say(f"written: {out} (+ .json with every repetition)")
+    failed = any(r.failures or (r.seconds and r.check != "ok") for r in runs)
+    if failed:
+        say(f"some runs failed or disagree with pandas: their logs stay in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
