@@ -232,6 +232,34 @@ class AuditLog:
         return count, None
 
 
+def verify_results(records: list[dict[str, Any]], s3: Any, bucket: str, prefix: str) -> Problem | None:
+    """Check every RESULT_WRITTEN record's checksums against the object versions in S3.
+
+    A version that no longer exists (removed by lifecycle) is not a failure; a version
+    whose bytes differ from the recorded SHA-256 is.
+    """
+    for record in records:
+        if record.get("event") != "RESULT_WRITTEN":
+            continue
+        for name, ref in sorted((record.get("objects") or {}).items()):
+            kwargs = {"Bucket": bucket, "Key": prefix + name}
+            if ref.get("version_id") not in (None, "null"):
+                kwargs["VersionId"] = ref["version_id"]
+            try:
+                data = s3.get_object(**kwargs)["Body"].read()
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] in ("NoSuchKey", "NoSuchVersion", "404"):
+                    continue
+                raise
+            if hashlib.sha256(data).hexdigest() != ref.get("sha256"):
+                return Problem(
+                    int(record["seq"]),
+                    "RESULT_CHANGED",
+                    f"record {record['seq']}: {name} differs from its checksum",
+                )
+    return None
+
+
 def canonical_json(record: dict[str, Any]) -> str:
     """The stored form of a record: canonical JSON including its hash."""
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -23,7 +23,7 @@ from .aws import Aws
 from .contract import ContractError, check_dataset, result_prefix
 from .errors import S3RollupError
 
-EXIT_USAGE, EXIT_NOT_FOUND, EXIT_MISMATCH, EXIT_AWS, EXIT_TIMEOUT = 2, 3, 4, 5, 6
+EXIT_USAGE, EXIT_NOT_FOUND, EXIT_MISMATCH, EXIT_AWS, EXIT_TIMEOUT, EXIT_TAMPERED = 2, 3, 4, 5, 6, 7
 
 
 class CliError(Exception):
@@ -98,6 +98,60 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_log(aws: Aws, outputs: dict[str, str]) -> Any:
+    from .audit import AuditLog
+
+    return AuditLog(aws.dynamodb, outputs["AuditTableName"])
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    """Print a dataset's audit chain."""
+    aws = Aws()
+    dataset = check_dataset(args.dataset)
+    records = [
+        {k: v for k, v in r.items() if k != "_seq_key"}
+        for r in _audit_log(aws, _stack_outputs(aws, args.stack)).records(dataset)
+    ]
+    if not records:
+        raise CliError(f"no audit records for dataset {dataset!r}", EXIT_NOT_FOUND)
+    if args.format == "json":
+        for r in records:
+            print(json.dumps(r, sort_keys=True))
+        return 0
+    for r in records:
+        what = r.get("key") or r.get("job_id") or ""
+        print(
+            f"{r['seq']:>6}  {r['time']}  {r['event']:<16} {r.get('decision', ''):<10} "
+            f"{r.get('reason', ''):<18} {what}"
+        )
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Recompute a dataset's audit chain and the result checksums it records."""
+    from .audit import verify_results
+
+    aws = Aws()
+    dataset = check_dataset(args.dataset)
+    outputs = _stack_outputs(aws, args.stack)
+    log = _audit_log(aws, outputs)
+    count, problem = log.verify(dataset)
+    if problem is None:
+        records = [r for r in log.records(dataset)]
+        problem = verify_results(records, aws.s3, outputs["DataBucketName"], result_prefix(dataset))
+    if problem is not None:
+        print(
+            f"s3rollup: audit chain of {dataset!r} is NOT intact: record {problem.seq}: "
+            f"{problem.code}: {problem.message}",
+            file=sys.stderr,
+        )
+        return EXIT_TAMPERED
+    if count == 0:
+        raise CliError(f"no audit records for dataset {dataset!r}", EXIT_NOT_FOUND)
+    print(f"audit chain of {dataset!r} is intact: {count} records, head {log.head(dataset)[1][:16]}…")
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Run the embedded stack in the foreground until interrupted."""
     from .local import EmbeddedStack
@@ -168,6 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.add_argument("--ready-file", help="also write the ready JSON line to this file")
     u.set_defaults(func=cmd_up)
+
+    a = sub.add_parser("audit", help="show or verify a dataset's hash-chained audit trail")
+    asub = a.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    show = asub.add_parser("show", help="print the chain's records")
+    show.add_argument("dataset")
+    show.add_argument("--format", choices=("table", "json"), default="table")
+    show.set_defaults(func=cmd_audit_show)
+    ver = asub.add_parser(
+        "verify",
+        help="recompute every hash and link, check continuity and the result checksums; "
+        "exit 0 when intact, 7 naming the first bad record",
+    )
+    ver.add_argument("dataset")
+    ver.set_defaults(func=cmd_audit_verify)
 
     q = sub.add_parser("query", help="print a dataset's published result")
     q.add_argument("dataset")

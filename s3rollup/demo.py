@@ -152,4 +152,27 @@ def run(parts: int, rows: int, seed: int, dataset: str, timeout: float, stack_na
                 print(f"  - {p}")
             return 4
         print(f"OK: every aggregate equals pandas complex_operation (rtol {RTOL:g}), NaNs included")
+        count, problem = _verify_audit(aws, info.outputs, dataset)
+        if problem:
+            print(f"AUDIT CHAIN NOT INTACT: {problem}")
+            return 7
+        print(f"OK: audit chain intact ({count} records, every result checksum matches)")
     return 0
+
+
+def _verify_audit(aws: Aws, outputs: dict[str, str], dataset: str) -> tuple[int, str]:
+    """Verify the dataset's audit chain once its job has finished (lease given back)."""
+    from .audit import AuditLog, verify_results
+    from .state import State
+
+    state = State(aws.dynamodb, outputs["StateTableName"])
+    deadline = time.monotonic() + 60
+    while state.lease(dataset) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = AuditLog(aws.dynamodb, outputs["AuditTableName"])
+    count, problem = log.verify(dataset)
+    if problem is None:
+        problem = verify_results(
+            list(log.records(dataset)), aws.s3, outputs["DataBucketName"], f"results/{dataset}/"
+        )
+    return count, (f"record {problem.seq}: {problem.code}: {problem.message}" if problem else "")

@@ -94,3 +94,59 @@ def test_fields_that_could_carry_cell_values_are_refused(stack: Any, dataset: st
 
     with pytest.raises(AuditError):
         _log(stack).append(dataset, "PART_RECEIVED", "test", value="alice@example.com")
+
+
+def _cli(stack: Any, *args: str) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3ROLLUP_"))}
+    env.update(AWS_ENDPOINT_URL=stack.info.endpoint_url, S3ROLLUP_STACK=stack.info.stack_name)
+    return subprocess.run(
+        [sys.executable, "-m", "s3rollup.cli", "audit", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_audit_verify_cli_passes_an_intact_pipeline_chain_and_names_a_tampered_record(
+    stack: Any, dataset: str
+) -> None:
+    from s3rollup.demo import generate_part
+    from s3rollup.state import State
+    from tests.conftest import wait_for
+    from tests.helpers import put_part, wait_manifest
+
+    key = put_part(stack, dataset, "p.csv", generate_part(0, 100, seed=5))
+    wait_manifest(stack, dataset, {key})
+    state = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"])
+    wait_for(lambda: state.lease(dataset) is None)
+    ok = _cli(stack, "verify", dataset)
+    assert ok.returncode == 0 and "intact" in ok.stdout, ok.stderr
+    shown = _cli(stack, "show", dataset, "--format", "json")
+    events = [json.loads(line)["event"] for line in shown.stdout.splitlines()]
+    assert events[0] == "PART_ACCEPTED" and "RESULT_WRITTEN" in events and events[-1] == "JOB_FINISHED"
+
+    _tamper(stack, dataset, 1, lambda r: r.__setitem__("reason", "EDITED"))
+    bad = _cli(stack, "verify", dataset)
+    assert bad.returncode == 7 and "record 1" in bad.stderr
+
+
+def test_audit_verify_detects_a_result_that_no_longer_matches_its_checksum(stack: Any, dataset: str) -> None:
+    from s3rollup.audit import verify_results
+
+    log = _log(stack)
+    s3, bucket = stack.aws.s3, stack.info.outputs["DataBucketName"]
+    put = s3.put_object(Bucket=bucket, Key=f"results/{dataset}/aggregate.json", Body=b"{}")
+    record = log.append(
+        dataset,
+        "RESULT_WRITTEN",
+        "test",
+        objects={"aggregate.json": {"version_id": put["VersionId"], "sha256": "0" * 64}},
+    )
+    problem = verify_results([record], s3, bucket, f"results/{dataset}/")
+    assert problem is not None and (problem.seq, problem.code) == (1, "RESULT_CHANGED")
