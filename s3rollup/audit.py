@@ -16,6 +16,7 @@ and reason codes.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import random
@@ -204,10 +205,17 @@ class AuditLog:
         return self._head(chain)
 
     def verify(self, chain: str) -> tuple[int, Problem | None]:
-        """Walk the chain: hashes, links, continuity and the head. Returns (records, problem)."""
+        """Walk the chain: hashes, links, continuity and the head. Returns (records, problem).
+
+        The head is read first and the records up to it are checked: record and head move in
+        one transaction, so that prefix is consistent even while writers keep appending.
+        """
+        head_seq, head_hash = self._head(chain)
         expected_prev, expected_seq, count = GENESIS, 1, 0
         for record in self.records(chain):
             seq_key = record.pop("_seq_key")
+            if seq_key > head_seq and count == head_seq:
+                break  # appended after the head was read
             seq = record.get("seq")
             if seq_key != expected_seq:
                 return count, Problem(expected_seq, "GAP", f"record {expected_seq} is missing")
@@ -222,7 +230,6 @@ class AuditLog:
             if record_hash(record) != record.get("hash"):
                 return count, Problem(seq_key, "BAD_HASH", f"record {seq_key} was altered")
             expected_prev, expected_seq, count = record["hash"], expected_seq + 1, count + 1
-        head_seq, head_hash = self._head(chain)
         if (head_seq, head_hash) != (count, expected_prev):
             return count, Problem(
                 count + 1 if head_seq > count else head_seq,
@@ -258,6 +265,66 @@ def verify_results(records: list[dict[str, Any]], s3: Any, bucket: str, prefix: 
                     f"record {record['seq']}: {name} differs from its checksum",
                 )
     return None
+
+
+ANCHOR_PREFIX = "audit-heads/"
+
+
+def export_head(log: AuditLog, s3: Any, bucket: str, chain: str) -> dict[str, Any]:
+    """Write the chain head to the Object Lock bucket (its default retention locks it)."""
+    seq, head_hash = log.head(chain)
+    anchor = {"chain": chain, "seq": seq, "hash": head_hash, "time": _now()}
+    body = json.dumps(anchor, sort_keys=True).encode()
+    s3.put_object(
+        Bucket=bucket,
+        Key=f"{ANCHOR_PREFIX}{chain}/{seq:012d}.json",
+        Body=body,
+        # Object Lock buckets refuse writes without an integrity header.
+        ContentMD5=base64.b64encode(hashlib.md5(body).digest()).decode(),  # noqa: S324
+        ContentType="application/json",
+    )
+    return anchor
+
+
+def verify_anchors(
+    records: list[dict[str, Any]], s3: Any, bucket: str, chain: str
+) -> tuple[int, Problem | None]:
+    """Check that every exported chain head still matches the chain. Returns (anchors, problem)."""
+    by_seq = {int(r["seq"]): r for r in records}
+    count = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=f"{ANCHOR_PREFIX}{chain}/"
+    ):
+        for obj in page.get("Contents", []):
+            anchor = json.loads(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
+            count += 1
+            seq = int(anchor["seq"])
+            if seq == 0:
+                continue
+            record = by_seq.get(seq)
+            if record is None:
+                return count, Problem(
+                    seq, "ANCHOR_MISSING", f"an exported head names record {seq}, which is gone"
+                )
+            if record.get("hash") != anchor["hash"]:
+                return count, Problem(seq, "ANCHOR_MISMATCH", f"record {seq} differs from its exported head")
+    return count, None
+
+
+def verify_dataset(
+    log: AuditLog, s3: Any, bucket: str, anchor_bucket: str, chain: str
+) -> tuple[int, int, Problem | None]:
+    """Everything `audit verify` checks: the chain, the result checksums it records, and the
+    exported heads. Returns (records, anchors, first problem or None)."""
+    count, problem = log.verify(chain)
+    if problem is not None:
+        return count, 0, problem
+    records = list(log.records(chain))
+    problem = verify_results(records, s3, bucket, f"results/{chain}/")
+    if problem is not None or not anchor_bucket:
+        return count, 0, problem
+    anchors, problem = verify_anchors(records, s3, anchor_bucket, chain)
+    return count, anchors, problem
 
 
 def canonical_json(record: dict[str, Any]) -> str:

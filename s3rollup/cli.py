@@ -128,17 +128,16 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    """Recompute a dataset's audit chain and the result checksums it records."""
-    from .audit import verify_results
+    """Recompute a dataset's audit chain, the result checksums and the exported heads."""
+    from .audit import verify_dataset
 
     aws = Aws()
     dataset = check_dataset(args.dataset)
     outputs = _stack_outputs(aws, args.stack)
     log = _audit_log(aws, outputs)
-    count, problem = log.verify(dataset)
-    if problem is None:
-        records = [r for r in log.records(dataset)]
-        problem = verify_results(records, aws.s3, outputs["DataBucketName"], result_prefix(dataset))
+    count, anchors, problem = verify_dataset(
+        log, aws.s3, outputs["DataBucketName"], outputs.get("AuditAnchorBucketName", ""), dataset
+    )
     if problem is not None:
         print(
             f"s3rollup: audit chain of {dataset!r} is NOT intact: record {problem.seq}: "
@@ -148,7 +147,10 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         return EXIT_TAMPERED
     if count == 0:
         raise CliError(f"no audit records for dataset {dataset!r}", EXIT_NOT_FOUND)
-    print(f"audit chain of {dataset!r} is intact: {count} records, head {log.head(dataset)[1][:16]}…")
+    print(
+        f"audit chain of {dataset!r} is intact: {count} records, {anchors} locked heads match, "
+        f"head {log.head(dataset)[1][:16]}"
+    )
     return 0
 
 

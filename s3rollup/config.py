@@ -29,6 +29,7 @@ class Settings:
     lease_seconds: int = 900
     max_part_bytes: int = 5 << 30
     dask_scheduler: str = ""  # address of an existing scheduler; empty: a LocalCluster
+    anchor_bucket: str = ""  # Object Lock bucket the worker exports audit chain heads to
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -68,6 +69,7 @@ class Settings:
             lease_seconds=integer("LEASE_SECONDS", 900),
             max_part_bytes=integer("MAX_PART_BYTES", 5 << 30),
             dask_scheduler=get("DASK_SCHEDULER", ""),
+            anchor_bucket=get("ANCHOR_BUCKET", ""),
         )
         if settings.launcher not in ("ecs", "local"):
             raise ConfigError(f"{PREFIX}LAUNCHER must be 'ecs' or 'local'")

@@ -160,19 +160,26 @@ def run(parts: int, rows: int, seed: int, dataset: str, timeout: float, stack_na
     return 0
 
 
+def wait_until_idle(state: Any, log: Any, dataset: str, timeout: float = 60) -> bool:
+    """Wait until no job holds the dataset and the chain's last record ends a job."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if state.lease(dataset) is None:
+            records = list(log.records(dataset))
+            if records and records[-1]["event"] in ("JOB_FINISHED", "JOB_FAILED"):
+                return True
+        time.sleep(0.2)
+    return False
+
+
 def _verify_audit(aws: Aws, outputs: dict[str, str], dataset: str) -> tuple[int, str]:
-    """Verify the dataset's audit chain once its job has finished (lease given back)."""
-    from .audit import AuditLog, verify_results
+    """Verify the dataset's audit trail once its job has finished (lease given back)."""
+    from .audit import AuditLog, verify_dataset
     from .state import State
 
-    state = State(aws.dynamodb, outputs["StateTableName"])
-    deadline = time.monotonic() + 60
-    while state.lease(dataset) is not None and time.monotonic() < deadline:
-        time.sleep(0.2)
     log = AuditLog(aws.dynamodb, outputs["AuditTableName"])
-    count, problem = log.verify(dataset)
-    if problem is None:
-        problem = verify_results(
-            list(log.records(dataset)), aws.s3, outputs["DataBucketName"], f"results/{dataset}/"
-        )
+    wait_until_idle(State(aws.dynamodb, outputs["StateTableName"]), log, dataset)
+    count, _, problem = verify_dataset(
+        log, aws.s3, outputs["DataBucketName"], outputs["AuditAnchorBucketName"], dataset
+    )
     return count, (f"record {problem.seq}: {problem.code}: {problem.message}" if problem else "")

@@ -32,9 +32,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
+from aws_lambda_powertools import Metrics
+from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
-from .audit import AuditLog, Duplicate
+from .audit import AuditLog, Duplicate, export_head
 from .aws import Aws
 from .config import Settings
 from .contract import (
@@ -185,6 +187,8 @@ class Job:
         self.state = State(aws.dynamodb, settings.state_table)
         self.ingest = Ingest(settings, aws.s3, aws.dynamodb, _NoLaunch())
         self.rounds = 0
+        self.rows_aggregated = 0
+        self.parts_aggregated = 0
 
     def run(self) -> int:
         """Run until no part is waiting; 0 on success (or when another job holds the lease)."""
@@ -211,22 +215,39 @@ class Job:
             log.exception(
                 "job failed", extra={"dataset": self.dataset, "job_id": self.job_id, "reason": code}
             )
-            self.audit.append(self.dataset, "JOB_FAILED", self.actor, job_id=self.job_id, reason=code)
             self.state.release_lease(self.dataset, self.job_id)
+            self._finish("JOB_FAILED", time.monotonic() - started, reason=code)
             return 1
-        seconds = round(time.monotonic() - started, 3)
+        self._finish("JOB_FINISHED", time.monotonic() - started)
+        return 0
+
+    def _finish(self, event: str, seconds: float, reason: str | None = None) -> None:
+        """Audit the outcome, export the chain head, publish the job's metrics."""
         self.audit.append(
             self.dataset,
-            "JOB_FINISHED",
+            event,
             self.actor,
             job_id=self.job_id,
-            detail={"rounds": self.rounds, "seconds": str(seconds)},
+            reason=reason,
+            detail={"rounds": self.rounds, "seconds": f"{seconds:.3f}", "rows": self.rows_aggregated},
         )
+        if self.settings.anchor_bucket:
+            export_head(self.audit, self.aws.s3, self.settings.anchor_bucket, self.dataset)
+        metrics = Metrics()
+        metrics.add_metric(name="JobsFailed" if reason else "JobsFinished", unit=MetricUnit.Count, value=1)
+        metrics.add_metric(name="RowsRolledUp", unit=MetricUnit.Count, value=self.rows_aggregated)
+        metrics.add_metric(name="PartsAggregated", unit=MetricUnit.Count, value=self.parts_aggregated)
+        metrics.add_metric(name="RollupSeconds", unit=MetricUnit.Seconds, value=seconds)
+        metrics.flush_metrics()
         log.info(
-            "job finished",
-            extra={"dataset": self.dataset, "job_id": self.job_id, "seconds": seconds},
+            event.lower().replace("_", " "),
+            extra={
+                "dataset": self.dataset,
+                "job_id": self.job_id,
+                "seconds": round(seconds, 3),
+                "reason": reason,
+            },
         )
-        return 0
 
     def _waiting(self) -> bool:
         return any(p.needs_partial for p in self.state.parts(self.dataset))
@@ -302,6 +323,8 @@ class Job:
                 rows=res["rows"],
                 job_id=self.job_id,
             )
+            self.rows_aggregated += int(res["rows"])
+            self.parts_aggregated += 1
         except Duplicate:
             log.info("part changed while aggregating", extra={"dataset": self.dataset, "part_id": pid})
 

@@ -200,6 +200,7 @@ class StackInfo:
             "audit_table": o["AuditTableName"],
             "state_table": o["StateTableName"],
             "kms_key_arn": o["DataKeyArn"],
+            "audit_anchor_bucket": o["AuditAnchorBucketName"],
         }
 
 
@@ -264,7 +265,8 @@ def provision(aws: Aws, stack_name: str = "s3rollup", template_path: Path = TEMP
     summaries = cf.list_stack_resources(StackName=stack_name)["StackResourceSummaries"]
     physical = {r["LogicalResourceId"]: r.get("PhysicalResourceId", "") for r in summaries}
     types = {k: v["Type"] for k, v in cfn["Resources"].items()}
-    resolver = Resolver(aws, stack_name, params, physical, types)
+    defaults = {k: str(v["Default"]) for k, v in template.get("Parameters", {}).items() if "Default" in v}
+    resolver = Resolver(aws, stack_name, {**defaults, **params}, physical, types)
     not_applied = _apply_skipped(aws, cfn, resolver)
     outputs = stack_outputs(aws, stack_name)
 
@@ -284,7 +286,7 @@ def provision(aws: Aws, stack_name: str = "s3rollup", template_path: Path = TEMP
 
 
 def _apply_bucket_properties(s3: Any, bucket: str, props: dict[str, Any]) -> None:
-    """Bucket properties moto's CloudFormation leaves out (versioning among them)."""
+    """Bucket properties moto's CloudFormation leaves out (versioning, Object Lock among them)."""
     if "VersioningConfiguration" in props:
         s3.put_bucket_versioning(
             Bucket=bucket, VersioningConfiguration={"Status": props["VersioningConfiguration"]["Status"]}
@@ -293,6 +295,13 @@ def _apply_bucket_properties(s3: Any, bucket: str, props: dict[str, Any]) -> Non
         s3.put_public_access_block(
             Bucket=bucket, PublicAccessBlockConfiguration=props["PublicAccessBlockConfiguration"]
         )
+    if "ObjectLockConfiguration" in props:
+        lock = json.loads(json.dumps(props["ObjectLockConfiguration"]))
+        retention = lock.get("Rule", {}).get("DefaultRetention", {})
+        for unit in ("Days", "Years"):
+            if unit in retention:  # parameters resolve to strings; the API wants a number
+                retention[unit] = int(retention[unit])
+        s3.put_object_lock_configuration(Bucket=bucket, ObjectLockConfiguration=lock)
     if "OwnershipControls" in props:
         s3.put_bucket_ownership_controls(Bucket=bucket, OwnershipControls=props["OwnershipControls"])
 

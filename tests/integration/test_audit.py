@@ -7,6 +7,7 @@ import threading
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from s3rollup.audit import AuditLog
 
@@ -116,15 +117,14 @@ def _cli(stack: Any, *args: str) -> Any:
 def test_audit_verify_cli_passes_an_intact_pipeline_chain_and_names_a_tampered_record(
     stack: Any, dataset: str
 ) -> None:
-    from s3rollup.demo import generate_part
+    from s3rollup.demo import generate_part, wait_until_idle
     from s3rollup.state import State
-    from tests.conftest import wait_for
     from tests.helpers import put_part, wait_manifest
 
     key = put_part(stack, dataset, "p.csv", generate_part(0, 100, seed=5))
     wait_manifest(stack, dataset, {key})
     state = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"])
-    wait_for(lambda: state.lease(dataset) is None)
+    assert wait_until_idle(state, AuditLog(stack.aws.dynamodb, stack.info.outputs["AuditTableName"]), dataset)
     ok = _cli(stack, "verify", dataset)
     assert ok.returncode == 0 and "intact" in ok.stdout, ok.stderr
     shown = _cli(stack, "show", dataset, "--format", "json")
@@ -150,3 +150,58 @@ def test_audit_verify_detects_a_result_that_no_longer_matches_its_checksum(stack
     )
     problem = verify_results([record], s3, bucket, f"results/{dataset}/")
     assert problem is not None and (problem.seq, problem.code) == (1, "RESULT_CHANGED")
+
+
+def test_a_consistent_rewrite_of_history_is_caught_by_the_locked_chain_head(stack: Any, dataset: str) -> None:
+    from s3rollup.audit import GENESIS, record_hash, verify_dataset
+    from s3rollup.demo import generate_part, wait_until_idle
+    from s3rollup.state import State
+    from tests.helpers import put_part, wait_manifest
+
+    outputs = stack.info.outputs
+    anchor_bucket, s3 = outputs["AuditAnchorBucketName"], stack.aws.s3
+    key = put_part(stack, dataset, "p.csv", generate_part(0, 50, seed=6))
+    wait_manifest(stack, dataset, {key})
+    state = State(stack.aws.dynamodb, outputs["StateTableName"])
+    assert wait_until_idle(state, AuditLog(stack.aws.dynamodb, stack.info.outputs["AuditTableName"]), dataset)
+    log = _log(stack)
+    # GIVEN the job exported its chain head, locked in COMPLIANCE mode
+    anchors = s3.list_objects_v2(Bucket=anchor_bucket, Prefix=f"audit-heads/{dataset}/")["Contents"]
+    head = s3.head_object(Bucket=anchor_bucket, Key=anchors[-1]["Key"])
+    assert head["ObjectLockMode"] == "COMPLIANCE"
+    with pytest.raises(ClientError):
+        s3.delete_object(Bucket=anchor_bucket, Key=anchors[-1]["Key"], VersionId=head["VersionId"])
+    assert verify_dataset(log, s3, outputs["DataBucketName"], anchor_bucket, dataset)[2] is None
+
+    # WHEN an administrator edits record 1 and recomputes every hash and the head
+    db, table = stack.aws.dynamodb, outputs["AuditTableName"]
+    prev = GENESIS
+    for record in list(log.records(dataset)):
+        record.pop("_seq_key")
+        if record["seq"] == 1:
+            record["reason"] = "EDITED"
+        record["prev_hash"] = prev
+        record["hash"] = record_hash(record)
+        prev = record["hash"]
+        db.put_item(
+            TableName=table,
+            Item={
+                "chain": {"S": dataset},
+                "seq": {"N": str(record["seq"])},
+                "record": {"S": json.dumps(record, sort_keys=True, separators=(",", ":"))},
+            },
+        )
+        last = record["seq"]
+    db.put_item(
+        TableName=table,
+        Item={
+            "chain": {"S": dataset},
+            "seq": {"N": "0"},
+            "head_seq": {"N": str(last)},
+            "head_hash": {"S": prev},
+        },
+    )
+    # THEN the chain alone still verifies, but not against its locked head
+    assert log.verify(dataset)[1] is None
+    problem = verify_dataset(log, s3, outputs["DataBucketName"], anchor_bucket, dataset)[2]
+    assert problem is not None and problem.code == "ANCHOR_MISMATCH"

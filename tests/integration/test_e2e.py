@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from s3rollup.demo import compare, generate_part
+from s3rollup.audit import AuditLog
+from s3rollup.demo import compare, generate_part, wait_until_idle
 from s3rollup.reference import complex_operation
 from s3rollup.state import State
-from tests.conftest import wait_for
 from tests.helpers import audit_records, put_part, result_frame, wait_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -43,7 +43,7 @@ def flow(stack: Any) -> dict[str, Any]:
     manifest = wait_manifest(stack, dataset, keys)
     # ... and every job it started has given the dataset's lease back.
     state = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"])
-    wait_for(lambda: state.lease(dataset) is None)
+    assert wait_until_idle(state, AuditLog(stack.aws.dynamodb, stack.info.outputs["AuditTableName"]), dataset)
     return {
         "dataset": dataset,
         "frames": frames,

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from s3rollup.demo import generate_part, to_csv_bytes
+from s3rollup.audit import AuditLog
+from s3rollup.demo import generate_part, to_csv_bytes, wait_until_idle
 from s3rollup.state import State
 from tests.conftest import wait_for
 from tests.helpers import put_part, wait_manifest
@@ -82,7 +83,8 @@ def test_personal_data_never_reaches_logs_audit_or_errors(stack: Any, capfd: Any
     wait_manifest(stack, allowed, {allowed_key})
     state = State(stack.aws.dynamodb, outputs["StateTableName"])
     wait_for(lambda: all(p.status == "REJECTED" for p in state.parts(dataset) if p.key in bad))
-    wait_for(lambda: state.lease(dataset) is None and state.lease(allowed) is None)
+    audit = AuditLog(stack.aws.dynamodb, outputs["AuditTableName"])
+    assert wait_until_idle(state, audit, dataset) and wait_until_idle(state, audit, allowed)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3ROLLUP_"))}
     env.update(AWS_ENDPOINT_URL=stack.info.endpoint_url, S3ROLLUP_STACK=stack.info.stack_name)
     cli_output = ""
