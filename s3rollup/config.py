@@ -30,6 +30,17 @@ class Settings:
     max_part_bytes: int = 5 << 30
     dask_scheduler: str = ""  # address of an existing scheduler; empty: a LocalCluster
     anchor_bucket: str = ""  # Object Lock bucket the worker exports audit chain heads to
+    # A dask-cloudprovider FargateCluster is used when a round's new parts add up to more
+    # than this many bytes (0: never; the task's own LocalCluster does the work).
+    fargate_threshold_bytes: int = 0
+    fargate_image: str = ""  # worker image for the Dask scheduler and workers
+    fargate_execution_role_arn: str = ""
+    fargate_task_role_arn: str = ""
+    fargate_workers: int = 4
+    fargate_worker_cpu: int = 1024  # CPU units per Dask worker task
+    fargate_worker_mem: int = 4096  # MiB per Dask worker task
+    fargate_scheduler_timeout: str = "15 minutes"  # idle scheduler shuts itself down
+    fargate_log_group: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -70,9 +81,25 @@ class Settings:
             max_part_bytes=integer("MAX_PART_BYTES", 5 << 30),
             dask_scheduler=get("DASK_SCHEDULER", ""),
             anchor_bucket=get("ANCHOR_BUCKET", ""),
+            fargate_threshold_bytes=integer("FARGATE_THRESHOLD_BYTES", 0),
+            fargate_image=get("FARGATE_IMAGE", ""),
+            fargate_execution_role_arn=get("FARGATE_EXECUTION_ROLE_ARN", ""),
+            fargate_task_role_arn=get("FARGATE_TASK_ROLE_ARN", ""),
+            fargate_workers=integer("FARGATE_WORKERS", 4),
+            fargate_worker_cpu=integer("FARGATE_WORKER_CPU", 1024),
+            fargate_worker_mem=integer("FARGATE_WORKER_MEM", 4096),
+            fargate_scheduler_timeout=get("FARGATE_SCHEDULER_TIMEOUT", "15 minutes"),
+            fargate_log_group=get("FARGATE_LOG_GROUP", ""),
         )
         if settings.launcher not in ("ecs", "local"):
             raise ConfigError(f"{PREFIX}LAUNCHER must be 'ecs' or 'local'")
+        if settings.fargate_threshold_bytes and not (
+            settings.fargate_image and settings.ecs_cluster and settings.subnets and settings.security_groups
+        ):
+            raise ConfigError(
+                f"{PREFIX}FARGATE_THRESHOLD_BYTES needs {PREFIX}FARGATE_IMAGE, {PREFIX}ECS_CLUSTER, "
+                f"{PREFIX}SUBNETS and {PREFIX}SECURITY_GROUPS"
+            )
         if settings.min_group_size < 1:
             raise ConfigError(f"{PREFIX}MIN_GROUP_SIZE must be at least 1")
         return settings

@@ -135,16 +135,56 @@ def compute_partial(task: PartialTask) -> dict[str, Any]:
     return result
 
 
+def fargate_cluster_kwargs(settings: Settings) -> dict[str, Any]:
+    """Arguments of dask-cloudprovider's FargateCluster: everything pre-created (cluster,
+    roles, subnets, security groups), private IPs only, TLS between all Dask members."""
+    from distributed.security import Security
+
+    return {
+        "image": settings.fargate_image,
+        "cluster_arn": settings.ecs_cluster,
+        "execution_role_arn": settings.fargate_execution_role_arn or None,
+        "task_role_arn": settings.fargate_task_role_arn or None,
+        "subnets": list(settings.subnets),
+        "security_groups": list(settings.security_groups),
+        "fargate_use_private_ip": True,
+        "n_workers": settings.fargate_workers,
+        "worker_cpu": settings.fargate_worker_cpu,
+        "worker_mem": settings.fargate_worker_mem,
+        "scheduler_timeout": settings.fargate_scheduler_timeout,
+        "cloudwatch_logs_group": settings.fargate_log_group or None,
+        # Dask members read parts themselves: they need the same stack settings.
+        "environment": {
+            "S3ROLLUP_BUCKET": settings.bucket,
+            "S3ROLLUP_KMS_KEY_ARN": settings.kms_key_arn,
+        },
+        "tags": {"application": "s3rollup"},
+        "security": Security.temporary(),  # self-signed, per cluster: TLS on every Dask link
+        "skip_cleanup": False,
+    }
+
+
 @contextlib.contextmanager
-def dask_client(settings: Settings) -> Iterator[Any]:
-    """A Dask client: the configured scheduler, else a LocalCluster sized to this task's CPUs."""
+def dask_client(settings: Settings, work_bytes: int = 0) -> Iterator[Any]:
+    """A Dask client: the configured scheduler; a FargateCluster when the work is larger than
+    the threshold; else a LocalCluster sized to this task's CPUs."""
     from distributed import Client, LocalCluster
 
     # distributed sets its own loggers to INFO on import; its chatter is not ours to ship.
     logging.getLogger("distributed").setLevel(logging.WARNING)
-
     if settings.dask_scheduler:
         with Client(settings.dask_scheduler, timeout="30s") as client:
+            yield client
+        return
+    if settings.fargate_threshold_bytes and work_bytes > settings.fargate_threshold_bytes:
+        try:
+            from dask_cloudprovider.aws import FargateCluster
+        except ImportError as exc:  # the worker image has it; a slim install may not
+            raise S3RollupError(
+                "a FargateCluster needs dask-cloudprovider[aws] (pip install 's3rollup[worker]')",
+                "MISSING_DEPENDENCY",
+            ) from exc
+        with FargateCluster(**fargate_cluster_kwargs(settings)) as cluster, Client(cluster) as client:
             yield client
         return
     # Threads in one process: part parsing and aggregation release the GIL, and a process
@@ -201,7 +241,9 @@ class Job:
         self.audit.append(self.dataset, "JOB_STARTED", self.actor, job_id=self.job_id)
         started = time.monotonic()
         try:
-            with dask_client(self.settings) as client:
+            self.ingest.reconcile(self.dataset, self.actor)
+            work = sum(p.size for p in self.state.parts(self.dataset) if p.needs_partial)
+            with dask_client(self.settings, work) as client:
                 while True:
                     self.round(client)
                     self.state.release_lease(self.dataset, self.job_id)

@@ -497,6 +497,27 @@ class Dispatcher:
             launcher.wait(timeout=60)
 
 
+_DYNAMODB_LOCK = threading.RLock()
+
+
+def serialize_dynamodb() -> None:
+    """Make the embedded DynamoDB apply one request at a time, as DynamoDB's transactions are
+    serializable. moto's backend is not thread-safe: concurrent TransactWriteItems corrupt
+    its tables (HTTP 500, retried by botocore) and writes that both "succeeded" are lost."""
+    from moto.dynamodb.responses import DynamoHandler
+
+    if getattr(DynamoHandler.call_action, "_s3rollup_serialized", False):
+        return
+    original = DynamoHandler.call_action
+
+    def call_action(self: Any) -> Any:
+        with _DYNAMODB_LOCK:
+            return original(self)
+
+    call_action._s3rollup_serialized = True  # type: ignore[attr-defined]
+    DynamoHandler.call_action = call_action  # type: ignore[method-assign]
+
+
 class EmbeddedStack:
     """moto server + provisioned stack + dispatcher, as one context manager."""
 
@@ -526,6 +547,7 @@ class EmbeddedStack:
         warnings.filterwarnings("ignore", message="No application metrics to publish")
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
+        serialize_dynamodb()
         # Listen on loopback only: the embedded endpoint is for this machine.
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()

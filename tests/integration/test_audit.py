@@ -19,26 +19,32 @@ def _log(stack: Any) -> AuditLog:
 
 
 def _append_many(log: AuditLog, chain: str, threads: int, each: int) -> None:
+    errors: list[BaseException] = []
+
     def work(t: int) -> None:
-        for i in range(each):
-            log.append(chain, "PART_RECEIVED", f"thread-{t}", key=f"incoming/{chain}/{t}-{i}.csv")
+        try:
+            for i in range(each):
+                log.append(chain, "PART_RECEIVED", f"thread-{t}", key=f"incoming/{chain}/{t}-{i}.csv")
+        except BaseException as exc:  # a thread's exception must fail the test, not vanish
+            errors.append(exc)
 
     pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
     for th in pool:
         th.start()
     for th in pool:
         th.join()
+    assert errors == []
 
 
 def test_concurrent_appends_make_one_gap_free_chain(stack: Any, dataset: str) -> None:
     log = _log(stack)
-    _append_many(log, dataset, threads=8, each=5)
+    _append_many(log, dataset, threads=8, each=10)
     records = list(log.records(dataset))
-    assert [r["seq"] for r in records] == list(range(1, 41))
+    assert [r["seq"] for r in records] == list(range(1, 81))
     assert sorted(r["key"] for r in records) == sorted(
-        f"incoming/{dataset}/{t}-{i}.csv" for t in range(8) for i in range(5)
+        f"incoming/{dataset}/{t}-{i}.csv" for t in range(8) for i in range(10)
     )
-    assert log.verify(dataset) == (40, None)
+    assert log.verify(dataset) == (80, None)
 
 
 def _tamper(stack: Any, chain: str, seq: int, change: Any) -> None:

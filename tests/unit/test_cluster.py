@@ -1,0 +1,63 @@
+"""Cluster choice and the FargateCluster arguments (no cluster is started)."""
+
+from __future__ import annotations
+
+import pytest
+
+from s3rollup.config import Settings
+from s3rollup.errors import ConfigError
+from s3rollup.job import available_cpus, fargate_cluster_kwargs
+
+BASE = {
+    "S3ROLLUP_BUCKET": "data",
+    "S3ROLLUP_KMS_KEY_ARN": "arn:aws:kms:eu-west-1:111122223333:key/k",
+    "S3ROLLUP_AUDIT_TABLE": "audit",
+    "S3ROLLUP_STATE_TABLE": "state",
+    "S3ROLLUP_ECS_CLUSTER": "arn:aws:ecs:eu-west-1:111122223333:cluster/workers",
+    "S3ROLLUP_SUBNETS": "subnet-a,subnet-b",
+    "S3ROLLUP_SECURITY_GROUPS": "sg-dask",
+}
+FARGATE = {
+    **BASE,
+    "S3ROLLUP_FARGATE_THRESHOLD_BYTES": str(10 << 30),
+    "S3ROLLUP_FARGATE_IMAGE": "111122223333.dkr.ecr.eu-west-1.amazonaws.com/s3rollup-worker:1",
+    "S3ROLLUP_FARGATE_EXECUTION_ROLE_ARN": "arn:aws:iam::111122223333:role/exec",
+    "S3ROLLUP_FARGATE_TASK_ROLE_ARN": "arn:aws:iam::111122223333:role/task",
+    "S3ROLLUP_FARGATE_WORKERS": "8",
+}
+
+
+def test_fargate_cluster_uses_pre_created_resources_private_ips_and_tls() -> None:
+    kwargs = fargate_cluster_kwargs(Settings.from_env(FARGATE))
+    assert kwargs["cluster_arn"] == BASE["S3ROLLUP_ECS_CLUSTER"]
+    assert kwargs["subnets"] == ["subnet-a", "subnet-b"] and kwargs["security_groups"] == ["sg-dask"]
+    assert kwargs["execution_role_arn"].endswith("role/exec") and kwargs["task_role_arn"].endswith(
+        "role/task"
+    )
+    assert kwargs["fargate_use_private_ip"] is True and kwargs["n_workers"] == 8
+    assert kwargs["security"].require_encryption is True
+    assert kwargs["image"] == FARGATE["S3ROLLUP_FARGATE_IMAGE"]
+    assert set(kwargs["environment"]) == {"S3ROLLUP_BUCKET", "S3ROLLUP_KMS_KEY_ARN"}
+
+
+def test_fargate_cluster_arguments_are_accepted_by_dask_cloudprovider() -> None:
+    import inspect
+
+    from dask_cloudprovider.aws import ECSCluster
+    from distributed.deploy.spec import SpecCluster
+
+    accepted = set(inspect.signature(ECSCluster.__init__).parameters) | set(
+        inspect.signature(SpecCluster.__init__).parameters
+    )
+    assert set(fargate_cluster_kwargs(Settings.from_env(FARGATE))) <= accepted
+
+
+def test_a_fargate_threshold_without_its_resources_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="FARGATE_IMAGE"):
+        Settings.from_env({**BASE, "S3ROLLUP_FARGATE_THRESHOLD_BYTES": "1"})
+
+
+def test_local_cluster_is_sized_to_the_cpus_this_process_may_use() -> None:
+    import os
+
+    assert available_cpus() == len(os.sched_getaffinity(0))
