@@ -45,6 +45,7 @@ from s3rollup.demo import generate_part, to_csv_bytes  # noqa: E402
 from s3rollup.job import available_cpus  # noqa: E402
 
 CHILD = Path(__file__).resolve().parent / "candidates.py"
+WRAP = Path(__file__).resolve().parent / "rusage_wrap.py"
 RESULTS = Path(__file__).resolve().parent / "results"
 RTOL = 1e-9
 MAIN_CANDIDATES = ("s3rollup-engine", "pandas-seed", "dask-seed", "dask-cpus", "polars", "duckdb")
@@ -274,29 +275,33 @@ class Run:
         return statistics.median(self.seconds) if self.seconds else float("nan")
 
 
-def _tree_rss(proc: psutil.Process) -> int:
+def _tree_rss(root: psutil.Process) -> int:
+    """Sum of RSS over root's descendants (not root: the wrapper's ~10 MiB are not the run's)."""
     total = 0
     with contextlib.suppress(psutil.Error):
-        procs = [proc, *proc.children(recursive=True)]
-        for p in procs:
+        for p in root.children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 total += p.memory_info().rss
     return total
 
 
 def run_child(spec: dict[str, Any], log: Path, timeout: float, poll: float) -> dict[str, Any]:
-    """Run bench/candidates.py in a fresh process; time it and sample its process tree's RSS.
+    """Run bench/candidates.py in a fresh process; time it and measure its memory.
 
-    ``maxrss`` comes from wait4()'s rusage: the peak RSS of the child or of the largest of
-    its (reaped) descendants, exact but per process. ``tree_rss`` is the largest sum of RSS
-    over the child and all its descendants, sampled every ``poll`` seconds (psutil): the
-    figure for multi-process candidates; it can miss a spike shorter than the interval and
-    counts shared pages once per process.
+    The child runs under bench/rusage_wrap.py, a bare interpreter that starts it and
+    reports ``maxrss``: getrusage(RUSAGE_CHILDREN) after waiting for it, i.e. the exact
+    peak RSS of the largest single process of the child's tree. (Started straight from
+    this process, the child's maxrss would start from this process's own peak.)
+    ``tree_rss`` is the largest sum of RSS over the child and all its descendants,
+    sampled every ``poll`` seconds with psutil: the figure for multi-process candidates.
+    It can miss a spike shorter than the interval and counts shared pages once per
+    process. ``process_s`` is the child's wall time, from spawn to exit (the wrapper's).
     """
+    usage = Path(spec["out"]).with_suffix(".rusage.json")
     t0 = time.perf_counter()
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, str(CHILD), json.dumps(spec)],
+            [sys.executable, "-I", "-S", str(WRAP), str(usage), sys.executable, str(CHILD), json.dumps(spec)],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -304,33 +309,30 @@ def run_child(spec: dict[str, Any], log: Path, timeout: float, poll: float) -> d
             start_new_session=True,  # its own process group: a timeout ends all of it
         )
     ps = psutil.Process(proc.pid)
-    peak = 0
-    status, rusage = 0, None
-    while True:
-        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
+    peak, timed_out = 0, False
+    while proc.poll() is None:
         peak = max(peak, _tree_rss(ps))
         if time.perf_counter() - t0 > timeout:
+            timed_out = True
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            _, status, rusage = os.wait4(proc.pid, 0)
+            proc.wait()
             break
         time.sleep(poll)
     wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
     # Worker processes of a Dask cluster may outlive the child by a moment: end the group.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    wrapped: dict[str, Any] = json.loads(usage.read_text()) if usage.exists() else {}
     result: dict[str, Any] = {
-        "rc": proc.returncode,
-        "process_s": wall,
+        "rc": wrapped.get("rc", proc.returncode),
+        "process_s": wrapped.get("wall", wall),
         "tree_rss": peak,
-        "maxrss": rusage.ru_maxrss * 1024 if rusage else 0,  # KiB on Linux
-        "timed_out": wall > timeout,
+        "maxrss": wrapped.get("maxrss", 0),
+        "timed_out": timed_out,
     }
     out_path = Path(spec["out"])
-    if proc.returncode == 0 and out_path.exists():
+    if result["rc"] == 0 and out_path.exists():
         result["stages"] = json.loads(out_path.read_text())
     return result
 

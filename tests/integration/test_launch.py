@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, ClassVar
 
 import pytest
 
@@ -73,3 +74,95 @@ def test_the_embedded_bucket_has_the_template_s_protections(stack: Any) -> None:
     assert rule["ApplyServerSideEncryptionByDefault"]["KMSMasterKeyID"] == stack.info.outputs["DataKeyArn"]
     rules = s3.get_bucket_notification_configuration(Bucket=bucket)["QueueConfigurations"]
     assert {r["Filter"]["Key"]["FilterRules"][0]["Value"] for r in rules} == {"incoming/"}
+
+
+def test_ecs_launcher_retries_throttling_with_the_same_client_token(stack: Any) -> None:
+    from botocore.exceptions import ClientError
+
+    tokens: list[str] = []
+
+    class Throttled:
+        def run_task(self, **kwargs: Any) -> dict[str, Any]:
+            tokens.append(kwargs["clientToken"])
+            if len(tokens) < 3:
+                raise ClientError(
+                    {"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, "RunTask"
+                )
+            return {"tasks": [{"taskArn": "arn:aws:ecs:us-east-1:123456789012:task/c/1"}], "failures": []}
+
+    arn = EcsLauncher(_settings(stack), Throttled(), attempts=5, base_delay=0.001).launch("sales", "job-t")
+    assert arn.endswith("task/c/1") and tokens == ["job-t"] * 3
+
+
+def test_a_failed_launch_returns_the_message_and_the_redelivery_launches(
+    stack: Any, lambda_app: Any, dataset: str
+) -> None:
+    from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
+
+    from s3rollup.errors import LaunchError
+    from s3rollup.state import State
+    from tests.helpers import audit_records, put_part, silent
+
+    class Down:
+        def launch(self, dataset: str, job_id: str) -> str:
+            raise LaunchError("RunTask kept failing: capacity", "RUN_TASK_EXHAUSTED")
+
+    class Up:
+        launched: ClassVar[list[str]] = []
+
+        def launch(self, dataset: str, job_id: str) -> str:
+            Up.launched.append(job_id)
+            return "arn:aws:ecs:us-east-1:123456789012:task/c/2"
+
+    service = lambda_app.service()
+    state = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"])
+    with silent(stack):
+        key = put_part(stack, dataset, "p.csv", b"id,value1,value2,value3,category\n1,1,2,3,4\n")
+    body = {
+        "Records": [
+            {
+                "eventSource": "aws:s3",
+                "eventName": "ObjectCreated:Put",
+                "s3": {"bucket": {"name": stack.info.outputs["DataBucketName"]}, "object": {"key": key}},
+            }
+        ]
+    }
+    event = {
+        "Records": [
+            {
+                "messageId": "m1",
+                "receiptHandle": "r1",
+                "body": json.dumps(body),
+                "attributes": {},
+                "messageAttributes": {},
+                "md5OfBody": "",
+                "eventSource": "aws:sqs",
+                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:q",
+                "awsRegion": "us-east-1",
+            }
+        ]
+    }
+
+    class Ctx:
+        aws_request_id = "req-launch"
+        function_name = "IngestFunction"
+        memory_limit_in_mb = 512
+        invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:IngestFunction"
+
+    original = service.launcher
+    try:
+        service.launcher = Down()
+        # WHEN the launch fails: the invocation fails (powertools raises when every record
+        # of a batch failed), so the message returns to the queue; the part stays
+        # registered and the lease is given back
+        with pytest.raises(BatchProcessingError):
+            lambda_app.handler(event, Ctx())
+        assert state.get_part(dataset, key).status == "PENDING" and state.lease(dataset) is None
+        # THEN the redelivery launches the job
+        service.launcher = Up()
+        assert lambda_app.handler(event, Ctx()) == {"batchItemFailures": []}
+    finally:
+        service.launcher = original
+    assert len(Up.launched) == 1
+    events = [r["event"] for r in audit_records(stack, dataset)]
+    assert events == ["PART_ACCEPTED", "JOB_LAUNCHED"]
