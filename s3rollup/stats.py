@@ -12,6 +12,7 @@ Pure functions, no I/O. Everything is vectorised over groups: the hot path is
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -204,12 +205,18 @@ def partial_from_frame(df: pd.DataFrame, contract: Contract) -> pd.DataFrame:
     out[ROWS] = rows
     buf = np.empty(len(codes))
     for v, x in values.items():
-        cnt, mean, m2, mn, mx = _column_stats(x, codes, k, rows, buf)
-        out[f"{v}__count"] = cnt
-        out[f"{v}__mean"] = mean
-        out[f"{v}__m2"] = m2
-        out[f"{v}__min"] = mn
-        out[f"{v}__max"] = mx
+        _put_moments(out, v, *_column_stats(x, codes, k, rows, buf))
+    return _partial_table(out, contract, uniques)
+
+
+def _put_moments(out: dict[str, object], v: str, *moments: npt.NDArray[Any]) -> None:
+    """Store one value column's count, mean, M2, min and max under its partial names."""
+    for name, array in zip(("count", "mean", "m2", "min", "max"), moments, strict=True):
+        out[f"{v}__{name}"] = array
+
+
+def _partial_table(out: dict[str, object], contract: Contract, uniques: pd.DataFrame) -> pd.DataFrame:
+    """The partial's columns in their canonical order, group keys in their own dtypes."""
     result = pd.DataFrame(out, columns=partial_columns(contract))
     for c in contract.group_by:
         result[c] = result[c].astype(uniques[c].dtype)
@@ -258,15 +265,8 @@ def merge_partials(partials: Iterable[pd.DataFrame], contract: Contract) -> pd.D
         np.fmin.at(mn, codes, both[f"{v}__min"].to_numpy(np.float64))
         np.fmax.at(mx, codes, both[f"{v}__max"].to_numpy(np.float64))
         _pin_constant_groups(mean, m2, mn, mx)
-        out[f"{v}__count"] = n.astype(np.int64)
-        out[f"{v}__mean"] = mean
-        out[f"{v}__m2"] = m2
-        out[f"{v}__min"] = mn
-        out[f"{v}__max"] = mx
-    result = pd.DataFrame(out, columns=partial_columns(contract))
-    for c in contract.group_by:
-        result[c] = result[c].astype(uniques[c].dtype)
-    return result
+        _put_moments(out, v, n.astype(np.int64), mean, m2, mn, mx)
+    return _partial_table(out, contract, uniques)
 
 
 # ---- merged partial -> published statistics ---------------------------------------------
