@@ -9,7 +9,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 LOCK   := requirements/dev.lock
 
-.PHONY: demo test lint typecheck unit integration lock clean build-IngestFunction
+SAM_VENV := .venv-sam
+SAM      := $(SAM_VENV)/bin/sam
+export SAM_CLI_TELEMETRY := 0
+
+.PHONY: demo test lint typecheck template unit integration lock clean
 
 $(STAMP): $(LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +32,20 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+# aws-sam-cli pins its own boto3: it lives in a venv of its own.
+$(SAM): requirements/sam.lock $(STAMP)
+	@test -x $(SAM_VENV)/bin/python || $(PYTHON) -m venv $(SAM_VENV)
+	$(BIN)/uv pip sync -q --python $(SAM_VENV)/bin/python requirements/sam.lock
+	@touch $@
+
+# The template validates and lints offline, `sam build` (python3.12 on PATH) produces the
+# function's artifact, and the artifact imports without pandas, numpy, pyarrow or dask.
+template: $(SAM)
+	$(SAM) validate --lint -t template.yaml
+	PATH="$(dir $(PYTHON)):$$PATH" $(SAM) build --build-dir .aws-sam/build
+	$(PYTHON) -I -S tests/check_lambda_artifact.py .aws-sam/build/IngestFunction
+
+test: lint typecheck template
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Re-pin after changing pyproject.toml's dependencies.
@@ -39,16 +56,8 @@ lock:
 	    -o worker/requirements.lock pyproject.toml
 	$(BIN)/uv pip compile -q --python-version 3.12 --generate-hashes \
 	    -o functions/ingest/requirements.txt functions/ingest/requirements.in
+	echo aws-sam-cli | $(BIN)/uv pip compile -q --python-version 3.12 --generate-hashes \
+	    -o requirements/sam.lock -
 
 clean:
-	rm -rf $(VENV) .aws-sam .pytest_cache .mypy_cache .ruff_cache
-
-# `sam build` (BuildMethod: makefile): the handler plus the Lambda-side library, no pandas/dask.
-build-IngestFunction:
-	cp functions/ingest/app.py "$(ARTIFACTS_DIR)/"
-	mkdir -p "$(ARTIFACTS_DIR)/s3rollup"
-	cp s3rollup/__init__.py s3rollup/aws.py s3rollup/audit.py s3rollup/config.py \
-	   s3rollup/contract.py s3rollup/errors.py s3rollup/ingest.py s3rollup/launch.py \
-	   s3rollup/state.py s3rollup/validate.py "$(ARTIFACTS_DIR)/s3rollup/"
-	python3 -m pip install -q --no-deps --require-hashes -r functions/ingest/requirements.txt \
-	    -t "$(ARTIFACTS_DIR)"
+	rm -rf $(VENV) $(SAM_VENV) .aws-sam .pytest_cache .mypy_cache .ruff_cache
