@@ -13,7 +13,7 @@ SAM_VENV := .venv-sam
 SAM      := $(SAM_VENV)/bin/sam
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: demo test lint typecheck template unit integration lock clean
+.PHONY: demo test lint typecheck template unit integration lock clean bench bench-quick
 
 $(STAMP): $(LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,8 +56,24 @@ lock:
 	    -o worker/requirements.lock pyproject.toml
 	$(BIN)/uv pip compile -q --python-version 3.12 --generate-hashes \
 	    -o functions/ingest/requirements.txt functions/ingest/requirements.in
+	$(BIN)/uv pip compile -q --python-version 3.12 --generate-hashes --extra bench \
+	    -c $(LOCK) -o requirements/bench.lock pyproject.toml
 	echo aws-sam-cli | $(BIN)/uv pip compile -q --python-version 3.12 --generate-hashes \
 	    -o requirements/sam.lock -
 
+# Benchmarks (bench/README.md): never part of `make test`. polars, duckdb and psutil come
+# from the bench extra, pinned in requirements/bench.lock.
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP) requirements/bench.lock
+	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements/bench.lock
+	@touch $@
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/run.py $(ARGS)
+
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python bench/run.py --quick $(ARGS)
+
 clean:
-	rm -rf $(VENV) $(SAM_VENV) .aws-sam .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SAM_VENV) .aws-sam .pytest_cache .mypy_cache .ruff_cache .bench-cache

@@ -595,7 +595,8 @@ def render(
         "Seconds: the work in the child process (libraries already imported; cluster start and "
         "shutdown included). `process s`: the whole child process, interpreter start and imports "
         "included. Peak RSS: sum over the child's process tree, sampled every "
-        f"{args.poll:g}s (psutil); `maxrss`: largest single process (wait4 rusage, exact)."
+        f"{args.poll:g}s (psutil); `maxrss`: largest single process, exact "
+        "(getrusage(RUSAGE_CHILDREN) in bench/rusage_wrap.py)."
     )
     lines.append("")
     lines.append(

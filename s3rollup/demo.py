@@ -43,8 +43,12 @@ def to_csv_bytes(frame: pd.DataFrame) -> bytes:
     import pyarrow.csv as pacsv
 
     buf = io.BytesIO()
-    # Arrow's writer is ~8x faster than pandas' to_csv with a float format.
-    pacsv.write_csv(pa.Table.from_pandas(frame, preserve_index=False), buf)
+    # A plain header, as most producers write it (Arrow quotes header names, and a quoted
+    # file is parsed serially); Arrow writes the rows ~8x faster than pandas' to_csv.
+    buf.write((",".join(frame.columns) + "\n").encode())
+    pacsv.write_csv(
+        pa.Table.from_pandas(frame, preserve_index=False), buf, pacsv.WriteOptions(include_header=False)
+    )
     return buf.getvalue()
 
 
