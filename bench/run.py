@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:
 from s3rollup.contract import DEFAULT_CONTRACT  # noqa: E402
 from s3rollup.demo import generate_part, to_csv_bytes  # noqa: E402
 from s3rollup.job import available_cpus  # noqa: E402
+from s3rollup.reference import compare_frames  # noqa: E402
 
 CHILD = Path(__file__).resolve().parent / "candidates.py"
 WRAP = Path(__file__).resolve().parent / "rusage_wrap.py"
@@ -343,25 +344,7 @@ def check_result(path: Path, reference: Path) -> str:
         return "no result"
     got: pd.DataFrame = pd.read_pickle(path)  # noqa: S301 - written by our own child
     exp: pd.DataFrame = pd.read_pickle(reference)  # noqa: S301
-    if list(got.index) != list(exp.index):
-        return f"groups differ ({len(got)} vs {len(exp)})"
-    problems = []
-    for col in exp.columns:
-        if col not in got.columns:
-            problems.append(f"{col} missing")
-            continue
-        a = got[col].to_numpy(dtype=float)
-        b = exp[col].to_numpy(dtype=float)
-        na, nb = np.isnan(a), np.isnan(b)
-        if (na != nb).any():
-            problems.append(f"{col}: NaN positions differ")
-            continue
-        ok = np.isclose(a[~na], b[~nb], rtol=RTOL, atol=0.0)
-        if not ok.all():
-            rel = np.max(np.abs(a[~na] - b[~nb]) / np.maximum(np.abs(b[~nb]), 1e-300))
-            problems.append(
-                f"{'/'.join(c for c in col if c)}: {int((~ok).sum())} groups off (max rel {rel:.1e})"
-            )
+    problems = compare_frames(got, exp, RTOL)
     return "ok" if not problems else "MISMATCH: " + "; ".join(problems[:3])
 
 

@@ -54,25 +54,11 @@ def to_csv_bytes(frame: pd.DataFrame) -> bytes:
 
 def compare(result: pd.DataFrame, expected: pd.DataFrame, rtol: float = RTOL) -> list[str]:
     """Differences between a published result (flat) and the reference (seed shape)."""
+    from .reference import compare_frames
     from .stats import to_reference_shape
 
-    problems: list[str] = []
     got = to_reference_shape(result.drop(columns=["rows"], errors="ignore"), _contract())
-    if list(got.index) != list(expected.index):
-        missing = set(expected.index) - set(got.index)
-        extra = set(got.index) - set(expected.index)
-        return [f"groups differ: {len(missing)} missing, {len(extra)} unexpected"]
-    for col in expected.columns:
-        a = got[col].to_numpy(dtype=float)
-        b = expected[col].to_numpy(dtype=float)
-        nan_a, nan_b = np.isnan(a), np.isnan(b)
-        if (nan_a != nan_b).any():
-            problems.append(f"{col}: NaN in different groups")
-            continue
-        ok = np.isclose(a[~nan_a], b[~nan_b], rtol=rtol, atol=0.0)
-        if not ok.all():
-            problems.append(f"{col}: {int((~ok).sum())} groups differ beyond {rtol} relative")
-    return problems
+    return compare_frames(got, expected, rtol)
 
 
 def _contract() -> Any:

@@ -6,6 +6,7 @@ incremental path in ``s3rollup.stats``, not the way results are produced.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from s3rollup.contract import Contract
@@ -38,3 +39,29 @@ def reference_for(df: pd.DataFrame, contract: Contract) -> pd.DataFrame:
     for d in contract.derived:
         result[(d.name, "")] = d.evaluate(lambda f: result[f])
     return result
+
+
+def compare_frames(got: pd.DataFrame, expected: pd.DataFrame, rtol: float = 1e-9) -> list[str]:
+    """Differences between two results in the reference shape: groups, NaN positions, and
+    values beyond rtol (relative, no absolute slack). Empty when they agree."""
+    if list(got.index) != list(expected.index):
+        missing = len(set(expected.index) - set(got.index))
+        extra = len(set(got.index) - set(expected.index))
+        return [f"groups differ: {missing} missing, {extra} unexpected"]
+    problems = []
+    for col in expected.columns:
+        name = "/".join(str(c) for c in (col if isinstance(col, tuple) else (col,)) if c)
+        if col not in got.columns:
+            problems.append(f"{name}: missing")
+            continue
+        a = got[col].to_numpy(dtype=float)
+        b = expected[col].to_numpy(dtype=float)
+        nan_a, nan_b = np.isnan(a), np.isnan(b)
+        if (nan_a != nan_b).any():
+            problems.append(f"{name}: NaN in different groups")
+            continue
+        ok = np.isclose(a[~nan_a], b[~nan_b], rtol=rtol, atol=0.0)
+        if not ok.all():
+            rel = np.max(np.abs(a[~nan_a] - b[~nan_b]) / np.maximum(np.abs(b[~nan_b]), 1e-300))
+            problems.append(f"{name}: {int((~ok).sum())} groups differ beyond {rtol:g} (max rel {rel:.1e})")
+    return problems
