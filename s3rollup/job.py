@@ -241,17 +241,17 @@ class Job:
         self.audit.append(self.dataset, "JOB_STARTED", self.actor, job_id=self.job_id)
         started = time.monotonic()
         try:
-            self.ingest.reconcile(self.dataset, self.actor)
-            work = sum(p.size for p in self.state.parts(self.dataset) if p.needs_partial)
-            with dask_client(self.settings, work) as client:
+            todo = self._pending()
+            with dask_client(self.settings, sum(p.size for p in todo)) as client:
                 while True:
-                    self.round(client)
+                    self.round(client, todo)
                     self.state.release_lease(self.dataset, self.job_id)
                     # Parts registered while we worked found the lease taken: they are ours.
                     if not self._waiting() or not self.state.acquire_lease(
                         self.dataset, self.job_id, self.settings.lease_seconds
                     ):
                         break
+                    todo = self._pending()
         except Exception as exc:
             code = exc.code if isinstance(exc, S3RollupError) else type(exc).__name__
             log.exception(
@@ -294,12 +294,18 @@ class Job:
     def _waiting(self) -> bool:
         return any(p.needs_partial for p in self.state.parts(self.dataset))
 
-    def round(self, client: Any) -> None:
-        """Reconcile, compute missing partials, merge and publish."""
-        self.rounds += 1
+    def _pending(self) -> list[Part]:
+        """Reconcile with the bucket, then the parts whose partial is missing or stale.
+
+        Only while the lease is held: ingest's reconcile would otherwise take a free lease.
+        """
         self.ingest.reconcile(self.dataset, self.actor)
+        return [p for p in self.state.parts(self.dataset) if p.needs_partial]
+
+    def round(self, client: Any, todo: list[Part]) -> None:
+        """Compute the partials of todo, merge all current partials and publish."""
+        self.rounds += 1
         contract = self.ingest.contract(self.dataset)
-        todo = [p for p in self.state.parts(self.dataset) if p.needs_partial]
         tasks = [
             PartialTask(
                 self.settings.bucket,
