@@ -1,7 +1,7 @@
 """s3rollup benchmark: the engine, its incremental path and the usual alternatives, side by side.
 
-    /tmp/venv/bin/python bench/run.py             # 20 parts x 1,000,000 rows, 3 repetitions
-    /tmp/venv/bin/python bench/run.py --quick     # smoke test of the harness (4 x 50,000, 1 rep)
+    make bench                           # 20 parts x 1,000,000 rows, 3 repetitions
+    make bench-quick                     # smoke test of the harness (4 x 50,000, 1 rep)
 
 Every candidate run is its own fresh process (bench/candidates.py); the repetitions are
 interleaved (A B C ... A B C ...) so the machine's noise hits every candidate alike. See
@@ -190,7 +190,9 @@ class DataSet:
     dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        self.dir = self.pool.dir.parent.parent / "sets" / f"{self.parts}x{self.pool.rows}-s{self.pool.seed}"
+        # Named after the pool (rows, seed and generator fingerprint): a set never keeps
+        # links to parts an older generator wrote.
+        self.dir = self.pool.dir.parent.parent / "sets" / f"{self.parts}x{self.pool.dir.name}"
 
     @property
     def reference(self) -> Path:
@@ -233,7 +235,7 @@ class Incremental:
         self.dir = (
             self.pool.dir.parent.parent
             / "incremental"
-            / f"N{self.n}-r{self.pool.rows}-s{self.pool.seed}-{self.pool.partials.name}"
+            / f"N{self.n}-{self.pool.dir.name}-{self.pool.partials.name}"
         )
 
     def new_part(self, fmt: str) -> str:

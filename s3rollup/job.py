@@ -27,6 +27,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -55,6 +56,8 @@ from .state import AGGREGATED, Part, State
 from .stats import finalize, merge_partials, partial_from_frame
 
 log = logging.getLogger("s3rollup.job")
+# Concurrent partial fetches, within the S3 client's connection pool (aws.py).
+_FETCH_THREADS = 16
 
 _process_aws: Aws | None = None
 
@@ -396,9 +399,14 @@ class Job:
             s3.delete_object(Bucket=bucket, Key=partial_key(self.dataset, pk.part_id))
 
     def _load_partials(self, parts: list[Part]) -> list[pd.DataFrame]:
+        """Every current part's stored partial, checked against its registry entry.
+
+        Fetched concurrently: one GET per part is the only cost that grows with the
+        number of parts, and it is latency, not work.
+        """
         s3, bucket = self.aws.s3, self.settings.bucket
-        tables = []
-        for p in parts:
+
+        def load(p: Part) -> pd.DataFrame:
             obj = s3.get_object(Bucket=bucket, Key=partial_key(self.dataset, parse_part_key(p.key).part_id))
             data = obj["Body"].read()
             if (
@@ -409,8 +417,12 @@ class Job:
                     f"partial of a part does not match its registry entry ({p.key!r})",
                     "STALE_PARTIAL",
                 )
-            tables.append(pd.read_parquet(io.BytesIO(data)))
-        return tables
+            return pd.read_parquet(io.BytesIO(data))
+
+        if len(parts) <= 1:
+            return [load(p) for p in parts]
+        with ThreadPoolExecutor(max_workers=min(_FETCH_THREADS, len(parts))) as pool:
+            return list(pool.map(load, parts))
 
     def publish(self, contract: Contract) -> dict[str, Any]:
         """Merge the partials of all current parts and write results/<dataset>/, manifest last."""

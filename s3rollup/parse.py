@@ -32,6 +32,7 @@ _BOM = b"\xef\xbb\xbf"
 # The header must end within this many bytes: a part without line breaks near its start
 # is not a CSV file with a header.
 _MAX_HEADER_BYTES = 1 << 20
+_LINE_BREAK = re.compile(rb"\r\n|[\r\n]")
 # What pyarrow's CSV converters accept, after they trim spaces and tabs. Used only on the
 # error path, and only to propose a culprit that pyarrow itself then confirms.
 _INT_BODY = r"[ \t]*-?[0-9]+[ \t]*"
@@ -146,13 +147,12 @@ def _to_frame(table: pa.Table, contract: Contract) -> pd.DataFrame:
 
 
 def _read_csv(body: bytes, contract: Contract, gzipped: bool) -> pa.Table:
-    if gzipped:
-        head, complete = _gunzip_head(body)
-    else:
-        head, complete = body[:_MAX_HEADER_BYTES], len(body) <= _MAX_HEADER_BYTES
-    names, header_only = _parse_header(head, complete)
+    # A gzipped part is inflated whole first: the quote check below needs the text, and
+    # parsing it in parallel afterwards beats streaming it through a serial parser.
+    data = _gunzip(body) if gzipped else body
+    names, header_end = _parse_header(data[:_MAX_HEADER_BYTES], len(data) <= _MAX_HEADER_BYTES)
     _check_header(names, contract, line=1)
-    if header_only:
+    if header_end is None:
         # pyarrow cannot infer a header without a line break after it.
         return _empty_table(contract)
     used = list(contract.used_columns)
@@ -163,34 +163,17 @@ def _read_csv(body: bytes, contract: Contract, gzipped: bool) -> pa.Table:
         strings_can_be_null=True,
         quoted_strings_can_be_null=True,
     )
-    # Quoted values may span lines; telling pyarrow costs parallelism, so only when a
-    # quote is present at all (gzip: unknown without inflating, so assume it is).
-    parse = pacsv.ParseOptions(newlines_in_values=gzipped or b'"' in body)
-    source = pa.BufferReader(body)
+    # A value spans lines only inside quotes. Telling pyarrow that values may hold line
+    # breaks makes it parse serially, so only when a row (not the header, which writers
+    # often quote) holds a quote at all.
+    parse = pacsv.ParseOptions(newlines_in_values=data.find(b'"', header_end) != -1)
     try:
-        table = pacsv.read_csv(
-            # Streaming lets inflating overlap parsing (inflating is the slower half).
-            pa.CompressedInputStream(source, "gzip") if gzipped else source,
-            parse_options=parse,
-            convert_options=convert,
-        )
+        table = pacsv.read_csv(pa.BufferReader(data), parse_options=parse, convert_options=convert)
     except (pa.ArrowException, OSError) as exc:
-        data = _gunzip(body) if gzipped else body
         raise _locate_csv_error(data, contract, names, exc) from None
     if _first_null_key(table, contract) is not None:
-        data = _gunzip(body) if gzipped else body
         raise _locate_csv_error(data, contract, names, None) from None
     return table
-
-
-def _gunzip_head(body: bytes) -> tuple[bytes, bool]:
-    """The first inflated bytes, and whether they are the whole (first) gzip member."""
-    inflate = zlib.decompressobj(wbits=31)
-    try:
-        head = inflate.decompress(body[: 1 << 16], _MAX_HEADER_BYTES)
-    except zlib.error:
-        raise PartError("BAD_FORMAT", "not a valid gzip stream") from None
-    return head, inflate.eof
 
 
 def _gunzip(body: bytes) -> bytes:
@@ -200,17 +183,17 @@ def _gunzip(body: bytes) -> bytes:
         raise PartError("BAD_FORMAT", "not a valid gzip stream") from None
 
 
-def _parse_header(head: bytes, complete: bool) -> tuple[list[str], bool]:
-    """The header's column names, and whether the part is that header without a line break.
+def _parse_header(head: bytes, complete: bool) -> tuple[list[str], int | None]:
+    """The header's column names, and the offset where the rows start in the part.
 
-    ``complete`` says whether ``head`` is the whole file rather than its first bytes.
+    ``complete`` says whether ``head`` is the whole file rather than its first bytes. The
+    offset is None when the part is its header without a line break.
     """
-    if head.startswith(_BOM):
-        head = head[len(_BOM) :]
-    m = re.search(rb"\r\n|[\r\n]", head)
+    start = len(_BOM) if head.startswith(_BOM) else 0
+    m = _LINE_BREAK.search(head, start)
     if m is None and not complete:
         raise PartError("BAD_FORMAT", "the header line does not end", 1)
-    line = head if m is None else head[: m.start()]
+    line = head[start:] if m is None else head[start : m.start()]
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
@@ -218,7 +201,7 @@ def _parse_header(head: bytes, complete: bool) -> tuple[list[str], bool]:
     if not text.strip():
         raise PartError("BAD_FORMAT", "first line must be the header and is empty", 1)
     names = next(csv.reader([text]))
-    return names, m is None
+    return names, None if m is None else m.end()
 
 
 def _cell_checker(typ: str, is_key: bool) -> Callable[[str], str | None]:

@@ -112,6 +112,23 @@ def test_crlf_line_endings_are_read() -> None:
     assert read_part(body, C)["category"].tolist() == [7, 8]
 
 
+@pytest.mark.parametrize("pack", [bytes, gzip.compress], ids=["csv", "csv.gz"])
+def test_quoted_header_and_line_breaks_inside_quoted_values(pack) -> None:
+    # GIVEN a quoted header (as Arrow and Spark write it), then rows whose keys hold a
+    # line break inside quotes, over several of pyarrow's parse blocks
+    body = '"region","x"\n' + "".join(f'"r{i % 7}\nnext",{i}\n' for i in range(200_000))
+    # WHEN it is read
+    df = read_part(pack(body.encode()), STRING_KEYS)
+    # THEN every record is one row and the multi-line keys are intact
+    assert len(df) == 200_000
+    assert set(df["region"]) == {f"r{i}\nnext" for i in range(7)}
+
+
+def test_quoted_header_alone_does_not_change_values() -> None:
+    body = b'"id","value1","value2","value3","category"\n' + rows("1,0.5,1.5,2.5,7").split(b"\n", 1)[1]
+    assert read_part(body, C)["value1"].tolist() == [0.5]
+
+
 def test_string_keys_come_back_as_pandas_strings() -> None:
     df = read_part("region,x\nnorth,1\nsüd,2\n".encode(), STRING_KEYS)
     assert pd.api.types.is_string_dtype(df["region"]) and df["region"].tolist() == ["north", "süd"]
