@@ -3,8 +3,9 @@
 - a moto server on 127.0.0.1 is the AWS endpoint;
 - template.yaml is translated by aws-sam-translator and deployed to moto's CloudFormation,
   so every name, prefix, key and setting comes from the template;
-- what moto's CloudFormation skips (bucket notification, bucket and queue policies) is
-  applied through the service APIs from the same template resources;
+- what moto's CloudFormation skips (bucket notification, versioning, lifecycle, access
+  logging, bucket and queue policies) is applied through the service APIs from the same
+  template resources;
 - the dispatcher stands in for Lambda's SQS event source mapping: it polls the ingest
   queue with the mapping's batch size and calls the real handler with the event Lambda
   would pass, deleting only the messages the handler did not report as failed;
@@ -240,10 +241,13 @@ def provision(aws: Aws, stack_name: str = "s3rollup", template_path: Path = TEMP
     mappings = {k: v for k, v in cfn["Resources"].items() if v["Type"] == "AWS::Lambda::EventSourceMapping"}
     for k in mappings:
         del cfn["Resources"][k]
+    account = aws.client("sts").get_caller_identity()["Account"]
     params = {
         "VpcId": vpc,
         "PrivateSubnetIds": ",".join(subnets),
-        "WorkerImageUri": "s3rollup-worker:local",
+        # The template accepts ECR images only (the execution role pulls from that
+        # repository); locally the launcher runs the worker without pulling anything.
+        "WorkerImageUri": f"{account}.dkr.ecr.{aws.region}.amazonaws.com/s3rollup-worker:local",
     }
     cf = aws.client("cloudformation")
     cf.create_stack(
@@ -285,8 +289,46 @@ def provision(aws: Aws, stack_name: str = "s3rollup", template_path: Path = TEMP
     )
 
 
+def lifecycle_rule(rule: dict[str, Any]) -> dict[str, Any]:
+    """A CloudFormation lifecycle rule (resolved) in the shape of the S3 API."""
+    out: dict[str, Any] = {
+        "ID": rule["Id"],
+        "Status": rule["Status"],
+        "Filter": {"Prefix": rule.get("Prefix", "")},
+    }
+    if "ExpirationInDays" in rule:
+        out["Expiration"] = {"Days": int(rule["ExpirationInDays"])}
+    elif "ExpiredObjectDeleteMarker" in rule:
+        out["Expiration"] = {"ExpiredObjectDeleteMarker": bool(rule["ExpiredObjectDeleteMarker"])}
+    if "Transitions" in rule:
+        out["Transitions"] = [
+            {"StorageClass": t["StorageClass"], "Days": int(t["TransitionInDays"])}
+            for t in rule["Transitions"]
+        ]
+    if "NoncurrentVersionExpiration" in rule:
+        days = rule["NoncurrentVersionExpiration"]["NoncurrentDays"]
+        out["NoncurrentVersionExpiration"] = {"NoncurrentDays": int(days)}
+    if "AbortIncompleteMultipartUpload" in rule:
+        days = rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"]
+        out["AbortIncompleteMultipartUpload"] = {"DaysAfterInitiation": int(days)}
+    unknown = set(rule) - {
+        "Id",
+        "Status",
+        "Prefix",
+        "ExpirationInDays",
+        "ExpiredObjectDeleteMarker",
+        "Transitions",
+        "NoncurrentVersionExpiration",
+        "AbortIncompleteMultipartUpload",
+    }
+    if unknown:  # a rule the embedded stack would apply only in part
+        raise ConfigError(f"template: lifecycle rule {rule['Id']}: cannot apply {sorted(unknown)}")
+    return out
+
+
 def _apply_bucket_properties(s3: Any, bucket: str, props: dict[str, Any]) -> None:
-    """Bucket properties moto's CloudFormation leaves out (versioning, Object Lock among them)."""
+    """Bucket properties moto's CloudFormation leaves out (versioning, Object Lock, lifecycle,
+    access logging among them). moto keeps the lifecycle rules (it does not run them)."""
     if "VersioningConfiguration" in props:
         s3.put_bucket_versioning(
             Bucket=bucket, VersioningConfiguration={"Status": props["VersioningConfiguration"]["Status"]}
@@ -304,12 +346,43 @@ def _apply_bucket_properties(s3: Any, bucket: str, props: dict[str, Any]) -> Non
         s3.put_object_lock_configuration(Bucket=bucket, ObjectLockConfiguration=lock)
     if "OwnershipControls" in props:
         s3.put_bucket_ownership_controls(Bucket=bucket, OwnershipControls=props["OwnershipControls"])
+    if "LifecycleConfiguration" in props:
+        rules = [lifecycle_rule(r) for r in props["LifecycleConfiguration"]["Rules"]]
+        s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
+    if "LoggingConfiguration" in props:
+        # moto, like S3, refuses this unless the destination's policy grants the logging service.
+        config = props["LoggingConfiguration"]
+        s3.put_bucket_logging(
+            Bucket=bucket,
+            BucketLoggingStatus={
+                "LoggingEnabled": {
+                    "TargetBucket": config["DestinationBucketName"],
+                    "TargetPrefix": config.get("LogFilePrefix", ""),
+                }
+            },
+        )
 
 
 def _apply_skipped(aws: Aws, cfn: dict[str, Any], resolver: Resolver) -> list[str]:
     """Apply the resources and properties moto's CloudFormation does not; return those left out."""
     s3, sqs = aws.s3, aws.client("sqs")
     skipped: list[str] = []
+    # Bucket policies first: access logging needs its destination's grant in place.
+    for logical, res in cfn["Resources"].items():
+        if res["Type"] == "AWS::S3::BucketPolicy":
+            # Every policy is resolved (so a broken one fails here), but only its Allow
+            # statements are applied: moto evaluates a Deny statement without its conditions,
+            # so the TLS-only and key-only denies would refuse every request. AWS evaluates
+            # them as written.
+            policy = resolver.resolve(res["Properties"]["PolicyDocument"])
+            allows = [st for st in policy["Statement"] if st["Effect"] == "Allow"]
+            if allows:
+                s3.put_bucket_policy(
+                    Bucket=resolver.resolve(res["Properties"]["Bucket"]),
+                    Policy=json.dumps({**policy, "Statement": allows}),
+                )
+            if len(allows) < len(policy["Statement"]):
+                skipped.append(logical)
     for logical, res in cfn["Resources"].items():
         props = res.get("Properties", {})
         if res["Type"] == "AWS::S3::Bucket":
@@ -328,12 +401,6 @@ def _apply_skipped(aws: Aws, cfn: dict[str, Any], resolver: Resolver) -> list[st
                 Bucket=resolver.physical[logical],
                 NotificationConfiguration={"QueueConfigurations": queues},
             )
-        elif res["Type"] == "AWS::S3::BucketPolicy":
-            # Resolved (so a broken policy fails here) but not applied: moto evaluates a
-            # Deny statement without its conditions, so the TLS-only and key-only denies
-            # would refuse every request. AWS evaluates them as written.
-            resolver.resolve(props["PolicyDocument"])
-            skipped.append(logical)
         elif res["Type"] == "AWS::SQS::QueuePolicy":
             policy = json.dumps(resolver.resolve(props["PolicyDocument"]))
             for url in resolver.resolve(props["Queues"]):

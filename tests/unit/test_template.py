@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
+import tomllib
 from typing import Any
 
 import pytest
 
 from s3rollup.contract import CONTRACTS, INCOMING, PARTIALS, QUARANTINE, RESULTS
-from s3rollup.local import load_template
+from s3rollup.local import ROOT, load_template
 
 TEMPLATE = load_template()
 RESOURCES: dict[str, Any] = TEMPLATE["Resources"]
@@ -35,24 +38,77 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
+# Actions that support no resource-level permission, so Resource "*" is their only form:
+# ECR's login token (the execution role needs it to pull the worker image).
+UNSCOPABLE_ACTIONS = {"ecr:GetAuthorizationToken"}
+
+
 def test_no_identity_policy_grants_a_wildcard_action_or_resource() -> None:
     statements = _identity_statements()
     assert len(statements) >= 10
     for owner, st in statements:
         for action in _as_list(st["Action"]):
             assert action != "*" and not action.endswith(":*"), f"{owner}: {action}"
-        for resource in _as_list(st["Resource"]):
-            assert resource != "*", f"{owner}: {st.get('Sid')} has Resource '*'"
+        if "*" in _as_list(st["Resource"]):
+            # Only a statement made of unscopable actions alone may name "*".
+            assert set(_as_list(st["Action"])) <= UNSCOPABLE_ACTIONS, (
+                f"{owner}: {st.get('Sid')} has Resource '*'"
+            )
 
 
-def test_only_the_key_policy_names_resource_star_and_only_for_this_key() -> None:
+def test_no_role_or_function_attaches_a_managed_policy() -> None:
+    # Managed policies grant on every resource of a kind (the ECS task execution policy: every
+    # repository and log group); each role here carries an inline policy scoped to the stack.
+    for name, props in _of_type("AWS::IAM::Role").items():
+        assert "ManagedPolicyArns" not in props, f"{name}: {props['ManagedPolicyArns']}"
+        assert props.get("Policies"), f"{name} has no inline policy"
+    for name, props in _of_type("AWS::Serverless::Function").items():
+        assert "Role" not in props, f"{name}: a role defined elsewhere escapes these checks"
+        for policy in props.get("Policies", []):
+            assert isinstance(policy, dict) and "Statement" in policy, f"{name}: managed policy {policy}"
+    assert "Policies" not in TEMPLATE.get("Globals", {}).get("Function", {})
+
+
+def test_the_execution_role_pulls_only_the_worker_repository_and_writes_only_its_logs() -> None:
+    (policy,) = _of_type("AWS::IAM::Role")["WorkerExecutionRole"]["Policies"]
+    by_sid = {s["Sid"]: s for s in policy["PolicyDocument"]["Statement"]}
+    assert set(by_sid) == {"PullTheWorkerImage", "EcrLogin", "WriteTheWorkerLogs"}
+    pull = by_sid["PullTheWorkerImage"]["Resource"]["Fn::Sub"]
+    assert pull[0].endswith(":repository/${Repository}")
+    assert "WorkerImageUri" in json.dumps(pull[1])
+    assert "${WorkerLogGroup}:log-stream:" in by_sid["WriteTheWorkerLogs"]["Resource"]["Fn::Sub"]
+
+
+CRYPTO_ACTIONS = ("kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey", "kms:ReEncrypt")
+
+
+def test_the_key_policy_separates_administration_from_narrowed_use() -> None:
     # In a key policy, Resource "*" means "this key"; everywhere else it is refused above.
-    key_policy = _of_type("AWS::KMS::Key")["DataKey"]["KeyPolicy"]
-    assert _of_type("AWS::KMS::Key")["DataKey"]["EnableKeyRotation"] is True
-    sids = {s["Sid"] for s in key_policy["Statement"]}
-    assert {"AccountAdministers", "AccountRolesUseThroughServices", "CloudWatchLogs"} <= sids
-    use = next(s for s in key_policy["Statement"] if s["Sid"] == "AccountRolesUseThroughServices")
-    assert "kms:ViaService" in use["Condition"]["StringEquals"]
+    key = _of_type("AWS::KMS::Key")["DataKey"]
+    assert key["EnableKeyRotation"] is True
+    statements = {s["Sid"]: s for s in key["KeyPolicy"]["Statement"]}
+    admin = statements.pop("AccountAdministers")
+    assert not [a for a in admin["Action"] if a.startswith(CRYPTO_ACTIONS)], "administration only"
+    assert "Condition" not in admin
+    for sid, st in statements.items():
+        # Every use is conditioned: on the service it goes through, the encryption context,
+        # or the calling resource; never the bare account.
+        assert st["Effect"] == "Allow" and st.get("Condition"), sid
+        assert "kms:*" not in _as_list(st["Action"]) and "kms:CreateGrant" not in _as_list(st["Action"]), sid
+        conditions = {k for ops in st["Condition"].values() for k in ops}
+        assert conditions & {
+            "kms:ViaService",
+            "kms:EncryptionContext:aws:logs:arn",
+            "aws:SourceArn",
+        }, sid
+        # The key policy never names the stack's roles (their policies name the key: a cycle).
+        assert "WorkerTaskRole" not in json.dumps(st) and "IngestFunctionRole" not in json.dumps(st), sid
+    roles = statements["StackRolesUseThroughServices"]["Condition"]
+    assert roles["ArnLike"]["aws:PrincipalArn"] == {
+        "Fn::Sub": "arn:${AWS::Partition}:iam::${AWS::AccountId}:role/${AWS::StackName}-*"
+    }
+    logs = statements["CloudWatchLogs"]["Condition"]["ArnLike"]["kms:EncryptionContext:aws:logs:arn"]
+    assert logs["Fn::Sub"].endswith(":log-group:/s3rollup/${AWS::StackName}/*")
 
 
 def test_the_worker_task_is_hardened() -> None:
@@ -77,13 +133,93 @@ def test_only_incoming_triggers_and_nothing_the_pipeline_writes_is_under_it() ->
         assert not written.startswith(INCOMING) and not INCOMING.startswith(written)
 
 
+ACCESS_LOG_BUCKET = "AccessLogBucket"
+
+
 @pytest.mark.parametrize("name", sorted(_of_type("AWS::S3::Bucket")))
-def test_every_bucket_is_kms_encrypted_private_and_versioned(name: str) -> None:
+def test_every_bucket_is_encrypted_private_versioned_and_tls_only(name: str) -> None:
     props = _of_type("AWS::S3::Bucket")[name]
     (rule,) = props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
-    assert rule["ServerSideEncryptionByDefault"] == {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": KEY_ARN}
+    if name == ACCESS_LOG_BUCKET:
+        # S3 server access logging supports only SSE-S3 default encryption on its destination.
+        assert rule["ServerSideEncryptionByDefault"] == {"SSEAlgorithm": "AES256"}
+    else:
+        assert rule["ServerSideEncryptionByDefault"] == {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": KEY_ARN}
+        assert props["LoggingConfiguration"]["DestinationBucketName"] == {"Ref": ACCESS_LOG_BUCKET}
     assert all(props["PublicAccessBlockConfiguration"].values())
+    assert len(props["PublicAccessBlockConfiguration"]) == 4
+    assert props["OwnershipControls"]["Rules"] == [{"ObjectOwnership": "BucketOwnerEnforced"}]
     assert props["VersioningConfiguration"]["Status"] == "Enabled"
+    assert RESOURCES[name]["DeletionPolicy"] == "Retain"
+    (policy,) = [p for p in _of_type("AWS::S3::BucketPolicy").values() if p["Bucket"] == {"Ref": name}]
+    deny = next(s for s in policy["PolicyDocument"]["Statement"] if s["Sid"] == "DenyInsecureTransport")
+    assert deny["Effect"] == "Deny" and deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+
+
+def test_access_logs_go_to_their_own_bucket_and_only_the_logging_service_writes_them() -> None:
+    log_bucket = _of_type("AWS::S3::Bucket")[ACCESS_LOG_BUCKET]
+    assert "LoggingConfiguration" not in log_bucket and "ObjectLockEnabled" not in log_bucket
+    assert any("ExpirationInDays" in r for r in log_bucket["LifecycleConfiguration"]["Rules"])
+    (policy,) = [
+        p for p in _of_type("AWS::S3::BucketPolicy").values() if p["Bucket"] == {"Ref": ACCESS_LOG_BUCKET}
+    ]
+    grants = [s for s in policy["PolicyDocument"]["Statement"] if s["Effect"] == "Allow"]
+    sources = [p for p in _of_type("AWS::S3::Bucket").values() if "LoggingConfiguration" in p]
+    assert len(grants) == len(sources) == 2
+    prefixes = {p["LoggingConfiguration"]["LogFilePrefix"] for p in sources}
+    for st in grants:
+        assert st["Principal"] == {"Service": "logging.s3.amazonaws.com"} and st["Action"] == "s3:PutObject"
+        assert st["Condition"]["StringEquals"] == {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
+        assert "aws:SourceArn" in st["Condition"]["ArnEquals"]
+        resource = st["Resource"]["Fn::Sub"]
+        assert any(resource == f"${{{ACCESS_LOG_BUCKET}.Arn}}/{p}*" for p in prefixes), resource
+
+
+def _rules_under(rules: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    """The lifecycle rules that apply to some key under prefix."""
+    out = []
+    for rule in rules:
+        p = rule.get("Prefix", rule.get("Filter", {}).get("Prefix", ""))
+        if prefix.startswith(p) or p.startswith(prefix):
+            out.append(rule)
+    return out
+
+
+def test_lifecycle_never_expires_a_current_raw_part() -> None:
+    # Each job reconciles against the listing of incoming/: an expired current version would
+    # silently leave the statistics. Raw parts only change storage class.
+    rules = _of_type("AWS::S3::Bucket")["DataBucket"]["LifecycleConfiguration"]["Rules"]
+    under_incoming = _rules_under(rules, INCOMING)
+    assert under_incoming
+    for rule in under_incoming:
+        assert not {"ExpirationInDays", "ExpirationDate"} & set(rule), rule["Id"]
+    tiering = [t for r in under_incoming for t in r.get("Transitions", [])]
+    assert tiering == [
+        {"StorageClass": "INTELLIGENT_TIERING", "TransitionInDays": {"Ref": "RawPartsTieringDays"}}
+    ]
+    assert any(r.get("NoncurrentVersionExpiration") for r in under_incoming)
+    assert any(r.get("AbortIncompleteMultipartUpload") for r in under_incoming)
+    quarantine = [r for r in _rules_under(rules, QUARANTINE) if "ExpirationInDays" in r]
+    assert [r["ExpirationInDays"] for r in quarantine] == [{"Ref": "QuarantineDays"}]
+
+
+def test_the_worker_image_must_be_an_ecr_uri() -> None:
+    pattern = re.compile(TEMPLATE["Parameters"]["WorkerImageUri"]["AllowedPattern"])
+    assert pattern.match("123456789012.dkr.ecr.eu-west-1.amazonaws.com/team/s3rollup-worker:1.2.0")
+    assert pattern.match("123456789012.dkr.ecr.eu-west-1.amazonaws.com/w@sha256:" + "ab" * 32)
+    for bad in ("python:3.12-slim", "docker.io/library/s3rollup:1", "123456789012.dkr.ecr.x.amazonaws.com/w"):
+        assert not pattern.match(bad), bad
+
+
+def test_every_checkov_skip_says_why() -> None:
+    skips = [
+        (name, skip)
+        for name, res in RESOURCES.items()
+        for skip in res.get("Metadata", {}).get("checkov", {}).get("skip", [])
+    ]
+    assert skips
+    for name, skip in skips:
+        assert re.fullmatch(r"CKV_AWS_\d+", skip["id"]) and len(skip.get("comment", "")) > 40, name
 
 
 def test_every_table_queue_topic_and_log_group_uses_the_stack_key() -> None:
@@ -111,3 +247,15 @@ def test_the_ingest_queue_outlives_six_function_timeouts_and_redrives() -> None:
     fn = _of_type("AWS::Serverless::Function")["IngestFunction"]
     assert fn["Events"]["Ingest"]["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     assert TEMPLATE["Globals"]["Function"]["Runtime"] == "python3.12"
+
+
+def test_samconfig_has_default_and_prod_overriding_only_template_parameters() -> None:
+    config = tomllib.loads((ROOT / "samconfig.toml").read_text())
+    assert {"default", "prod"} <= set(config)
+    for env in ("default", "prod"):
+        deploy = config[env]["deploy"]["parameters"]
+        overrides = dict(kv.split("=", 1) for kv in deploy["parameter_overrides"].split())
+        assert set(overrides) <= set(TEMPLATE["Parameters"]), env
+        # Deploy-time values only: credentials come from the AWS chain, never from this file.
+        text = json.dumps(config[env]).lower()
+        assert not re.search(r"secret|password|token|aws_access_key|credential", text), env
