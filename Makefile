@@ -38,10 +38,21 @@ $(SAM): requirements/sam.lock $(STAMP)
 	$(BIN)/uv pip sync -q --python $(SAM_VENV)/bin/python requirements/sam.lock
 	@touch $@
 
+# checkov pins its own boto3 and friends too: a venv of its own as well.
+CHECKOV_VENV := .venv-checkov
+CHECKOV      := $(CHECKOV_VENV)/bin/checkov
+
+$(CHECKOV): requirements/checkov.lock $(STAMP)
+	@test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(BIN)/uv pip sync -q --python $(CHECKOV_VENV)/bin/python requirements/checkov.lock
+	@touch $@
+
 # The template validates and lints offline, `sam build` (python3.12 on PATH) produces the
 # function's artifact, and the artifact imports without pandas, numpy, pyarrow or dask.
-template: $(SAM)
+template: $(SAM) $(CHECKOV)
 	$(SAM) validate --lint -t template.yaml
+	$(SAM_VENV)/bin/cfn-lint template.yaml
+	$(CHECKOV) -f template.yaml --framework cloudformation --quiet --compact --skip-download
 	PATH="$(dir $(PYTHON)):$$PATH" $(SAM) build --build-dir .aws-sam/build
 	$(PYTHON) -I -S tests/check_lambda_artifact.py .aws-sam/build/IngestFunction
 
@@ -60,6 +71,8 @@ lock:
 	    -c $(LOCK) -o requirements/bench.lock pyproject.toml
 	echo aws-sam-cli | $(BIN)/uv pip compile -q --python-version 3.12 --generate-hashes \
 	    -o requirements/sam.lock -
+	echo checkov | $(BIN)/uv pip compile -q --python-version 3.12 --generate-hashes \
+	    -o requirements/checkov.lock -
 
 # Benchmarks (bench/README.md): never part of `make test`. polars, duckdb and psutil come
 # from the bench extra, pinned in requirements/bench.lock.
@@ -76,4 +89,4 @@ bench-quick: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --quick $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(SAM_VENV) .aws-sam .pytest_cache .mypy_cache .ruff_cache .bench-cache
+	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) .aws-sam .pytest_cache .mypy_cache .ruff_cache .bench-cache
