@@ -1,0 +1,182 @@
+"""The worker image (worker/Dockerfile) built and run as Fargate runs it: read-only root
+filesystem, a writable /tmp only, uid 1000, the task definition's environment.
+
+worker/build_local_base.sh prepares the engine (dockerd with host networking only) and a
+locally made Debian base, since no registry is reachable here. Where no engine can start the
+test says why and skips; with S3ROLLUP_REQUIRE_DOCKER=1 (CI) it fails instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+import warnings
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from s3rollup.config import Settings
+from s3rollup.contract import parse_part_key
+from s3rollup.demo import compare, generate_part
+from s3rollup.ingest import Ingest
+from s3rollup.launch import LocalLauncher
+from s3rollup.local import LOCAL_CREDENTIALS, ROOT
+from s3rollup.reference import complex_operation
+from tests.helpers import audit_records, put_part, result_frame, silent, wait_manifest
+
+pytestmark = [pytest.mark.integration, pytest.mark.docker, pytest.mark.slow]
+
+IMAGE = "s3rollup-worker:test"
+# What the debootstrapped base lacks: the worker's Python (3.13 on trixie) and venv.
+SYSTEM_PACKAGES = "python3 python3-venv"
+
+
+def _no_engine(reason: str) -> None:
+    message = f"worker image test NOT RUN: {reason}"
+    if os.environ.get("S3ROLLUP_REQUIRE_DOCKER") == "1":
+        pytest.fail(message)
+    warnings.warn(message, stacklevel=2)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def worker_image() -> str:
+    """The worker image built from worker/Dockerfile on the locally made base."""
+    prepared = subprocess.run(
+        [str(ROOT / "worker" / "build_local_base.sh")], capture_output=True, text=True, check=False
+    )
+    if prepared.returncode != 0:
+        _no_engine(f"no Docker engine or base image could be prepared:\n{prepared.stderr[-2000:]}")
+    base = prepared.stdout.strip().splitlines()[-1]
+    started = time.monotonic()
+    build = subprocess.run(
+        [
+            "docker",
+            "build",
+            "--quiet",
+            "--network",
+            "host",
+            "-f",
+            str(ROOT / "worker" / "Dockerfile"),
+            "--build-arg",
+            f"BASE_IMAGE={base}",
+            "--build-arg",
+            f"SYSTEM_PACKAGES={SYSTEM_PACKAGES}",
+            "-t",
+            IMAGE,
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+    )
+    assert build.returncode == 0, f"docker build failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+    print(f"worker image built in {time.monotonic() - started:.1f}s")
+    return IMAGE
+
+
+def test_the_image_runs_as_uid_1000_and_holds_no_build_only_file(worker_image: str) -> None:
+    inspect = subprocess.run(
+        ["docker", "image", "inspect", worker_image], capture_output=True, text=True, check=True
+    )
+    config = json.loads(inspect.stdout)[0]["Config"]
+    assert config["User"] == "1000:1000"
+    assert config["Entrypoint"] == ["python", "-m", "s3rollup.job"]
+    probe = subprocess.run(
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--read-only",
+            "--entrypoint",
+            "python",
+            worker_image,
+            "-c",
+            "import os, sys, s3rollup; print(os.getuid(), os.path.exists('/build'), sys.version_info[:2])",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    uid, build_dir, _version = probe.stdout.split(" ", 2)
+    # The proxy CA bundle and the lock file stay in the build stage.
+    assert (uid, build_dir) == ("1000", "False")
+
+
+class _Recorded:
+    """A launcher that records the launch ingest asks for; the test runs it as a container."""
+
+    def __init__(self) -> None:
+        self.launches: list[tuple[str, str]] = []
+
+    def launch(self, dataset: str, job_id: str) -> str:
+        """Record the job; return a placeholder task id."""
+        self.launches.append((dataset, job_id))
+        return f"container:{job_id}"
+
+
+def test_one_job_runs_in_the_worker_image_as_fargate_runs_it(
+    stack: Any, dataset: str, worker_image: str
+) -> None:
+    frames = [generate_part(i, 700, seed=41) for i in range(2)]
+    with silent(stack):  # no event: the dispatcher would start a local worker process
+        keys = {put_part(stack, dataset, f"p{i}.csv", f) for i, f in enumerate(frames)}
+    settings = Settings.from_env(stack.dispatcher.env)
+    launcher = _Recorded()
+    ingest = Ingest(settings, stack.aws.s3, stack.aws.dynamodb, launcher)
+    outcomes = [ingest.sync(parse_part_key(k), actor="test:image") for k in sorted(keys)]
+    assert [o.decision for o in outcomes] == ["ACCEPTED", "ACCEPTED"]
+    ((launched_dataset, job_id),) = launcher.launches  # ingest took the lease and launched once
+    assert launched_dataset == dataset
+
+    task_env = LocalLauncher(settings, stack.aws.client("ecs")).task_environment(dataset, job_id)
+    env = {
+        **task_env,
+        "AWS_ENDPOINT_URL": stack.info.endpoint_url,
+        "AWS_REGION": stack.info.region,
+        "AWS_DEFAULT_REGION": stack.info.region,
+        **LOCAL_CREDENTIALS,
+    }
+    env_args = [a for k, v in sorted(env.items()) for a in ("--env", f"{k}={v}")]
+    name = f"s3rollup-job-{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
+    run = subprocess.run(
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--name",
+            name,
+            "--network",
+            "host",
+            "--read-only",
+            "--tmpfs",
+            "/tmp",
+            "--user",
+            "1000:1000",
+            *env_args,
+            worker_image,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    print(f"job in the container finished in {time.monotonic() - started:.1f}s")
+    assert run.returncode == 0, f"worker container failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+
+    manifest = wait_manifest(stack, dataset, keys, timeout=5)
+    assert manifest["rows"] == 1400
+    assert (
+        compare(result_frame(stack, dataset), complex_operation(pd.concat(frames, ignore_index=True))) == []
+    )
+    finished = [r for r in audit_records(stack, dataset) if r["event"] == "JOB_FINISHED"]
+    assert [r.get("job_id") for r in finished] == [job_id]
