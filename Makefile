@@ -13,7 +13,7 @@ SAM_VENV := .venv-sam
 SAM      := $(SAM_VENV)/bin/sam
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: demo test lint typecheck template unit integration lock clean bench bench-quick
+.PHONY: demo test lint typecheck template awscli unit integration lock clean bench bench-quick
 
 $(STAMP): $(LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,7 +56,19 @@ template: $(SAM) $(CHECKOV)
 	PATH="$(dir $(PYTHON)):$$PATH" $(SAM) build --build-dir .aws-sam/build
 	$(PYTHON) -I -S tests/check_lambda_artifact.py .aws-sam/build/IngestFunction
 
-test: lint typecheck template
+# The AWS CLI (v1, which vendors its own botocore and pins old docutils and rsa) lives in a
+# venv of its own: the tests upload with `aws s3 cp` exactly as the README tells users to.
+AWS_VENV := .venv-aws
+AWSCLI   := $(AWS_VENV)/bin/aws
+
+$(AWSCLI): requirements/aws.lock $(STAMP)
+	@test -x $(AWS_VENV)/bin/python || $(PYTHON) -m venv $(AWS_VENV)
+	$(BIN)/uv pip sync -q --python $(AWS_VENV)/bin/python requirements/aws.lock
+	@touch $@
+
+awscli: $(AWSCLI)
+
+test: lint typecheck template awscli
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Re-pin after changing pyproject.toml's dependencies.
@@ -73,6 +85,8 @@ lock:
 	    -o requirements/sam.lock -
 	echo checkov | $(BIN)/uv pip compile -q --python-version 3.12 --generate-hashes \
 	    -o requirements/checkov.lock -
+	echo awscli | $(BIN)/uv pip compile -q --python-version 3.12 --generate-hashes \
+	    -o requirements/aws.lock -
 
 # Benchmarks (bench/README.md): never part of `make test`. polars, duckdb and psutil come
 # from the bench extra, pinned in requirements/bench.lock.
@@ -89,4 +103,4 @@ bench-quick: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --quick $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) .aws-sam .pytest_cache .mypy_cache .ruff_cache .bench-cache
+	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) $(AWS_VENV) .aws-sam .pytest_cache .mypy_cache .ruff_cache .bench-cache
