@@ -20,7 +20,7 @@ from typing import Any
 from botocore.exceptions import ClientError, NoCredentialsError, NoRegionError
 
 from .aws import Aws
-from .contract import ContractError, check_dataset, result_prefix
+from .contract import ContractError, check_dataset
 from .errors import S3RollupError
 
 EXIT_USAGE, EXIT_NOT_FOUND, EXIT_MISMATCH, EXIT_AWS, EXIT_TIMEOUT, EXIT_TAMPERED = 2, 3, 4, 5, 6, 7
@@ -47,26 +47,39 @@ def _stack_outputs(aws: Aws, stack: str) -> dict[str, str]:
         ) from exc
 
 
+def _context(args: argparse.Namespace) -> tuple[Aws, str, dict[str, str]]:
+    """What every dataset command starts from: clients, the checked dataset, the stack outputs."""
+    aws = Aws()
+    dataset = check_dataset(args.dataset)
+    return aws, dataset, _stack_outputs(aws, args.stack)
+
+
 def read_result(aws: Aws, bucket: str, dataset: str) -> tuple[dict[str, Any], Any]:
     """The published manifest and the aggregate it names (exact versions, checksum-verified)."""
     import hashlib
 
     import pandas as pd
 
-    prefix = result_prefix(dataset)
-    try:
-        manifest = json.loads(aws.s3.get_object(Bucket=bucket, Key=prefix + "manifest.json")["Body"].read())
-    except ClientError as exc:
-        if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
-            raise CliError(f"no result for dataset {dataset!r} yet", EXIT_NOT_FOUND) from exc
-        raise
+    from .ops import read_manifest
+
+    manifest = read_manifest(aws, bucket, dataset)
+    if manifest is None:
+        raise CliError(
+            f"no result for dataset {dataset!r} yet: upload a part with `s3rollup put FILE --dataset "
+            f"{dataset}` and check `s3rollup status {dataset}`",
+            EXIT_NOT_FOUND,
+        )
     ref = manifest["objects"]["aggregate.parquet"]
     kwargs: dict[str, Any] = {"Bucket": bucket, "Key": ref["key"]}
     if ref.get("version_id") not in (None, "null"):
         kwargs["VersionId"] = ref["version_id"]
     data = aws.s3.get_object(**kwargs)["Body"].read()
     if hashlib.sha256(data).hexdigest() != ref["sha256"]:
-        raise CliError("the result does not match its manifest checksum", EXIT_MISMATCH)
+        raise CliError(
+            "the result does not match its manifest checksum: run `s3rollup audit verify` and "
+            "`s3rollup rebuild`",
+            EXIT_MISMATCH,
+        )
     return manifest, pd.read_parquet(io.BytesIO(data))
 
 
@@ -82,12 +95,19 @@ def render(frame: Any, fmt: str) -> str:
 # ---- commands ---------------------------------------------------------------------------------
 
 
+def _split(values: list[str] | None) -> list[str]:
+    """Values given as repeated words or comma lists, in order, without blanks."""
+    return [v for raw in values or [] for v in raw.split(",") if v]
+
+
 def cmd_query(args: argparse.Namespace) -> int:
-    """Print a dataset's published result."""
-    aws = Aws()
-    dataset = check_dataset(args.dataset)
-    outputs = _stack_outputs(aws, args.stack)
+    """Print a dataset's published result (optionally some groups and columns)."""
+    from .ops import select
+
+    aws, dataset, outputs = _context(args)
     manifest, frame = read_result(aws, outputs["DataBucketName"], dataset)
+    group_by = list(manifest["contract"]["group_by"])
+    frame = select(frame, group_by, args.group or [], _split(args.columns))
     print(render(frame, args.format))
     if args.format == "table":
         print(
@@ -98,20 +118,159 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_log(aws: Aws, outputs: dict[str, str]) -> Any:
-    from .audit import AuditLog
+def cmd_put(args: argparse.Namespace) -> int:
+    """Upload part files to incoming/<dataset>/ (SSE-KMS under the stack key)."""
+    from .ops import MIB, plan_uploads, upload_parts
 
-    return AuditLog(aws.dynamodb, outputs["AuditTableName"])
+    aws = Aws()
+    dataset = check_dataset(args.dataset)
+    if args.multipart_threshold < 5:
+        raise CliError("--multipart-threshold must be at least 5 (MiB; S3's smallest part)", EXIT_USAGE)
+    try:
+        plan = plan_uploads(args.files, dataset)
+    except FileNotFoundError as exc:
+        raise CliError(f"{exc}; nothing was uploaded", EXIT_NOT_FOUND) from exc
+    outputs = _stack_outputs(aws, args.stack)
+    done = upload_parts(
+        aws,
+        outputs["DataBucketName"],
+        outputs["DataKeyArn"],
+        plan,
+        multipart_threshold=args.multipart_threshold * MIB,
+    )
+    for d in done:
+        print(json.dumps(d, sort_keys=True))
+    print(
+        f"uploaded {len(done)} part(s) to incoming/{dataset}/; `s3rollup status {dataset}` shows progress",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _status(aws: Aws, outputs: dict[str, str], dataset: str) -> dict[str, Any] | None:
+    """The dataset's status now; None when it has no parts, records or objects at all."""
+    from datetime import UTC, datetime
+
+    from .ingest import list_current
+    from .ops import read_manifest, summarize
+
+    bucket = outputs["DataBucketName"]
+    state, log = _tables(aws, outputs)
+    parts, records = state.parts(dataset), list(log.records(dataset))
+    listed = [(o["Key"], str(o.get("VersionId") or "null")) for o in list_current(aws.s3, bucket, dataset)]
+    if not parts and not records and not listed:
+        return None
+    return summarize(parts, records, read_manifest(aws, bucket, dataset), datetime.now(UTC), listed)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print a dataset's parts by state, last job, lag and quarantined parts."""
+    import time
+
+    from .ops import status_lines
+    from .progress import Waiting
+
+    aws, dataset, outputs = _context(args)
+    status = _status(aws, outputs, dataset)
+    deadline = time.monotonic() + (args.wait or 0)
+    spinner = Waiting(f"waiting for {dataset} to be up to date")
+    while args.wait and (status is None or not status["lag"]["up_to_date"]) and time.monotonic() < deadline:
+        spinner.tick(
+            f"{status['lag']['waiting_parts'] + status['lag']['undecided_parts']} parts to go"
+            if status
+            else ""
+        )
+        time.sleep(0.5)
+        status = _status(aws, outputs, dataset)
+    spinner.close()
+    if status is None:
+        raise CliError(
+            f"dataset {dataset!r} has no parts: upload one with `s3rollup put FILE --dataset {dataset}`",
+            EXIT_NOT_FOUND,
+        )
+    if args.format == "json":
+        print(json.dumps({"dataset": dataset, **status}, sort_keys=True))
+    else:
+        print("\n".join(status_lines(dataset, status)))
+    if args.wait and not status["lag"]["up_to_date"]:
+        raise CliError(
+            f"{dataset!r} is not up to date after {args.wait:g}s: see the status above; try a longer --wait",
+            EXIT_TIMEOUT,
+        )
+    return 0
+
+
+def _actor(aws: Aws) -> str:
+    """Who asks, for the audit trail: the caller's opaque IAM user id (no names)."""
+    return "cli:" + str(aws.client("sts").get_caller_identity()["UserId"])
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    """Recompute a dataset's result from all its current parts."""
+    from datetime import UTC, datetime
+
+    from .ops import mark_stale, trigger_ingest, wait_for_rebuild
+
+    aws, dataset, outputs = _context(args)
+    bucket = outputs["DataBucketName"]
+    state, log = _tables(aws, outputs)
+    requested_at = datetime.now(UTC)
+    marked = mark_stale(state, log, dataset, _actor(aws))
+    if not marked:
+        raise CliError(
+            f"dataset {dataset!r} has no accepted parts to rebuild from (`s3rollup status {dataset}`)",
+            EXIT_NOT_FOUND,
+        )
+    trigger_ingest(aws, outputs["IngestQueueUrl"], bucket, marked[0].key)
+    print(f"rebuild of {dataset!r} requested: {len(marked)} parts to recompute", file=sys.stderr)
+    if args.no_wait:
+        return 0
+    try:
+        manifest = wait_for_rebuild(
+            aws,
+            state,
+            bucket,
+            dataset,
+            {(p.key, p.version_id) for p in marked},
+            requested_at,
+            args.timeout,
+        )
+    except TimeoutError as exc:
+        raise CliError(f"{exc}; `s3rollup status {dataset}` shows where it is", EXIT_TIMEOUT) from exc
+    print(
+        f"rebuilt {dataset}: {manifest['groups']} groups from {len(manifest['parts'])} parts, "
+        f"{manifest['rows']} rows; published {manifest['generated_at']} by job {manifest['job_id'][:12]}"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write a self-contained HTML report of a dataset's published result."""
+    from .report import render_report
+
+    aws, dataset, outputs = _context(args)
+    manifest, frame = read_result(aws, outputs["DataBucketName"], dataset)
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise CliError(f"{out.parent}: no such directory for the report", EXIT_NOT_FOUND)
+    out.write_text(render_report(dataset, manifest, frame), encoding="utf-8")
+    print(f"wrote {out} ({len(frame)} groups)", file=sys.stderr)
+    return 0
+
+
+def _tables(aws: Aws, outputs: dict[str, str]) -> tuple[Any, Any]:
+    """The stack's parts registry (State) and audit log (AuditLog)."""
+    from .audit import AuditLog
+    from .state import State
+
+    return State(aws.dynamodb, outputs["StateTableName"]), AuditLog(aws.dynamodb, outputs["AuditTableName"])
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
     """Print a dataset's audit chain."""
-    aws = Aws()
-    dataset = check_dataset(args.dataset)
-    records = [
-        {k: v for k, v in r.items() if k != "_seq_key"}
-        for r in _audit_log(aws, _stack_outputs(aws, args.stack)).records(dataset)
-    ]
+    aws, dataset, outputs = _context(args)
+    chain = _tables(aws, outputs)[1].records(dataset)
+    records = [{k: v for k, v in r.items() if k != "_seq_key"} for r in chain]
     if not records:
         raise CliError(f"no audit records for dataset {dataset!r}", EXIT_NOT_FOUND)
     if args.format == "json":
@@ -131,10 +290,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Recompute a dataset's audit chain, the result checksums and the exported heads."""
     from .audit import verify_dataset
 
-    aws = Aws()
-    dataset = check_dataset(args.dataset)
-    outputs = _stack_outputs(aws, args.stack)
-    log = _audit_log(aws, outputs)
+    aws, dataset, outputs = _context(args)
+    log = _tables(aws, outputs)[1]
     count, anchors, problem = verify_dataset(
         log, aws.s3, outputs["DataBucketName"], outputs.get("AuditAnchorBucketName", ""), dataset
     )
@@ -241,8 +398,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("query", help="print a dataset's published result")
     q.add_argument("dataset")
+    q.add_argument("--group", nargs="+", metavar="KEY", help="only these groups (several keys: 'a,b')")
+    q.add_argument("--columns", nargs="+", metavar="COLUMN", help="only these columns (and the group key)")
     q.add_argument("--format", choices=("table", "json", "csv"), default="table")
     q.set_defaults(func=cmd_query)
+
+    put = sub.add_parser("put", help="upload part files to incoming/<dataset>/ (SSE-KMS under the stack key)")
+    put.add_argument("files", nargs="+", metavar="FILE", help="CSV, CSV.gz or Parquet part files")
+    put.add_argument("--dataset", required=True, help="dataset to add the parts to")
+    put.add_argument(
+        "--multipart-threshold",
+        type=int,
+        default=64,
+        metavar="MIB",
+        help="upload files larger than this many MiB in parts (default 64, at least 5)",
+    )
+    put.set_defaults(func=cmd_put)
+
+    st = sub.add_parser("status", help="parts by state, last job, lag, quarantined parts with reasons")
+    st.add_argument("dataset")
+    st.add_argument("--format", choices=("table", "json"), default="table")
+    st.add_argument(
+        "--wait",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first wait (up to SECONDS) until every part has a decision and the result holds "
+        "every accepted part; exit 6 if not",
+    )
+    st.set_defaults(func=cmd_status)
+
+    rb = sub.add_parser("rebuild", help="recompute a dataset's result from all its current parts")
+    rb.add_argument("dataset")
+    rb.add_argument("--no-wait", action="store_true", help="request the rebuild and return")
+    rb.add_argument("--timeout", type=float, default=600, help="seconds to wait (default 600)")
+    rb.set_defaults(func=cmd_rebuild)
+
+    rp = sub.add_parser("report", help="write a self-contained HTML report (table and charts)")
+    rp.add_argument("dataset")
+    rp.add_argument("-o", "--output", required=True, help="the HTML file to write")
+    rp.set_defaults(func=cmd_report)
     return p
 
 
@@ -273,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     except S3RollupError as exc:
         print(f"s3rollup: {exc} [{exc.code}]", file=sys.stderr)
         return 1
+    except TimeoutError as exc:
+        print(f"s3rollup: {exc}: try again with a longer --timeout", file=sys.stderr)
+        return EXIT_TIMEOUT
     except KeyboardInterrupt:
         return 130
 

@@ -67,20 +67,30 @@ def _contract() -> Any:
     return DEFAULT_CONTRACT
 
 
-def wait_for_manifest(aws: Aws, bucket: str, dataset: str, keys: set[str], timeout: float) -> dict[str, Any]:
-    """Poll until the published manifest lists exactly these keys; raise TimeoutError."""
-    import json
+def wait_for_manifest(
+    aws: Aws, bucket: str, dataset: str, keys: set[str], timeout: float, label: str = ""
+) -> dict[str, Any]:
+    """Poll until the published manifest lists exactly these keys; raise TimeoutError.
 
+    With a label, a spinner shows how many of the keys the result holds (on a terminal only).
+    """
+    from .ops import read_manifest
+    from .progress import Waiting
+
+    spinner = Waiting(label) if label else None
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            raw = aws.s3.get_object(Bucket=bucket, Key=f"results/{dataset}/manifest.json")["Body"].read()
-            manifest: dict[str, Any] = json.loads(raw)
-            if {p["key"] for p in manifest["parts"]} == keys:
+    try:
+        while time.monotonic() < deadline:
+            manifest = read_manifest(aws, bucket, dataset)
+            listed = {p["key"] for p in manifest["parts"]} if manifest else set()
+            if manifest is not None and listed == keys:
                 return manifest
-        except aws.s3.exceptions.NoSuchKey:
-            pass
-        time.sleep(0.25)
+            if spinner:
+                spinner.tick(f"{len(listed & keys)}/{len(keys)} parts in the result")
+            time.sleep(0.25)
+    finally:
+        if spinner:
+            spinner.close()
     raise TimeoutError(f"no result listing all {len(keys)} parts after {timeout:.0f}s")
 
 
@@ -88,6 +98,7 @@ def run(parts: int, rows: int, seed: int, dataset: str, timeout: float, stack_na
     """Run the demo; 0 when the published result equals pandas, 4 on a mismatch."""
     from .cli import read_result, render
     from .local import EmbeddedStack
+    from .progress import Progress
     from .reference import complex_operation
 
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -102,25 +113,34 @@ def run(parts: int, rows: int, seed: int, dataset: str, timeout: float, stack_na
         t_stack = time.perf_counter()
         say(f"stack ready in {t_stack - t0:.1f}s at {info.endpoint_url}")
         say(f"generating {parts} parts x {rows:,} rows")
-        frames = [generate_part(i, rows, seed) for i in range(parts)]
+        generating = Progress("generate", parts, unit="parts")
+        frames = []
+        for i in range(parts):
+            frames.append(generate_part(i, rows, seed))
+            generating.add(1)
+        generating.close()
         # A NaN cell, as real data has: the statistics must skip it as pandas does.
         if rows:
             frames[0].loc[0, "value2"] = np.nan
         keys = set()
         t_up = time.perf_counter()
-        for i, frame in enumerate(frames):
+        bodies = [to_csv_bytes(frame) for frame in frames]
+        uploading = Progress("upload", sum(len(b) for b in bodies))
+        for i, body in enumerate(bodies):
             key = f"incoming/{dataset}/part-{i:05d}.csv"
             aws.s3.put_object(
                 Bucket=bucket,
                 Key=key,
-                Body=to_csv_bytes(frame),
+                Body=body,
                 ServerSideEncryption="aws:kms",
                 SSEKMSKeyId=key_arn,
             )
+            uploading.add(len(body))
             keys.add(key)
+        uploading.close()
         t_uploaded = time.perf_counter()
         say(f"uploaded in {t_uploaded - t_up:.1f}s; waiting for the result ...")
-        manifest = wait_for_manifest(aws, bucket, dataset, keys, timeout)
+        manifest = wait_for_manifest(aws, bucket, dataset, keys, timeout, label="waiting for the result")
         t_result = time.perf_counter()
         _, result = read_result(aws, bucket, dataset)
 

@@ -91,6 +91,16 @@ def parse_notification(body: dict[str, Any]) -> list[S3Event]:
     return events
 
 
+def list_current(s3: Any, bucket: str, dataset: str) -> Iterable[dict[str, Any]]:
+    """Current (latest, not deleted) object versions under incoming/<dataset>/."""
+    for page in s3.get_paginator("list_object_versions").paginate(
+        Bucket=bucket, Prefix=f"incoming/{dataset}/"
+    ):
+        for v in page.get("Versions", []):
+            if v.get("IsLatest"):
+                yield v
+
+
 class RangeReader:
     """Ranged GETs of one object version, counting the bytes requested."""
 
@@ -181,11 +191,7 @@ class Ingest:
 
     def list_current(self, dataset: str) -> Iterable[dict[str, Any]]:
         """Current (latest, not deleted) object versions under incoming/<dataset>/."""
-        paginator = self._s3.get_paginator("list_object_versions")
-        for page in paginator.paginate(Bucket=self.settings.bucket, Prefix=f"incoming/{dataset}/"):
-            for v in page.get("Versions", []):
-                if v.get("IsLatest"):
-                    yield v
+        return list_current(self._s3, self.settings.bucket, dataset)
 
     # ---- decisions --------------------------------------------------------------------------
 

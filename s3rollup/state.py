@@ -129,48 +129,64 @@ class State:
             }
         }
 
-    def aggregated_item(self, part: Part, rows: int, sha256: str, partial_sha256: str) -> dict[str, Any]:
-        """A transaction item that marks a part's version AGGREGATED with its partial."""
+    def _part_update(
+        self,
+        part: Part,
+        update: str,
+        condition: str,
+        values: dict[str, Any],
+        names: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """A conditional transaction update of one registered part (``updated`` is set too)."""
+        set_clause, _, remove_clause = update.partition(" REMOVE ")
         return {
             "Update": {
                 "TableName": self.table,
                 "Key": {"pk": self.part_pk(part.dataset), "sk": {"S": part.key}},
-                "UpdateExpression": (
-                    "SET #st = :agg, #rows = :rows, sha256 = :sha, partial_version = :v,"
-                    " partial_sha256 = :psha, updated = :t"
-                ),
-                # Only if the part is still at the version the partial was computed from.
-                "ConditionExpression": "version_id = :v AND #st IN (:pending, :agg)",
-                "ExpressionAttributeNames": {"#st": "status", "#rows": "rows"},
-                "ExpressionAttributeValues": {
-                    ":agg": {"S": AGGREGATED},
-                    ":pending": {"S": PENDING},
-                    ":rows": {"N": str(rows)},
-                    ":sha": {"S": sha256},
-                    ":v": {"S": part.version_id},
-                    ":psha": {"S": partial_sha256},
-                    ":t": {"N": str(int(time.time()))},
-                },
+                "UpdateExpression": f"{set_clause}, updated = :t"
+                + (f" REMOVE {remove_clause}" if remove_clause else ""),
+                "ConditionExpression": condition,
+                "ExpressionAttributeNames": {"#st": "status", **(names or {})},
+                "ExpressionAttributeValues": {**values, ":t": {"N": str(int(time.time()))}},
             }
         }
 
+    def aggregated_item(self, part: Part, rows: int, sha256: str, partial_sha256: str) -> dict[str, Any]:
+        """A transaction item that marks a part's version AGGREGATED with its partial."""
+        return self._part_update(
+            part,
+            "SET #st = :agg, #rows = :rows, sha256 = :sha, partial_version = :v, partial_sha256 = :psha",
+            # Only if the part is still at the version the partial was computed from.
+            "version_id = :v AND #st IN (:pending, :agg)",
+            {
+                ":agg": {"S": AGGREGATED},
+                ":pending": {"S": PENDING},
+                ":rows": {"N": str(rows)},
+                ":sha": {"S": sha256},
+                ":v": {"S": part.version_id},
+                ":psha": {"S": partial_sha256},
+            },
+            {"#rows": "rows"},
+        )
+
     def rejected_item(self, part: Part, reason: str) -> dict[str, Any]:
         """A transaction item that marks a part's version REJECTED by the worker."""
-        return {
-            "Update": {
-                "TableName": self.table,
-                "Key": {"pk": self.part_pk(part.dataset), "sk": {"S": part.key}},
-                "UpdateExpression": "SET #st = :rej, reason = :r, updated = :t REMOVE partial_version",
-                "ConditionExpression": "version_id = :v AND #st <> :rej",
-                "ExpressionAttributeNames": {"#st": "status"},
-                "ExpressionAttributeValues": {
-                    ":rej": {"S": REJECTED},
-                    ":r": {"S": reason},
-                    ":v": {"S": part.version_id},
-                    ":t": {"N": str(int(time.time()))},
-                },
-            }
-        }
+        return self._part_update(
+            part,
+            "SET #st = :rej, reason = :r REMOVE partial_version",
+            "version_id = :v AND #st <> :rej",
+            {":rej": {"S": REJECTED}, ":r": {"S": reason}, ":v": {"S": part.version_id}},
+        )
+
+    def stale_item(self, part: Part) -> dict[str, Any]:
+        """A transaction item that drops an accepted part's partial: the next job recomputes it."""
+        return self._part_update(
+            part,
+            "SET #st = :pending REMOVE partial_version, partial_sha256",
+            # Only the version that was read, and only while it is accepted.
+            "version_id = :v AND #st IN (:pending, :agg)",
+            {":pending": {"S": PENDING}, ":agg": {"S": AGGREGATED}, ":v": {"S": part.version_id}},
+        )
 
     def get_part(self, dataset: str, key: str) -> Part | None:
         """The registered part at key, or None."""

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
 
 from s3rollup.demo import to_csv_bytes, wait_for_manifest
+from s3rollup.ops import read_manifest
 
 
 def put_part(stack: Any, dataset: str, name: str, body: bytes | pd.DataFrame) -> str:
@@ -29,15 +32,7 @@ def put_part(stack: Any, dataset: str, name: str, body: bytes | pd.DataFrame) ->
 
 def manifest(stack: Any, dataset: str) -> dict[str, Any] | None:
     """The dataset's published manifest, or None."""
-    s3 = stack.aws.s3
-    try:
-        raw = s3.get_object(
-            Bucket=stack.info.outputs["DataBucketName"], Key=f"results/{dataset}/manifest.json"
-        )
-    except s3.exceptions.NoSuchKey:
-        return None
-    result: dict[str, Any] = json.loads(raw["Body"].read())
-    return result
+    return read_manifest(stack.aws, stack.info.outputs["DataBucketName"], dataset)
 
 
 def wait_manifest(stack: Any, dataset: str, keys: set[str], timeout: float = 120) -> dict[str, Any]:
@@ -77,3 +72,23 @@ def silent(stack: Any) -> Iterator[None]:
         yield
     finally:
         s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration=config)
+
+
+def user_env(stack: Any) -> dict[str, str]:
+    """What a user's other terminal has: only the endpoint (no credentials, no names)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3ROLLUP_"))}
+    env["AWS_ENDPOINT_URL"] = stack.info.endpoint_url
+    env["S3ROLLUP_STACK"] = stack.info.stack_name
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `s3rollup ARGS` as a subprocess (stdout and stderr are pipes, not a terminal)."""
+    return subprocess.run(
+        [sys.executable, "-m", "s3rollup.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

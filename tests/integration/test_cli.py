@@ -15,34 +15,15 @@ import pandas as pd
 import pytest
 
 from s3rollup.demo import generate_part
-from tests.helpers import put_part, result_frame, wait_manifest
+from tests.helpers import put_part, result_frame, run_cli, user_env, wait_manifest
 
 pytestmark = pytest.mark.integration
-
-
-def _cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "s3rollup.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def _user_env(stack: Any) -> dict[str, str]:
-    """What a user's other terminal has: only the endpoint (no credentials, no names)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3ROLLUP_"))}
-    env["AWS_ENDPOINT_URL"] = stack.info.endpoint_url
-    env["S3ROLLUP_STACK"] = stack.info.stack_name
-    return env
 
 
 def test_query_prints_the_published_result_with_only_the_endpoint_set(stack: Any, dataset: str) -> None:
     key = put_part(stack, dataset, "part-0.csv", generate_part(0, 500, seed=3))
     wait_manifest(stack, dataset, {key})
-    done = _cli(["query", dataset, "--format", "json"], _user_env(stack))
+    done = run_cli(["query", dataset, "--format", "json"], user_env(stack))
     assert done.returncode == 0, done.stderr
     printed = pd.DataFrame(json.loads(done.stdout))
     expected = result_frame(stack, dataset)
@@ -50,19 +31,19 @@ def test_query_prints_the_published_result_with_only_the_endpoint_set(stack: Any
 
 
 def test_query_of_an_unknown_dataset_is_one_line_and_exit_3(stack: Any) -> None:
-    done = _cli(["query", "no-such-dataset"], _user_env(stack))
+    done = run_cli(["query", "no-such-dataset"], user_env(stack))
     assert done.returncode == 3
     assert done.stderr.strip().count("\n") == 0 and "no result" in done.stderr
 
 
 def test_query_of_a_bad_dataset_name_is_a_usage_error(stack: Any) -> None:
-    done = _cli(["query", "../etc"], _user_env(stack))
+    done = run_cli(["query", "../etc"], user_env(stack))
     assert done.returncode == 2 and "BAD_DATASET" in done.stderr
 
 
 def test_demo_small_run_agrees_with_pandas() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3ROLLUP_"))}
-    done = _cli(["demo", "--parts", "3", "--rows", "2000", "--dataset", "smoke"], env, timeout=300)
+    done = run_cli(["demo", "--parts", "3", "--rows", "2000", "--dataset", "smoke"], env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "OK: every aggregate equals pandas complex_operation" in done.stdout
     assert "parts: 3" in done.stdout

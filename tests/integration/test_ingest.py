@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote_plus
 
 import pytest
 from botocore.exceptions import ClientError
@@ -18,6 +17,7 @@ from s3rollup.config import Settings
 from s3rollup.demo import generate_part, to_csv_bytes
 from s3rollup.ingest import Ingest, S3Event
 from s3rollup.launch import EcsLauncher
+from s3rollup.ops import s3_notification
 from s3rollup.reference import complex_operation
 from s3rollup.state import State
 from tests.conftest import ROOT
@@ -33,19 +33,6 @@ class Ctx:
     function_name = "IngestFunction"
     memory_limit_in_mb = 512
     invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:IngestFunction"
-
-
-def _notification(bucket: str, key: str) -> dict[str, Any]:
-    return {
-        "Records": [
-            {
-                "eventVersion": "2.1",
-                "eventSource": "aws:s3",
-                "eventName": "ObjectCreated:Put",
-                "s3": {"bucket": {"name": bucket}, "object": {"key": quote_plus(key)}},
-            }
-        ]
-    }
 
 
 def _sqs_event(bodies: list[dict[str, Any]]) -> dict[str, Any]:
@@ -83,7 +70,7 @@ def test_bad_input_corpus_is_quarantined_with_its_own_reason_and_audited(
         keys = {
             name: put_part(stack, dataset, name, (CORPUS / "bad" / name).read_bytes()) for name in expected
         }
-    bodies = [_notification(bucket, key) for key in keys.values()]
+    bodies = [s3_notification(bucket, key) for key in keys.values()]
     for i in range(0, len(bodies), 10):  # the function's batch size
         assert lambda_app.handler(_sqs_event(bodies[i : i + 10]), Ctx()) == {"batchItemFailures": []}
     rejected = {r["key"]: r["reason"] for r in audit_records(stack, dataset) if r["event"] == "PART_REJECTED"}
@@ -105,7 +92,7 @@ def test_good_corpus_is_accepted(stack: Any, lambda_app: Any, dataset: str) -> N
     with silent(stack):
         keys = [put_part(stack, dataset, p.name, p.read_bytes()) for p in sorted((CORPUS / "good").iterdir())]
     for key in keys:
-        lambda_app.handler(_notification(bucket, key), Ctx())
+        lambda_app.handler(s3_notification(bucket, key), Ctx())
     accepted = [r["key"] for r in audit_records(stack, dataset) if r["event"] == "PART_ACCEPTED"]
     assert sorted(accepted) == sorted(keys)
 
@@ -141,12 +128,12 @@ def test_an_older_event_never_undoes_a_newer_version(stack: Any, lambda_app: Any
     with silent(stack):
         key = put_part(stack, dataset, "part.csv", generate_part(0, 10, seed=1))
     first = stack.aws.s3.head_object(Bucket=bucket, Key=key)["VersionId"]
-    lambda_app.handler(_notification(bucket, key), Ctx())
+    lambda_app.handler(s3_notification(bucket, key), Ctx())
     with silent(stack):
         put_part(stack, dataset, "part.csv", generate_part(0, 20, seed=2))
     second = stack.aws.s3.head_object(Bucket=bucket, Key=key)["VersionId"]
-    lambda_app.handler(_notification(bucket, key), Ctx())  # the new version's event
-    lambda_app.handler(_notification(bucket, key), Ctx())  # the first event, late
+    lambda_app.handler(s3_notification(bucket, key), Ctx())  # the new version's event
+    lambda_app.handler(s3_notification(bucket, key), Ctx())  # the first event, late
     part = state.get_part(dataset, key)
     assert part is not None and first != second and part.version_id == second
     accepted = [r["version_id"] for r in audit_records(stack, dataset) if r["event"] == "PART_ACCEPTED"]

@@ -1,0 +1,149 @@
+"""Pure pieces of the user-side commands: selection, status summary, upload plan, report, progress."""
+
+from __future__ import annotations
+
+import io
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from s3rollup.contract import ContractError
+from s3rollup.ops import plan_uploads, s3_notification, select, status_lines, summarize
+from s3rollup.progress import Progress, Waiting, bar_line
+from s3rollup.report import histogram, render_report
+from s3rollup.state import AGGREGATED, PENDING, REJECTED, Part
+
+FRAME = pd.DataFrame(
+    {
+        "category": [1, 2, 3],
+        "rows": [4, 1, 9],
+        "value1_mean": [0.5, 1.5, math.nan],
+        "value1_std": [1.0, math.nan, 2.0],
+    }
+)
+
+
+def test_select_keeps_the_group_key_and_the_asked_columns_and_groups() -> None:
+    got = select(FRAME, ["category"], ["3", "1"], ["value1_mean"])
+    assert list(got.columns) == ["category", "value1_mean"]
+    assert got["category"].tolist() == [1, 3]
+
+
+def test_select_names_unknown_columns_and_groups() -> None:
+    with pytest.raises(ContractError) as col:
+        select(FRAME, ["category"], [], ["nope"])
+    assert col.value.code == "UNKNOWN_COLUMN" and "value1_mean" in str(col.value)
+    with pytest.raises(ContractError) as grp:
+        select(FRAME, ["category"], ["7"], [])
+    assert grp.value.code == "UNKNOWN_GROUP" and "7" in str(grp.value)
+
+
+def _part(key: str, status: str, version: str = "v1", reason: str = "") -> Part:
+    return Part("ds", key, version, "e", 10, status, reason)
+
+
+def _rec(event: str, time: str, **fields: object) -> dict[str, object]:
+    return {"event": event, "time": time, **fields}
+
+
+def test_summary_of_an_up_to_date_dataset_measures_the_lag_of_its_newest_part() -> None:
+    parts = [_part("a", AGGREGATED), _part("b", AGGREGATED), _part("c", REJECTED, reason="BAD_VALUE")]
+    records = [
+        _rec("PART_ACCEPTED", "2026-01-01T00:00:00.000000Z", key="a", version_id="v1"),
+        _rec("PART_ACCEPTED", "2026-01-01T00:00:10.000000Z", key="b", version_id="v1"),
+        _rec("PART_REJECTED", "2026-01-01T00:00:11.000000Z", key="c", version_id="v1", detail={"line": 3}),
+        _rec("JOB_FINISHED", "2026-01-01T00:00:20.000000Z", job_id="j1"),
+    ]
+    manifest = {
+        "generated_at": "2026-01-01T00:00:14.500+00:00",
+        "job_id": "j1",
+        "rows": 5,
+        "groups": 2,
+        "parts": [{"key": "a", "version_id": "v1"}, {"key": "b", "version_id": "v1"}],
+    }
+    listed = [("a", "v1"), ("b", "v1"), ("c", "v1")]
+    s = summarize(parts, records, manifest, datetime(2026, 1, 1, 1, tzinfo=UTC), listed)
+    assert s["parts"] == {"AGGREGATED": 2, "REJECTED": 1}
+    assert s["lag"] == {"up_to_date": True, "waiting_parts": 0, "undecided_parts": 0, "seconds": 4.5}
+    assert s["last_job"] == {"job_id": "j1", "event": "JOB_FINISHED", "time": "2026-01-01T00:00:20.000000Z"}
+    assert s["quarantined"] == [{"key": "c", "version_id": "v1", "reason": "BAD_VALUE", "line": 3}]
+    assert "quarantined c: BAD_VALUE line 3" in status_lines("ds", s)
+    # An object in the bucket without a decision (its event not handled yet): not up to date.
+    later = summarize(parts, records, manifest, datetime(2026, 1, 1, 1, tzinfo=UTC), [*listed, ("d", "v9")])
+    assert later["lag"]["up_to_date"] is False and later["lag"]["undecided_parts"] == 1
+
+
+def test_summary_of_a_dataset_behind_its_parts_counts_the_waiting_time() -> None:
+    parts = [_part("a", AGGREGATED), _part("b", PENDING, version="v2")]
+    records = [
+        _rec("PART_ACCEPTED", "2026-01-01T00:00:00.000000Z", key="a", version_id="v1"),
+        _rec("PART_ACCEPTED", "2026-01-01T00:00:30.000000Z", key="b", version_id="v2"),
+    ]
+    manifest = {
+        "generated_at": "2026-01-01T00:00:05+00:00",
+        "rows": 1,
+        "groups": 1,
+        "parts": [{"key": "a", "version_id": "v1"}, {"key": "b", "version_id": "v1"}],
+    }
+    s = summarize(parts, records, manifest, datetime(2026, 1, 1, 0, 1, tzinfo=UTC))
+    assert s["lag"] == {"up_to_date": False, "waiting_parts": 1, "undecided_parts": 0, "seconds": 30.0}
+    assert s["last_job"] is None and s["result"]["parts"] == 2
+
+
+def test_upload_plan_refuses_missing_files_and_clashing_names_before_uploading(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "p.csv").write_text("x")
+    (tmp_path / "p.csv").write_text("y")
+    assert [u.key for u in plan_uploads([str(tmp_path / "p.csv")], "ds")] == ["incoming/ds/p.csv"]
+    with pytest.raises(FileNotFoundError):
+        plan_uploads([str(tmp_path / "p.csv"), str(tmp_path / "gone.csv")], "ds")
+    with pytest.raises(ContractError) as clash:
+        plan_uploads([str(tmp_path / "p.csv"), str(tmp_path / "a" / "p.csv")], "ds")
+    assert clash.value.code == "DUPLICATE_NAME"
+    with pytest.raises(ContractError):
+        plan_uploads([str(tmp_path / "p.csv")], "Bad/Name")
+
+
+def test_rebuild_notification_url_encodes_the_key_as_s3_does() -> None:
+    from s3rollup.ingest import parse_notification
+
+    [event] = parse_notification(s3_notification("b", "incoming/ds/a part+1.csv"))
+    assert event.key == "incoming/ds/a part+1.csv" and event.bucket == "b"
+
+
+def test_report_escapes_names_and_draws_every_group() -> None:
+    manifest = {"contract": {"group_by": ["category"], "values": ["value1"]}, "parts": [], "rows": 14}
+    page = render_report("d<s>", manifest, FRAME)
+    assert "d&lt;s&gt;" in page and "<s>" not in page
+    chart = page.split('id="chart-mean-value1"', 1)[1].split("</svg>", 1)[0]
+    assert chart.count("<circle") == 2  # the NaN mean has no point
+    assert page.split("<tbody>", 1)[1].count("<tr>") == 3 and '<td class="nan">NaN</td>' in page
+
+
+def test_histogram_counts_every_value_once() -> None:
+    bins = histogram([1, 2, 2, 3, 10], bins=3)
+    assert sum(c for _, _, c in bins) == 5 and bins[0][2] == 4 and bins[-1][2] == 1
+    assert histogram([5, 5]) == [(5, 5, 2)] and histogram([]) == []
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_draws_on_a_terminal_and_stays_quiet_in_a_pipe() -> None:
+    pipe, tty = io.StringIO(), _Tty()
+    for stream in (pipe, tty):
+        p = Progress("upload", 2048, stream=stream)
+        p.add(1024)
+        p.add(1024)
+        p.close()
+        w = Waiting("waiting", stream=stream)
+        w.tick("1/2")
+        w.close()
+    assert pipe.getvalue() == ""
+    assert "100.0%" in tty.getvalue() and "\r" in tty.getvalue() and "1/2" in tty.getvalue()
+    assert bar_line("x", 1, 4, width=4, unit="parts") == "x [#...]  25.0% 1/4"
