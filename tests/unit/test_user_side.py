@@ -147,3 +147,16 @@ def test_progress_draws_on_a_terminal_and_stays_quiet_in_a_pipe() -> None:
     assert pipe.getvalue() == ""
     assert "100.0%" in tty.getvalue() and "\r" in tty.getvalue() and "1/2" in tty.getvalue()
     assert bar_line("x", 1, 4, width=4, unit="parts") == "x [#...]  25.0% 1/4"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["demo"], ["up"], ["put"], ["status"], ["query"], ["rebuild"], ["report"], ["audit", "show"]],
+)
+def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from s3rollup.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    assert "usage: s3rollup" in capsys.readouterr().out
