@@ -248,11 +248,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write a self-contained HTML report of a dataset's published result."""
     from .report import render_report
 
-    aws, dataset, outputs = _context(args)
-    manifest, frame = read_result(aws, outputs["DataBucketName"], dataset)
     out = Path(args.output)
     if not out.parent.is_dir():
         raise CliError(f"{out.parent}: no such directory for the report", EXIT_NOT_FOUND)
+    aws, dataset, outputs = _context(args)
+    manifest, frame = read_result(aws, outputs["DataBucketName"], dataset)
     out.write_text(render_report(dataset, manifest, frame), encoding="utf-8")
     print(f"wrote {out} ({len(frame)} groups)", file=sys.stderr)
     return 0

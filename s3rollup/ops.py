@@ -17,6 +17,7 @@ from botocore.exceptions import ClientError
 
 from .aws import Aws
 from .contract import ContractError, parse_part_key, result_prefix
+from .errors import S3RollupError
 from .progress import Progress, Waiting
 from .state import AGGREGATED, PENDING, REJECTED, Part, State
 
@@ -292,7 +293,10 @@ def mark_stale(state: State, audit: Any, dataset: str, actor: str, attempts: int
         except Duplicate:
             continue  # a part changed under us: read the registry again
         return sorted(marked.values(), key=lambda p: p.key)
-    raise RuntimeError("parts kept changing while the rebuild was being requested; try again")
+    raise S3RollupError(
+        "parts kept changing while the rebuild was being requested: run `s3rollup rebuild` again",
+        "REBUILD_CONTENDED",
+    )
 
 
 def s3_notification(bucket: str, key: str) -> dict[str, Any]:

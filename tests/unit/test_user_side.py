@@ -160,3 +160,52 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
         main([*command, "--help"])
     assert exited.value.code == 0
     assert "usage: s3rollup" in capsys.readouterr().out
+
+
+class _Registry:
+    """The registry as mark_stale sees it: parts that are marked PENDING once marked."""
+
+    def __init__(self, parts: list[Part]) -> None:
+        self.items = {p.key: p for p in parts}
+
+    def parts(self, dataset: str) -> list[Part]:
+        return sorted(self.items.values(), key=lambda p: p.key)
+
+    def stale_item(self, part: Part) -> dict[str, object]:
+        return {"stale": part.key}
+
+
+class _Audit:
+    def __init__(self, registry: _Registry, fail: bool = False) -> None:
+        self.registry, self.fail = registry, fail
+        self.appends: list[tuple[str, object]] = []
+
+    def append(
+        self, chain: str, event: str, actor: str, extra_items: list[dict[str, str]], **f: object
+    ) -> None:
+        from s3rollup.audit import Duplicate
+
+        if self.fail:
+            raise Duplicate(0, {})
+        self.appends.append((event, f["parts"]))
+
+
+def test_mark_stale_audits_every_accepted_part_in_transactions_of_98() -> None:
+    from s3rollup.ops import mark_stale
+
+    parts = [_part(f"k{i:03d}", AGGREGATED) for i in range(200)] + [_part("bad", REJECTED)]
+    registry = _Registry(parts)
+    audit = _Audit(registry)
+    marked = mark_stale(registry, audit, "ds", "cli:test")
+    assert len(marked) == 200 and "bad" not in {p.key for p in marked}
+    assert audit.appends == [("REBUILD_REQUESTED", 98), ("REBUILD_REQUESTED", 98), ("REBUILD_REQUESTED", 4)]
+
+
+def test_mark_stale_gives_up_with_a_clear_error_when_parts_keep_changing() -> None:
+    from s3rollup.errors import S3RollupError
+    from s3rollup.ops import mark_stale
+
+    registry = _Registry([_part("a", AGGREGATED)])
+    with pytest.raises(S3RollupError) as err:
+        mark_stale(registry, _Audit(registry, fail=True), "ds", "cli:test")
+    assert err.value.code == "REBUILD_CONTENDED"
