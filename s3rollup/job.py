@@ -197,7 +197,10 @@ def dask_client(settings: Settings, work_bytes: int = 0) -> Iterator[Any]:
             n_workers=1,
             threads_per_worker=available_cpus(),
             processes=False,
-            dashboard_address=None,
+            # None still means distributed's default, every interface on :8787: the scheduler
+            # and the worker always serve HTTP. Loopback only, on free ports.
+            dashboard_address="127.0.0.1:0",
+            worker_dashboard_address="127.0.0.1:0",
         ) as cluster,
         Client(cluster) as client,
     ):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+
 import pytest
 
 from s3rollup.config import Settings
 from s3rollup.errors import ConfigError
-from s3rollup.job import available_cpus, fargate_cluster_kwargs
+from s3rollup.job import available_cpus, dask_client, fargate_cluster_kwargs
 
 BASE = {
     "S3ROLLUP_BUCKET": "data",
@@ -61,3 +65,20 @@ def test_local_cluster_is_sized_to_the_cpus_this_process_may_use() -> None:
     import os
 
     assert available_cpus() == len(os.sched_getaffinity(0))
+
+
+def _listening_addresses(pid: int) -> list[str]:
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[3] for line in out.splitlines() if f"pid={pid}," in line]
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to list sockets")
+def test_local_cluster_listens_on_loopback_only() -> None:
+    # GIVEN the job's default cluster (no scheduler address, no Fargate threshold)
+    with dask_client(Settings.from_env(BASE)) as client:
+        assert client.submit(sum, [1, 2]).result() == 3
+        # WHEN we list this process's listening sockets
+        addresses = _listening_addresses(os.getpid())
+    # THEN the scheduler's and the worker's HTTP servers are there, on 127.0.0.1 only
+    assert addresses
+    assert all(a.startswith("127.0.0.1:") for a in addresses), addresses
