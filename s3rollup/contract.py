@@ -235,6 +235,19 @@ def result_prefix(dataset: str) -> str:
     return f"{RESULTS}{dataset}/"
 
 
+# The published objects, by their name in the manifest. The Parquet file has a prefix of
+# its own so that a query engine given a location (Athena, Glue, Spark) finds Parquet only.
+RESULT_OBJECTS = {
+    "aggregate.parquet": "parquet/aggregate.parquet",
+    "aggregate.json": "aggregate.json",
+}
+
+
+def result_key(dataset: str, name: str) -> str:
+    """The key of one published object ("aggregate.parquet", "aggregate.json", "manifest.json")."""
+    return result_prefix(dataset) + RESULT_OBJECTS.get(name, name)
+
+
 def quarantine_key(part: PartKey) -> str:
     """Where a rejected part is copied to."""
     return f"{QUARANTINE}{part.dataset}/{part.name}"

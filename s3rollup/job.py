@@ -5,7 +5,7 @@ One job per dataset at a time (the lease in the state table). A job:
 2. computes a partial aggregate for each accepted part whose partial is missing or stale,
    one Dask task per part, stored as partials/<dataset>/<part-id>.parquet;
 3. merges the partials of all current parts and publishes results/<dataset>/
-   (aggregate.parquet, aggregate.json, then manifest.json naming the exact object
+   (parquet/aggregate.parquet, aggregate.json, then manifest.json naming the exact object
    versions, so a reader that starts from the manifest never mixes two results);
 4. before giving the lease back, picks up parts that arrived meanwhile.
 
@@ -46,7 +46,7 @@ from .contract import (
     parse_part_key,
     partial_key,
     quarantine_key,
-    result_prefix,
+    result_key,
 )
 from .errors import S3RollupError
 from .ingest import Ingest
@@ -435,7 +435,6 @@ class Job:
         )
         merged = merge_partials(self._load_partials(parts), contract)
         final = finalize(merged, contract)
-        prefix = result_prefix(self.dataset)
         s3, bucket = self.aws.s3, self.settings.bucket
         sse = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.settings.kms_key_arn}
 
@@ -452,9 +451,10 @@ class Job:
             ("aggregate.parquet", parquet, "application/vnd.apache.parquet"),
             ("aggregate.json", as_json, "application/json"),
         ):
-            put = s3.put_object(Bucket=bucket, Key=prefix + name, Body=data, ContentType=ctype, **sse)
+            key = result_key(self.dataset, name)
+            put = s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType=ctype, **sse)
             objects[name] = {
-                "key": prefix + name,
+                "key": key,
                 "version_id": put.get("VersionId", "null"),
                 "sha256": sha256_hex(data),
                 "bytes": len(data),
@@ -490,13 +490,13 @@ class Job:
         data = json.dumps(manifest, indent=2).encode()
         put = s3.put_object(
             Bucket=bucket,
-            Key=prefix + "manifest.json",
+            Key=result_key(self.dataset, "manifest.json"),
             Body=data,
             ContentType="application/json",
             **sse,
         )
         objects["manifest.json"] = {
-            "key": prefix + "manifest.json",
+            "key": result_key(self.dataset, "manifest.json"),
             "version_id": put.get("VersionId", "null"),
             "sha256": sha256_hex(data),
         }

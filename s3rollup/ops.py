@@ -16,7 +16,7 @@ from urllib.parse import quote_plus
 from botocore.exceptions import ClientError
 
 from .aws import Aws
-from .contract import ContractError, parse_part_key, result_prefix
+from .contract import ContractError, parse_part_key, result_key
 from .errors import S3RollupError
 from .progress import Progress, Waiting
 from .state import AGGREGATED, PENDING, REJECTED, Part, State
@@ -30,7 +30,7 @@ MIB = 1 << 20
 def read_manifest(aws: Aws, bucket: str, dataset: str) -> dict[str, Any] | None:
     """The dataset's published manifest, or None when nothing is published yet."""
     try:
-        raw = aws.s3.get_object(Bucket=bucket, Key=result_prefix(dataset) + "manifest.json")["Body"].read()
+        raw = aws.s3.get_object(Bucket=bucket, Key=result_key(dataset, "manifest.json"))["Body"].read()
     except ClientError as exc:
         if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
             return None

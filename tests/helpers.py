@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from s3rollup.contract import result_key
 from s3rollup.demo import to_csv_bytes, wait_for_manifest
 from s3rollup.ops import read_manifest
 
@@ -48,7 +49,7 @@ def wait_manifest(stack: Any, dataset: str, keys: set[str], timeout: float = 120
 def result_frame(stack: Any, dataset: str) -> pd.DataFrame:
     """The published aggregate.parquet."""
     raw = stack.aws.s3.get_object(
-        Bucket=stack.info.outputs["DataBucketName"], Key=f"results/{dataset}/aggregate.parquet"
+        Bucket=stack.info.outputs["DataBucketName"], Key=result_key(dataset, "aggregate.parquet")
     )["Body"].read()
     return pd.read_parquet(io.BytesIO(raw))
 

@@ -61,6 +61,16 @@ def test_result_equals_pandas_complex_operation(stack: Any, flow: dict[str, Any]
     assert np.isnan(result.set_index("category").loc[5000, "value1_std"])
 
 
+def test_parquet_result_prefix_holds_parquet_only(stack: Any, flow: dict[str, Any]) -> None:
+    # Query engines given a location (Athena, Glue, Spark) read every object under it.
+    listed = stack.aws.s3.list_objects_v2(
+        Bucket=stack.info.outputs["DataBucketName"], Prefix=f"results/{flow['dataset']}/parquet/"
+    )
+    keys = [o["Key"] for o in listed.get("Contents", [])]
+    assert keys == [f"results/{flow['dataset']}/parquet/aggregate.parquet"]
+    assert flow["manifest"]["objects"]["aggregate.parquet"]["key"] == keys[0]
+
+
 def test_manifest_lists_every_accepted_part_with_rows_and_versions(flow: dict[str, Any]) -> None:
     parts = {p["key"]: p for p in flow["manifest"]["parts"]}
     assert set(parts) == flow["keys"]
