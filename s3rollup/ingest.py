@@ -35,7 +35,7 @@ from .contract import (
     parse_part_key,
     quarantine_key,
 )
-from .errors import AwsError
+from .errors import AwsError, S3RollupError
 from .launch import Launcher
 from .state import PENDING, REJECTED, REMOVED, State
 
@@ -123,14 +123,19 @@ class RangeReader:
 
 
 class Ingest:
-    """Decides on parts, records the decisions, and makes sure a job runs for the dataset."""
+    """Decides on parts, records the decisions, and makes sure a job runs for the dataset.
+
+    Without a launcher (the job's own reconcile, under the lease it holds) it decides and
+    records only: it never touches a lease, since taking a free or expired one would make a
+    job that never runs.
+    """
 
     def __init__(
         self,
         settings: Settings,
         s3: Any,
         dynamodb: Any,
-        launcher: Launcher,
+        launcher: Launcher | None,
         limits: validate.Limits | None = None,
         contract_ttl: float = 30.0,
     ) -> None:
@@ -157,21 +162,40 @@ class Ingest:
             if exc.code == "NOT_INCOMING":
                 return Outcome("IGNORED", reason=exc.code)
             return self._unroutable(event, exc, actor)
-        return self.sync(part, actor)
+        try:
+            return self.sync(part, actor)
+        except Exception as exc:
+            # The message goes back to the queue (and, after its last try, to the DLQ): say so
+            # in the dataset's chain, so no failed delivery is only a log line.
+            self._audit_failure(part, exc, actor)
+            raise
+
+    def _audit_failure(self, part: PartKey, exc: Exception, actor: str) -> None:
+        code = exc.code if isinstance(exc, S3RollupError) else type(exc).__name__
+        log.error("ingest failed", extra={"dataset": part.dataset, "part_id": part.part_id, "reason": code})
+        try:
+            self.audit.append(part.dataset, "INGEST_FAILED", actor, key=part.key, reason=code)
+        except Exception as audit_exc:  # the audit table may be what is failing
+            log.error(
+                "ingest failure not audited",
+                extra={"dataset": part.dataset, "reason": type(audit_exc).__name__},
+            )
 
     def sync(self, part: PartKey, actor: str) -> Outcome:
         """Bring the registry in line with the key's current state, then ensure a job."""
         head = self._head(part.key)
         outcome = self._removed(part, actor) if head is None else self._decide(part, head, actor)
-        if outcome.decision in ("ACCEPTED", "REMOVED") or (
-            outcome.decision == "DUPLICATE" and outcome.reason == PENDING
+        if self.launcher is not None and (
+            outcome.decision in ("ACCEPTED", "REMOVED")
+            or (outcome.decision == "DUPLICATE" and outcome.reason == PENDING)
         ):
             job = self.ensure_job(part.dataset, actor)
             return Outcome(outcome.decision, outcome.dataset, outcome.reason, job)
         return outcome
 
     def reconcile(self, dataset: str, actor: str) -> list[Outcome]:
-        """Compare incoming/<dataset>/ with the registry and decide on every difference."""
+        """Compare incoming/<dataset>/ with the registry and decide on every difference; then
+        ensure a job while any registered part still waits for one."""
         listed = {o["Key"]: o for o in self.list_current(dataset)}
         registered = {p.key: p for p in self.state.parts(dataset)}
         outcomes = []
@@ -187,6 +211,10 @@ class Ingest:
             if obj is None and (reg is None or reg.status == REMOVED):
                 continue
             outcomes.append(self.sync(parse_part_key(key), actor))
+        # A part whose launch failed for good (its message went to the DLQ) is still PENDING:
+        # without this it would wait for the dataset's next event.
+        if self.launcher is not None and not any(o.job for o in outcomes) and self.state.waiting(dataset):
+            self.ensure_job(dataset, actor)
         return outcomes
 
     def list_current(self, dataset: str) -> Iterable[dict[str, Any]]:
@@ -355,6 +383,8 @@ class Ingest:
 
     def ensure_job(self, dataset: str, actor: str) -> str:
         """Start a job for the dataset unless one holds its lease (that one picks the part up)."""
+        if self.launcher is None:
+            raise S3RollupError("this Ingest has no launcher: it cannot start jobs", "NO_LAUNCHER")
         job_id = uuid.uuid4().hex
         if not self.state.acquire_lease(dataset, job_id, self.settings.lease_seconds):
             return ""

@@ -52,7 +52,7 @@ from .errors import S3RollupError
 from .ingest import Ingest
 from .logs import configure
 from .parse import PartError, detect_format, read_part
-from .state import AGGREGATED, Part, State
+from .state import AGGREGATED, LeaseKeeper, Part, State
 from .stats import finalize, merge_partials, partial_from_frame
 
 log = logging.getLogger("s3rollup.job")
@@ -216,13 +216,6 @@ def task_actor() -> str:
     return f"local:{socket.gethostname()}:{os.getpid()}"
 
 
-class _NoLaunch:
-    """The job itself holds the lease: reconciling must not start another job."""
-
-    def launch(self, dataset: str, job_id: str) -> str:
-        return ""
-
-
 class Job:
     """One job for one dataset."""
 
@@ -231,7 +224,7 @@ class Job:
         self.dataset, self.job_id, self.actor = check_dataset(dataset), job_id, actor
         self.audit = AuditLog(aws.dynamodb, settings.audit_table)
         self.state = State(aws.dynamodb, settings.state_table)
-        self.ingest = Ingest(settings, aws.s3, aws.dynamodb, _NoLaunch())
+        self.ingest = Ingest(settings, aws.s3, aws.dynamodb, launcher=None)  # never touches the lease
         self.rounds = 0
         self.rows_aggregated = 0
         self.parts_aggregated = 0
@@ -250,10 +243,12 @@ class Job:
             todo = self._pending()
             with dask_client(self.settings, sum(p.size for p in todo)) as client:
                 while True:
-                    self.round(client, todo)
+                    lease = LeaseKeeper(self.state, self.dataset, self.job_id, self.settings.lease_seconds)
+                    with lease:
+                        self.round(client, todo, lease)
                     self.state.release_lease(self.dataset, self.job_id)
                     # Parts registered while we worked found the lease taken: they are ours.
-                    if not self._waiting() or not self.state.acquire_lease(
+                    if not self.state.waiting(self.dataset) or not self.state.acquire_lease(
                         self.dataset, self.job_id, self.settings.lease_seconds
                     ):
                         break
@@ -297,19 +292,17 @@ class Job:
             },
         )
 
-    def _waiting(self) -> bool:
-        return any(p.needs_partial for p in self.state.parts(self.dataset))
-
     def _pending(self) -> list[Part]:
         """Reconcile with the bucket, then the parts whose partial is missing or stale.
 
-        Only while the lease is held: ingest's reconcile would otherwise take a free lease.
+        The job holds the lease: reconciling here starts no job and never touches the lease.
         """
         self.ingest.reconcile(self.dataset, self.actor)
         return [p for p in self.state.parts(self.dataset) if p.needs_partial]
 
-    def round(self, client: Any, todo: list[Part]) -> None:
-        """Compute the partials of todo, merge all current partials and publish."""
+    def round(self, client: Any, todo: list[Part], lease: LeaseKeeper) -> None:
+        """Compute the partials of todo, merge all current partials and publish (while the
+        lease is ours: a job that lost it fails rather than race the job that holds it)."""
         self.rounds += 1
         contract = self.ingest.contract(self.dataset)
         tasks = [
@@ -324,10 +317,10 @@ class Job:
             for p in todo
         ]
         results = client.gather(client.map(compute_partial, tasks, pure=False)) if tasks else []
+        lease.check()
         by_key = {p.key: p for p in todo}
         for res in results:
             self._record_partial(by_key[res["key"]], res)
-        self.state.renew_lease(self.dataset, self.job_id, self.settings.lease_seconds)
         self.publish(contract)
 
     def _record_partial(self, part: Part, res: dict[str, Any]) -> None:

@@ -9,11 +9,17 @@ Items (pk, sk):
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from botocore.exceptions import ClientError
+
+from .errors import S3RollupError
+
+log = logging.getLogger(__name__)
 
 PENDING, AGGREGATED, REJECTED, REMOVED = "PENDING", "AGGREGATED", "REJECTED", "REMOVED"
 
@@ -213,6 +219,10 @@ class State:
                 return out
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
+    def waiting(self, dataset: str) -> bool:
+        """True when a registered part of the dataset still needs its partial computed."""
+        return any(p.needs_partial for p in self.parts(dataset))
+
     # ---- lease ------------------------------------------------------------------------------
 
     def _lease_key(self, dataset: str) -> dict[str, Any]:
@@ -281,3 +291,39 @@ class State:
         if not item:
             return None
         return {"job_id": item["job_id"]["S"], "expires": int(item["expires"]["N"])}
+
+
+class LeaseKeeper:
+    """Renews a job's lease every third of its length while the job works, so a job longer
+    than the lease keeps it; ``check`` fails once the lease is someone else's."""
+
+    def __init__(self, state: State, dataset: str, job_id: str, seconds: int) -> None:
+        self.state, self.dataset, self.job_id, self.seconds = state, dataset, job_id, seconds
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="s3rollup-lease", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(self.seconds / 3, 0.1)):
+            try:
+                if not self.state.renew_lease(self.dataset, self.job_id, self.seconds):
+                    self.lost.set()
+                    return
+            except Exception as exc:  # a failed renewal is retried; the lease has time left
+                log.warning(
+                    "lease renewal failed", extra={"dataset": self.dataset, "error": type(exc).__name__}
+                )
+
+    def check(self) -> None:
+        """Raise LEASE_LOST unless the lease is still ours (renewing it now)."""
+        if self.lost.is_set() or not self.state.renew_lease(self.dataset, self.job_id, self.seconds):
+            self.lost.set()
+            raise S3RollupError("the job's lease was taken by another job", "LEASE_LOST")

@@ -164,5 +164,10 @@ def test_a_failed_launch_returns_the_message_and_the_redelivery_launches(
     finally:
         service.launcher = original
     assert len(Up.launched) == 1
-    events = [r["event"] for r in audit_records(stack, dataset)]
-    assert events == ["PART_ACCEPTED", "JOB_LAUNCHED"]
+    # ... and the failed delivery is on the record with its reason, not only in a log
+    events = [(r["event"], r.get("reason")) for r in audit_records(stack, dataset)]
+    assert events == [
+        ("PART_ACCEPTED", "OK"),
+        ("INGEST_FAILED", "RUN_TASK_EXHAUSTED"),
+        ("JOB_LAUNCHED", None),
+    ]
