@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from s3rollup.contract import result_key
 from s3rollup.demo import to_csv_bytes, wait_for_manifest
-from s3rollup.ops import read_manifest
+from s3rollup.ops import read_manifest, s3_notification
 
 
 def put_part(stack: Any, dataset: str, name: str, body: bytes | pd.DataFrame) -> str:
@@ -93,3 +96,81 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subpr
         timeout=timeout,
         check=False,
     )
+
+
+class LambdaCtx:
+    """The parts of Lambda's context the handler reads."""
+
+    aws_request_id = "req-test"
+    function_name = "IngestFunction"
+    memory_limit_in_mb = 512
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:IngestFunction"
+
+
+def notification(bucket: str, key: str, event_name: str = "ObjectCreated:Put") -> dict[str, Any]:
+    """The S3 notification for one key, as S3 sends it (key URL-encoded, no version id)."""
+    body = s3_notification(bucket, key)
+    body["Records"][0]["eventName"] = event_name
+    return body
+
+
+def sqs_event(bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    """The SQS event Lambda passes for a batch of message bodies."""
+    return {
+        "Records": [
+            {
+                "messageId": f"m-{i}",
+                "receiptHandle": f"r-{i}",
+                "body": json.dumps(b),
+                "attributes": {"ApproximateReceiveCount": "1"},
+                "messageAttributes": {},
+                "md5OfBody": "",
+                "eventSource": "aws:sqs",
+                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:q",
+                "awsRegion": "us-east-1",
+            }
+            for i, b in enumerate(bodies)
+        ]
+    }
+
+
+def wait_published(
+    stack: Any, dataset: str, versions: dict[str, str], timeout: float = 120
+) -> dict[str, Any]:
+    """Wait until the manifest lists exactly these keys at exactly these versions."""
+    from tests.conftest import wait_for
+
+    def published() -> dict[str, Any] | None:
+        m = manifest(stack, dataset)
+        if m and {p["key"]: p["version_id"] for p in m["parts"]} == versions:
+            return m
+        return None
+
+    result: dict[str, Any] = wait_for(published, timeout=timeout)
+    return result
+
+
+@contextlib.contextmanager
+def dask_processes(tmp_path: Path, workers: int) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """A `dask scheduler` and `workers` single-thread `dask worker` processes on 127.0.0.1;
+    yields the scheduler address and the worker processes."""
+    bin_dir = Path(sys.executable).parent
+    sched_file = tmp_path / "scheduler.json"
+    quiet: dict[str, Any] = {"env": dict(os.environ), "stdout": subprocess.DEVNULL}
+    quiet["stderr"] = subprocess.DEVNULL
+    dask, on = str(bin_dir / "dask"), ["--scheduler-file", str(sched_file), "--no-dashboard"]
+    scheduler = subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", *on], **quiet)
+    deadline = time.monotonic() + 60
+    while not sched_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    procs = [
+        subprocess.Popen([dask, "worker", "--host", "127.0.0.1", "--nthreads", "1", *on], **quiet)
+        for _ in range(workers)
+    ]
+    try:
+        yield json.loads(sched_file.read_text())["address"], procs
+    finally:
+        for p in [*procs, scheduler]:
+            p.terminate()
+        for p in [*procs, scheduler]:
+            p.wait(timeout=30)

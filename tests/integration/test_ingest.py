@@ -17,41 +17,23 @@ from s3rollup.config import Settings
 from s3rollup.demo import generate_part, to_csv_bytes
 from s3rollup.ingest import Ingest, S3Event
 from s3rollup.launch import EcsLauncher
-from s3rollup.ops import s3_notification
 from s3rollup.reference import complex_operation
 from s3rollup.state import State
 from tests.conftest import ROOT
-from tests.helpers import audit_records, put_part, result_frame, silent, wait_manifest
+from tests.helpers import (
+    LambdaCtx,
+    audit_records,
+    notification,
+    put_part,
+    result_frame,
+    silent,
+    sqs_event,
+    wait_manifest,
+)
 
 pytestmark = pytest.mark.integration
 
 CORPUS = ROOT / "tests" / "corpus"
-
-
-class Ctx:
-    aws_request_id = "req-ingest-test"
-    function_name = "IngestFunction"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:IngestFunction"
-
-
-def _sqs_event(bodies: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "Records": [
-            {
-                "messageId": f"m-{i}",
-                "receiptHandle": f"r-{i}",
-                "body": json.dumps(b),
-                "attributes": {"ApproximateReceiveCount": "1"},
-                "messageAttributes": {},
-                "md5OfBody": "",
-                "eventSource": "aws:sqs",
-                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:q",
-                "awsRegion": "us-east-1",
-            }
-            for i, b in enumerate(bodies)
-        ]
-    }
 
 
 def _hold_lease(stack: Any, dataset: str) -> State:
@@ -70,9 +52,9 @@ def test_bad_input_corpus_is_quarantined_with_its_own_reason_and_audited(
         keys = {
             name: put_part(stack, dataset, name, (CORPUS / "bad" / name).read_bytes()) for name in expected
         }
-    bodies = [s3_notification(bucket, key) for key in keys.values()]
+    bodies = [notification(bucket, key) for key in keys.values()]
     for i in range(0, len(bodies), 10):  # the function's batch size
-        assert lambda_app.handler(_sqs_event(bodies[i : i + 10]), Ctx()) == {"batchItemFailures": []}
+        assert lambda_app.handler(sqs_event(bodies[i : i + 10]), LambdaCtx()) == {"batchItemFailures": []}
     rejected = {r["key"]: r["reason"] for r in audit_records(stack, dataset) if r["event"] == "PART_REJECTED"}
     assert rejected == {keys[name]: code for name, code in expected.items()}
     assert len(set(expected.values())) >= 20
@@ -92,7 +74,7 @@ def test_good_corpus_is_accepted(stack: Any, lambda_app: Any, dataset: str) -> N
     with silent(stack):
         keys = [put_part(stack, dataset, p.name, p.read_bytes()) for p in sorted((CORPUS / "good").iterdir())]
     for key in keys:
-        lambda_app.handler(s3_notification(bucket, key), Ctx())
+        lambda_app.handler(notification(bucket, key), LambdaCtx())
     accepted = [r["key"] for r in audit_records(stack, dataset) if r["event"] == "PART_ACCEPTED"]
     assert sorted(accepted) == sorted(keys)
 
@@ -128,12 +110,12 @@ def test_an_older_event_never_undoes_a_newer_version(stack: Any, lambda_app: Any
     with silent(stack):
         key = put_part(stack, dataset, "part.csv", generate_part(0, 10, seed=1))
     first = stack.aws.s3.head_object(Bucket=bucket, Key=key)["VersionId"]
-    lambda_app.handler(s3_notification(bucket, key), Ctx())
+    lambda_app.handler(notification(bucket, key), LambdaCtx())
     with silent(stack):
         put_part(stack, dataset, "part.csv", generate_part(0, 20, seed=2))
     second = stack.aws.s3.head_object(Bucket=bucket, Key=key)["VersionId"]
-    lambda_app.handler(s3_notification(bucket, key), Ctx())  # the new version's event
-    lambda_app.handler(s3_notification(bucket, key), Ctx())  # the first event, late
+    lambda_app.handler(notification(bucket, key), LambdaCtx())  # the new version's event
+    lambda_app.handler(notification(bucket, key), LambdaCtx())  # the first event, late
     part = state.get_part(dataset, key)
     assert part is not None and first != second and part.version_id == second
     accepted = [r["version_id"] for r in audit_records(stack, dataset) if r["event"] == "PART_ACCEPTED"]
@@ -234,4 +216,4 @@ def test_every_event_file_is_handled(stack: Any, lambda_app: Any, dataset: str) 
     for path in sorted(Path(ROOT / "events").glob("*.json")):
         text = path.read_text().replace("s3rollup-data-123456789012-us-east-1", bucket)
         event = json.loads(text.replace("incoming/sales/", f"incoming/{dataset}/"))
-        assert lambda_app.handler(event, Ctx()) == {"batchItemFailures": []}, path.name
+        assert lambda_app.handler(event, LambdaCtx()) == {"batchItemFailures": []}, path.name

@@ -5,10 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,7 +19,7 @@ from s3rollup.demo import compare, generate_part, to_csv_bytes
 from s3rollup.job import Job
 from s3rollup.reference import complex_operation, reference_for
 from s3rollup.stats import to_reference_shape
-from tests.helpers import put_part, result_frame, silent, wait_manifest
+from tests.helpers import dask_processes, put_part, result_frame, silent, wait_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -84,55 +80,8 @@ def test_contract_and_minimum_group_size_are_applied(stack: Any, dataset: str) -
 @pytest.fixture()
 def dask_scheduler(tmp_path: Path) -> Any:
     """A real `dask scheduler` and `dask worker` on 127.0.0.1 (separate processes)."""
-    bin_dir = Path(sys.executable).parent
-    sched_file = tmp_path / "scheduler.json"
-    env = dict(os.environ)
-    procs = [
-        subprocess.Popen(
-            [
-                str(bin_dir / "dask"),
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--no-dashboard",
-                "--scheduler-file",
-                str(sched_file),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    ]
-    deadline = time.monotonic() + 60
-    while not sched_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    procs.append(
-        subprocess.Popen(
-            [
-                str(bin_dir / "dask"),
-                "worker",
-                "--scheduler-file",
-                str(sched_file),
-                "--host",
-                "127.0.0.1",
-                "--nthreads",
-                "2",
-                "--no-dashboard",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    )
-    try:
-        yield json.loads(sched_file.read_text())["address"]
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+    with dask_processes(tmp_path, workers=1) as (address, _):
+        yield address
 
 
 def test_a_job_runs_on_an_existing_dask_scheduler(stack: Any, dataset: str, dask_scheduler: str) -> None:

@@ -1,0 +1,220 @@
+"""Faults: duplicated, reordered and lost events; crashes of the dispatcher, the worker and a
+Dask worker. Each ends with the published result equal to pandas over exactly the parts
+that exist, every part version counted once."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from s3rollup.aws import Aws
+from s3rollup.config import Settings
+from s3rollup.demo import compare, generate_part, to_csv_bytes
+from s3rollup.job import Job
+from s3rollup.launch import LocalLauncher
+from s3rollup.local import Dispatcher
+from s3rollup.reference import complex_operation
+from s3rollup.state import State
+from tests.conftest import wait_for
+from tests.helpers import (
+    LambdaCtx,
+    audit_records,
+    dask_processes,
+    notification,
+    result_frame,
+    silent,
+    sqs_event,
+    wait_published,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+
+def _put(stack: Any, key: str, frame: pd.DataFrame) -> str:
+    """Upload as a producer does; return the new version id."""
+    put = stack.aws.s3.put_object(
+        Bucket=stack.info.outputs["DataBucketName"],
+        Key=key,
+        Body=to_csv_bytes(frame),
+        ServerSideEncryption="aws:kms",
+        SSEKMSKeyId=stack.info.outputs["DataKeyArn"],
+    )
+    return str(put["VersionId"])
+
+
+def _upload_silently(
+    stack: Any, dataset: str, parts: int, rows: int, seed: int
+) -> dict[str, tuple[str, pd.DataFrame]]:
+    """Upload generated parts with no S3 event; return key -> (version id, frame)."""
+    final = {}
+    with silent(stack):
+        for i in range(parts):
+            frame = generate_part(i, rows, seed=seed)
+            key = f"incoming/{dataset}/p{i:02d}.csv"
+            final[key] = (_put(stack, key, frame), frame)
+    return final
+
+
+def assert_result_is(stack: Any, dataset: str, final: dict[str, tuple[str, pd.DataFrame]]) -> dict[str, Any]:
+    """The manifest names exactly these versions, the aggregate equals pandas over their rows,
+    and no part version was accepted or aggregated twice."""
+    published = wait_published(stack, dataset, {k: v for k, (v, _) in final.items()})
+    expected = complex_operation(pd.concat([f for _, f in final.values()], ignore_index=True))
+    assert compare(result_frame(stack, dataset), expected) == []
+    assert published["rows"] == sum(len(f) for _, f in final.values())
+    records = audit_records(stack, dataset)
+    for event in ("PART_ACCEPTED", "PART_AGGREGATED"):
+        counts = Counter((r["key"], r["version_id"]) for r in records if r["event"] == event)
+        assert all(n == 1 for n in counts.values()), (event, counts)
+    return published
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_duplicated_shuffled_events_with_overwrites_and_deletes(
+    stack: Any, lambda_app: Any, dataset: str, seed: int
+) -> None:
+    rng = random.Random(seed)
+    bucket = stack.info.outputs["DataBucketName"]
+    keys = [f"incoming/{dataset}/part-{i}.csv" for i in range(6)]
+    final: dict[str, tuple[str, pd.DataFrame]] = {}
+    events: list[dict[str, Any]] = []
+    # GIVEN 24 writes and deletes; S3 would send one event each, but moto sends none for
+    # a delete and here half of them are lost on the way too
+    with silent(stack):
+        for step in range(24):
+            key = rng.choice(keys) if step < 23 else keys[0]
+            if key in final and rng.random() < 0.3:
+                stack.aws.s3.delete_object(Bucket=bucket, Key=key)
+                del final[key]
+                if rng.random() < 0.5:
+                    events.append(notification(bucket, key, "ObjectRemoved:DeleteMarkerCreated"))
+                continue
+            frame = generate_part(step, rng.randint(20, 300), seed=seed)
+            final[key] = (_put(stack, key, frame), frame)
+            events.append(notification(bucket, key))
+    # WHEN every event arrives 1-5 times, in any order, in batches of the function's size
+    deliveries = [e for e in events for _ in range(rng.randint(1, 5))]
+    rng.shuffle(deliveries)
+    for i in range(0, len(deliveries), 10):
+        assert lambda_app.handler(sqs_event(deliveries[i : i + 10]), LambdaCtx()) == {"batchItemFailures": []}
+    stack.dispatcher.reconcile()  # the periodic reconcile: lost delete events
+    # THEN the result is exactly the parts that exist now
+    assert_result_is(stack, dataset, final)
+
+
+class Killed(BaseException):
+    """The process dies here: nothing after this line runs, no handler catches it."""
+
+
+def _drain(dispatcher: Any) -> None:
+    """Poll until the queue has no message, visible or in flight."""
+    sqs = dispatcher.aws.client("sqs")
+
+    def empty() -> bool:
+        dispatcher.poll_once(wait_seconds=1)
+        attrs = sqs.get_queue_attributes(
+            QueueUrl=dispatcher.queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return all(v == "0" for v in attrs.values())
+
+    wait_for(empty, timeout=60, interval=0)
+
+
+def test_a_dispatcher_killed_mid_batch_loses_and_double_counts_nothing(stack: Any, dataset: str) -> None:
+    sqs, bucket = stack.aws.client("sqs"), stack.info.outputs["DataBucketName"]
+    # A queue of this test's own (1 s visibility timeout, DLQ after 5 receives, as the stack's)
+    dlq = sqs.create_queue(QueueName=f"{dataset}-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
+    queue = sqs.create_queue(
+        QueueName=dataset, Attributes={"VisibilityTimeout": "1", "RedrivePolicy": redrive}
+    )["QueueUrl"]
+    final = _upload_silently(stack, dataset, 12, 200, seed=13)
+    for key in [*final, *final]:  # every event twice
+        sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(notification(bucket, key)))
+
+    first = Dispatcher(stack.info, stack.aws, reconcile_every=0)
+    first.queue_url = queue
+    service, calls = first.app.service(), []
+    decide = service.handle
+
+    def dies_on_the_sixth(event: Any, actor: str) -> Any:
+        calls.append(event.key)
+        if len(calls) == 6:
+            raise Killed
+        return decide(event, actor)
+
+    service.handle = dies_on_the_sixth
+    # WHEN the dispatcher dies in the middle of its first batch (5 handled, none deleted)
+    with pytest.raises(Killed):
+        first.poll_once()
+    assert len(calls) == 6
+    # THEN a new one (a fresh container) gets those messages again and finishes the queue
+    second = Dispatcher(stack.info, stack.aws, reconcile_every=0)
+    second.queue_url = queue
+    _drain(second)
+    assert (
+        sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"][
+            "ApproximateNumberOfMessages"
+        ]
+        == "0"
+    )
+    assert_result_is(stack, dataset, final)
+
+
+def _partials(stack: Any, dataset: str) -> int:
+    listing = stack.aws.s3.list_objects_v2(
+        Bucket=stack.info.outputs["DataBucketName"], Prefix=f"partials/{dataset}/"
+    )
+    return len(listing.get("Contents", []))
+
+
+def test_a_worker_killed_mid_job_is_taken_over_after_its_lease(stack: Any, dataset: str) -> None:
+    state = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"])
+    final = _upload_silently(stack, dataset, 16, 20_000, seed=17)
+    settings = Settings.from_env(stack.dispatcher.env)
+    launcher = LocalLauncher(settings, stack.aws.client("ecs"), extra_env={"S3ROLLUP_LEASE_SECONDS": "10"})
+    launcher.launch(dataset, "job-killed")
+    worker = launcher.processes[-1]
+    # WHEN the worker process is SIGKILLed while it computes partials
+    wait_for(lambda: _partials(stack, dataset) > 0, timeout=120, interval=0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=30)
+    events = [r["event"] for r in audit_records(stack, dataset)]
+    assert "JOB_STARTED" in events and "RESULT_WRITTEN" not in events
+    # THEN its lease keeps other jobs out until it expires ...
+    assert state.lease(dataset)["job_id"] == "job-killed"
+    stack.dispatcher.reconcile()
+    assert state.lease(dataset)["job_id"] == "job-killed"
+    wait_for(lambda: state.lease(dataset)["expires"] < int(time.time()), timeout=20)  # whole seconds
+    # ... and then the next look starts a job that publishes the whole, correct result
+    stack.dispatcher.reconcile()
+    assert_result_is(stack, dataset, final)
+
+
+def test_a_dask_worker_killed_mid_computation(stack: Any, dataset: str, tmp_path: Path) -> None:
+    final = _upload_silently(stack, dataset, 16, 20_000, seed=19)
+    with dask_processes(tmp_path, workers=2) as (address, workers):
+        settings = Settings.from_env(stack.dispatcher.env).with_(dask_scheduler=address)
+        job = Job(settings, Aws(), dataset, "job-dask-kill", actor="test:dask-kill")
+        outcome: list[int] = []
+        runner = threading.Thread(target=lambda: outcome.append(job.run()))
+        runner.start()
+        # WHEN one of the two Dask workers dies once partials are being written
+        wait_for(lambda: _partials(stack, dataset) > 0, timeout=120, interval=0.05)
+        written = _partials(stack, dataset)
+        workers[0].send_signal(signal.SIGKILL)
+        runner.join(timeout=300)
+    # THEN the scheduler gives its tasks to the other worker and the job finishes correctly
+    assert outcome == [0] and written < len(final)
+    assert_result_is(stack, dataset, final)
