@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ from typing import Any
 import pandas as pd
 
 from s3rollup.contract import result_key
-from s3rollup.demo import to_csv_bytes, wait_for_manifest
+from s3rollup.demo import compare, generate_part, to_csv_bytes, wait_for_manifest
 from s3rollup.ops import read_manifest, s3_notification
+from s3rollup.reference import complex_operation
 
 
 def put_part(stack: Any, dataset: str, name: str, body: bytes | pd.DataFrame) -> str:
@@ -174,3 +176,57 @@ def dask_processes(tmp_path: Path, workers: int) -> Iterator[tuple[str, list[sub
             p.terminate()
         for p in [*procs, scheduler]:
             p.wait(timeout=30)
+
+
+def put_version(stack: Any, key: str, frame: pd.DataFrame) -> str:
+    """Upload as a producer does; return the new version id."""
+    put = stack.aws.s3.put_object(
+        Bucket=stack.info.outputs["DataBucketName"],
+        Key=key,
+        Body=to_csv_bytes(frame),
+        ServerSideEncryption="aws:kms",
+        SSEKMSKeyId=stack.info.outputs["DataKeyArn"],
+    )
+    return str(put["VersionId"])
+
+
+def upload_silently(
+    stack: Any, dataset: str, parts: int, rows: int, seed: int
+) -> dict[str, tuple[str, pd.DataFrame]]:
+    """Upload generated parts with no S3 event; return key -> (version id, frame)."""
+    final = {}
+    with silent(stack):
+        for i in range(parts):
+            frame = generate_part(i, rows, seed=seed)
+            key = f"incoming/{dataset}/p{i:02d}.csv"
+            final[key] = (put_version(stack, key, frame), frame)
+    return final
+
+
+def assert_result_is(
+    stack: Any, dataset: str, final: dict[str, tuple[str, pd.DataFrame]], timeout: float = 120
+) -> dict[str, Any]:
+    """The manifest names exactly these versions, the aggregate equals pandas over their rows,
+    and no part version was accepted or aggregated twice."""
+    published = wait_published(stack, dataset, {k: v for k, (v, _) in final.items()}, timeout)
+    expected = complex_operation(pd.concat([f for _, f in final.values()], ignore_index=True))
+    assert compare(result_frame(stack, dataset), expected) == []
+    assert published["rows"] == sum(len(f) for _, f in final.values())
+    records = audit_records(stack, dataset)
+    for event in ("PART_ACCEPTED", "PART_AGGREGATED"):
+        counts = Counter((r["key"], r["version_id"]) for r in records if r["event"] == event)
+        assert all(n == 1 for n in counts.values()), (event, counts)
+    assert_one_job_at_a_time(records)
+    return published
+
+
+def assert_one_job_at_a_time(records: list[dict[str, Any]]) -> None:
+    """In chain order, every job starts after the one before it has ended (finished or failed)."""
+    running = None
+    for r in records:
+        if r["event"] == "JOB_STARTED":
+            assert running is None, f"job {r['job_id']} started while {running} ran"
+            running = r["job_id"]
+        elif r["event"] in ("JOB_FINISHED", "JOB_FAILED"):
+            assert running == r["job_id"], f"job {r['job_id']} ended but {running} was running"
+            running = None

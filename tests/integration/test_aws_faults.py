@@ -21,8 +21,7 @@ from s3rollup.local import Dispatcher
 from s3rollup.state import State
 from tests.conftest import wait_for
 from tests.faultproxy import FaultProxy, Request, Rule, json_error, s3_error
-from tests.helpers import audit_records, notification
-from tests.integration.test_faults import _upload_silently, assert_result_is
+from tests.helpers import assert_result_is, audit_records, notification, upload_silently
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -74,7 +73,7 @@ def test_transient_s3_and_dynamodb_faults_end_in_the_correct_result(
         Rule("slow part read", lambda r: r.method == "GET" and f"/incoming/{dataset}/" in r.path, delay=0.3),
     ):
         proxy.add(rule)
-    final = _upload_silently(stack, dataset, 6, 500, seed=23)
+    final = upload_silently(stack, dataset, 6, 500, seed=23)
     # GIVEN ingest and the worker talking to AWS through the faults
     settings = Settings.from_env(stack.dispatcher.env)
     aws = Aws(stack.info.region, proxy.url)
@@ -140,7 +139,7 @@ def test_lasting_faults_leave_the_message_in_the_dlq_and_on_the_record(
 ) -> None:
     sqs, bucket = stack.aws.client("sqs"), stack.info.outputs["DataBucketName"]
     queue, dlq = _private_queue(stack, dataset)
-    (key,) = _upload_silently(stack, dataset, 1, 50, seed=29)
+    (key,) = upload_silently(stack, dataset, 1, 50, seed=29)
     dispatcher = Dispatcher(stack.info, stack.aws, reconcile_every=0)
     dispatcher.queue_url = queue
     service = dispatcher.app.service()

@@ -9,7 +9,6 @@ import random
 import signal
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,64 +17,25 @@ import pytest
 
 from s3rollup.aws import Aws
 from s3rollup.config import Settings
-from s3rollup.demo import compare, generate_part, to_csv_bytes
+from s3rollup.demo import generate_part
 from s3rollup.job import Job
 from s3rollup.launch import LocalLauncher
 from s3rollup.local import Dispatcher
-from s3rollup.reference import complex_operation
 from s3rollup.state import State
 from tests.conftest import wait_for
 from tests.helpers import (
     LambdaCtx,
+    assert_result_is,
     audit_records,
     dask_processes,
     notification,
-    result_frame,
+    put_version,
     silent,
     sqs_event,
-    wait_published,
+    upload_silently,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
-
-
-def _put(stack: Any, key: str, frame: pd.DataFrame) -> str:
-    """Upload as a producer does; return the new version id."""
-    put = stack.aws.s3.put_object(
-        Bucket=stack.info.outputs["DataBucketName"],
-        Key=key,
-        Body=to_csv_bytes(frame),
-        ServerSideEncryption="aws:kms",
-        SSEKMSKeyId=stack.info.outputs["DataKeyArn"],
-    )
-    return str(put["VersionId"])
-
-
-def _upload_silently(
-    stack: Any, dataset: str, parts: int, rows: int, seed: int
-) -> dict[str, tuple[str, pd.DataFrame]]:
-    """Upload generated parts with no S3 event; return key -> (version id, frame)."""
-    final = {}
-    with silent(stack):
-        for i in range(parts):
-            frame = generate_part(i, rows, seed=seed)
-            key = f"incoming/{dataset}/p{i:02d}.csv"
-            final[key] = (_put(stack, key, frame), frame)
-    return final
-
-
-def assert_result_is(stack: Any, dataset: str, final: dict[str, tuple[str, pd.DataFrame]]) -> dict[str, Any]:
-    """The manifest names exactly these versions, the aggregate equals pandas over their rows,
-    and no part version was accepted or aggregated twice."""
-    published = wait_published(stack, dataset, {k: v for k, (v, _) in final.items()})
-    expected = complex_operation(pd.concat([f for _, f in final.values()], ignore_index=True))
-    assert compare(result_frame(stack, dataset), expected) == []
-    assert published["rows"] == sum(len(f) for _, f in final.values())
-    records = audit_records(stack, dataset)
-    for event in ("PART_ACCEPTED", "PART_AGGREGATED"):
-        counts = Counter((r["key"], r["version_id"]) for r in records if r["event"] == event)
-        assert all(n == 1 for n in counts.values()), (event, counts)
-    return published
 
 
 @pytest.mark.parametrize("seed", [11, 12])
@@ -99,7 +59,7 @@ def test_duplicated_shuffled_events_with_overwrites_and_deletes(
                     events.append(notification(bucket, key, "ObjectRemoved:DeleteMarkerCreated"))
                 continue
             frame = generate_part(step, rng.randint(20, 300), seed=seed)
-            final[key] = (_put(stack, key, frame), frame)
+            final[key] = (put_version(stack, key, frame), frame)
             events.append(notification(bucket, key))
     # WHEN every event arrives 1-5 times, in any order, in batches of the function's size
     deliveries = [e for e in events for _ in range(rng.randint(1, 5))]
@@ -139,7 +99,7 @@ def test_a_dispatcher_killed_mid_batch_loses_and_double_counts_nothing(stack: An
     queue = sqs.create_queue(
         QueueName=dataset, Attributes={"VisibilityTimeout": "1", "RedrivePolicy": redrive}
     )["QueueUrl"]
-    final = _upload_silently(stack, dataset, 12, 200, seed=13)
+    final = upload_silently(stack, dataset, 12, 200, seed=13)
     for key in [*final, *final]:  # every event twice
         sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(notification(bucket, key)))
 
@@ -181,7 +141,7 @@ def _partials(stack: Any, dataset: str) -> int:
 
 def test_a_worker_killed_mid_job_is_taken_over_after_its_lease(stack: Any, dataset: str) -> None:
     state = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"])
-    final = _upload_silently(stack, dataset, 16, 20_000, seed=17)
+    final = upload_silently(stack, dataset, 16, 20_000, seed=17)
     settings = Settings.from_env(stack.dispatcher.env)
     launcher = LocalLauncher(settings, stack.aws.client("ecs"), extra_env={"S3ROLLUP_LEASE_SECONDS": "10"})
     launcher.launch(dataset, "job-killed")
@@ -203,7 +163,7 @@ def test_a_worker_killed_mid_job_is_taken_over_after_its_lease(stack: Any, datas
 
 
 def test_a_dask_worker_killed_mid_computation(stack: Any, dataset: str, tmp_path: Path) -> None:
-    final = _upload_silently(stack, dataset, 16, 20_000, seed=19)
+    final = upload_silently(stack, dataset, 16, 20_000, seed=19)
     with dask_processes(tmp_path, workers=2) as (address, workers):
         settings = Settings.from_env(stack.dispatcher.env).with_(dask_scheduler=address)
         job = Job(settings, Aws(), dataset, "job-dask-kill", actor="test:dask-kill")
