@@ -13,7 +13,7 @@ SAM_VENV := .venv-sam
 SAM      := $(SAM_VENV)/bin/sam
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: demo test lint typecheck template awscli unit integration lock clean bench bench-quick
+.PHONY: demo test lint typecheck template awscli unit integration lock clean bench bench-quick soak
 
 $(STAMP): $(LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -101,6 +101,11 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --quick $(ARGS)
+
+# A bounded load of many small parts through the whole embedded stack (bench/soak.py):
+# throughput, upload-to-published lag, and every result checked. Not part of `make test`.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) $(AWS_VENV) .aws-sam .pytest_cache .mypy_cache .ruff_cache .bench-cache

@@ -21,7 +21,7 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -325,6 +325,30 @@ def verify_dataset(
         return count, 0, problem
     anchors, problem = verify_anchors(records, s3, anchor_bucket, chain)
     return count, anchors, problem
+
+
+def exactly_once_problems(records: Sequence[dict[str, Any]], crashed: Collection[str] = ()) -> list[str]:
+    """What in a dataset's chain breaks exactly-once: a part version accepted or aggregated
+    more than once, or a job started before the one before it ended (a job in ``crashed``,
+    known dead, ends where the next one starts). Empty when nothing."""
+    problems = []
+    for event in ("PART_ACCEPTED", "PART_AGGREGATED"):
+        seen: set[tuple[str, str]] = set()
+        for r in records:
+            if r.get("event") == event:
+                version = (str(r.get("key")), str(r.get("version_id")))
+                if version in seen:
+                    problems.append(f"record {r['seq']}: a second {event} for one part version")
+                seen.add(version)
+    running = None
+    for r in records:
+        if r.get("event") == "JOB_STARTED":
+            if running is not None and running not in crashed:
+                problems.append(f"record {r['seq']}: job {r.get('job_id')} started while {running} ran")
+            running = r.get("job_id")
+        elif r.get("event") in ("JOB_FINISHED", "JOB_FAILED"):
+            running = None
+    return problems
 
 
 def canonical_json(record: dict[str, Any]) -> str:

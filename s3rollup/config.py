@@ -27,6 +27,9 @@ class Settings:
     security_groups: tuple[str, ...] = ()
     min_group_size: int = 1
     lease_seconds: int = 900
+    # A round whose partials are not all computed by then fails (and is retried by the next
+    # reconcile or event): Dask waits forever for workers, and the job renews its lease.
+    round_timeout_seconds: int = 3600
     max_part_bytes: int = 5 << 30
     dask_scheduler: str = ""  # address of an existing scheduler; empty: a LocalCluster
     anchor_bucket: str = ""  # Object Lock bucket the worker exports audit chain heads to
@@ -78,6 +81,7 @@ class Settings:
             security_groups=csv("SECURITY_GROUPS"),
             min_group_size=integer("MIN_GROUP_SIZE", 1),
             lease_seconds=integer("LEASE_SECONDS", 900),
+            round_timeout_seconds=integer("ROUND_TIMEOUT_SECONDS", 3600),
             max_part_bytes=integer("MAX_PART_BYTES", 5 << 30),
             dask_scheduler=get("DASK_SCHEDULER", ""),
             anchor_bucket=get("ANCHOR_BUCKET", ""),

@@ -316,7 +316,14 @@ class Job:
             )
             for p in todo
         ]
-        results = client.gather(client.map(compute_partial, tasks, pure=False)) if tasks else []
+        from distributed import wait
+
+        futures = client.map(compute_partial, tasks, pure=False)
+        try:  # all workers gone: Dask would wait for new ones forever
+            wait(futures, timeout=self.settings.round_timeout_seconds)
+        except TimeoutError:
+            raise S3RollupError("partials not computed in time", "ROUND_TIMEOUT") from None
+        results = client.gather(futures)
         lease.check()
         by_key = {p.key: p for p in todo}
         for res in results:

@@ -9,13 +9,13 @@ import os
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from s3rollup.audit import exactly_once_problems
 from s3rollup.contract import result_key
 from s3rollup.demo import compare, generate_part, to_csv_bytes, wait_for_manifest
 from s3rollup.ops import read_manifest, s3_notification
@@ -204,7 +204,11 @@ def upload_silently(
 
 
 def assert_result_is(
-    stack: Any, dataset: str, final: dict[str, tuple[str, pd.DataFrame]], timeout: float = 120
+    stack: Any,
+    dataset: str,
+    final: dict[str, tuple[str, pd.DataFrame]],
+    timeout: float = 120,
+    crashed: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The manifest names exactly these versions, the aggregate equals pandas over their rows,
     and no part version was accepted or aggregated twice."""
@@ -212,21 +216,6 @@ def assert_result_is(
     expected = complex_operation(pd.concat([f for _, f in final.values()], ignore_index=True))
     assert compare(result_frame(stack, dataset), expected) == []
     assert published["rows"] == sum(len(f) for _, f in final.values())
-    records = audit_records(stack, dataset)
-    for event in ("PART_ACCEPTED", "PART_AGGREGATED"):
-        counts = Counter((r["key"], r["version_id"]) for r in records if r["event"] == event)
-        assert all(n == 1 for n in counts.values()), (event, counts)
-    assert_one_job_at_a_time(records)
+    problems = exactly_once_problems(audit_records(stack, dataset), crashed)
+    assert problems == [], problems
     return published
-
-
-def assert_one_job_at_a_time(records: list[dict[str, Any]]) -> None:
-    """In chain order, every job starts after the one before it has ended (finished or failed)."""
-    running = None
-    for r in records:
-        if r["event"] == "JOB_STARTED":
-            assert running is None, f"job {r['job_id']} started while {running} ran"
-            running = r["job_id"]
-        elif r["event"] in ("JOB_FINISHED", "JOB_FAILED"):
-            assert running == r["job_id"], f"job {r['job_id']} ended but {running} was running"
-            running = None

@@ -159,7 +159,7 @@ def test_a_worker_killed_mid_job_is_taken_over_after_its_lease(stack: Any, datas
     wait_for(lambda: state.lease(dataset)["expires"] < int(time.time()), timeout=20)  # whole seconds
     # ... and then the next look starts a job that publishes the whole, correct result
     stack.dispatcher.reconcile()
-    assert_result_is(stack, dataset, final)
+    assert_result_is(stack, dataset, final, crashed=("job-killed",))
 
 
 def test_a_dask_worker_killed_mid_computation(stack: Any, dataset: str, tmp_path: Path) -> None:
@@ -177,4 +177,26 @@ def test_a_dask_worker_killed_mid_computation(stack: Any, dataset: str, tmp_path
         runner.join(timeout=300)
     # THEN the scheduler gives its tasks to the other worker and the job finishes correctly
     assert outcome == [0] and written < len(final)
+    assert_result_is(stack, dataset, final)
+
+
+def test_a_job_left_without_dask_workers_fails_cleanly_and_is_retried(
+    stack: Any, dataset: str, tmp_path: Path
+) -> None:
+    final = upload_silently(stack, dataset, 3, 500, seed=31)
+    with dask_processes(tmp_path, workers=1) as (address, workers):
+        # GIVEN a scheduler whose only worker is dead (Dask would wait for one forever)
+        workers[0].send_signal(signal.SIGKILL)
+        workers[0].wait(timeout=30)
+        settings = Settings.from_env(stack.dispatcher.env).with_(
+            dask_scheduler=address, round_timeout_seconds=3
+        )
+        # WHEN a job runs there
+        assert Job(settings, Aws(), dataset, "job-no-workers", actor="test").run() == 1
+    # THEN it fails on the record, gives the lease back and publishes nothing ...
+    failed = [r for r in audit_records(stack, dataset) if r["event"] == "JOB_FAILED"]
+    assert [(r["job_id"], r["reason"]) for r in failed] == [("job-no-workers", "ROUND_TIMEOUT")]
+    assert State(stack.aws.dynamodb, settings.state_table).lease(dataset) is None
+    # ... and the next reconcile runs the job again, to the correct result
+    stack.dispatcher.reconcile()
     assert_result_is(stack, dataset, final)
