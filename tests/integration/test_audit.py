@@ -162,6 +162,7 @@ def test_a_consistent_rewrite_of_history_is_caught_by_the_locked_chain_head(stac
     from s3rollup.audit import GENESIS, record_hash, verify_dataset
     from s3rollup.demo import generate_part, wait_until_idle
     from s3rollup.state import State
+    from tests.conftest import wait_for
     from tests.helpers import put_part, wait_manifest
 
     outputs = stack.info.outputs
@@ -172,7 +173,10 @@ def test_a_consistent_rewrite_of_history_is_caught_by_the_locked_chain_head(stac
     assert wait_until_idle(state, AuditLog(stack.aws.dynamodb, stack.info.outputs["AuditTableName"]), dataset)
     log = _log(stack)
     # GIVEN the job exported its chain head, locked in COMPLIANCE mode
-    anchors = s3.list_objects_v2(Bucket=anchor_bucket, Prefix=f"audit-heads/{dataset}/")["Contents"]
+    # (the job exports it just after its last record: idle does not mean exported yet)
+    anchors = wait_for(
+        lambda: s3.list_objects_v2(Bucket=anchor_bucket, Prefix=f"audit-heads/{dataset}/").get("Contents")
+    )
     head = s3.head_object(Bucket=anchor_bucket, Key=anchors[-1]["Key"])
     assert head["ObjectLockMode"] == "COMPLIANCE"
     with pytest.raises(ClientError):

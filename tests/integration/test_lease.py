@@ -11,7 +11,7 @@ from s3rollup.aws import Aws
 from s3rollup.config import Settings
 from s3rollup.demo import generate_part
 from s3rollup.errors import S3RollupError
-from s3rollup.job import Job
+from s3rollup.job import Job, dask_client
 from s3rollup.state import LeaseKeeper, State
 from tests.conftest import wait_for
 from tests.helpers import audit_records, manifest, put_part, silent
@@ -52,24 +52,31 @@ def test_a_job_whose_lease_was_taken_fails_and_publishes_nothing(stack: Any, dat
     assert job.state.acquire_lease(dataset, "job-a", 600)
     todo = job._pending()
 
-    class StolenWhileComputing:
-        """Computes the partials, then another job takes the lease (as after a long stall)."""
+    def steal() -> None:
+        stack.aws.dynamodb.delete_item(
+            TableName=settings.state_table, Key={"pk": {"S": f"LEASE#{dataset}"}, "sk": {"S": "LEASE"}}
+        )
+        assert job.state.acquire_lease(dataset, "job-b", 600)
 
-        def map(self, fn: Any, tasks: list[Any], pure: bool) -> list[Any]:
-            return [fn(t) for t in tasks]
+    with dask_client(settings) as client:
 
-        def gather(self, results: list[Any]) -> list[Any]:
-            stack.aws.dynamodb.delete_item(
-                TableName=settings.state_table, Key={"pk": {"S": f"LEASE#{dataset}"}, "sk": {"S": "LEASE"}}
-            )
-            assert job.state.acquire_lease(dataset, "job-b", 600)
-            return results
+        class StolenWhileComputing:
+            """Computes the partials, then another job takes the lease (as after a long stall)."""
 
-    with (
-        LeaseKeeper(job.state, dataset, "job-a", 600) as lease,
-        pytest.raises(S3RollupError) as err,
-    ):
-        job.round(StolenWhileComputing(), todo, lease)
+            def map(self, *args: Any, **kwargs: Any) -> Any:
+                futures = client.map(*args, **kwargs)
+                client.gather(futures)
+                steal()
+                return futures
+
+            def gather(self, futures: Any) -> Any:
+                return client.gather(futures)
+
+        with (
+            LeaseKeeper(job.state, dataset, "job-a", 600) as lease,
+            pytest.raises(S3RollupError) as err,
+        ):
+            job.round(StolenWhileComputing(), todo, lease)
     assert err.value.code == "LEASE_LOST"
     assert manifest(stack, dataset) is None
     assert job.state.lease(dataset)["job_id"] == "job-b"
