@@ -16,8 +16,6 @@ Exit 0 when all holds, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import sys
 import threading
@@ -28,8 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pandas as pd
 
 from s3rollup.audit import AuditLog, exactly_once_problems
+from s3rollup.cli import read_result
 from s3rollup.demo import compare, generate_part, to_csv_bytes, wait_until_idle
 from s3rollup.local import EmbeddedStack
+from s3rollup.ops import read_manifest
 from s3rollup.reference import complex_operation
 from s3rollup.state import State
 
@@ -50,18 +50,18 @@ def check_dataset(
 ) -> list[str]:
     """What is wrong with one dataset's published result and audit chain (empty: nothing)."""
     assert stack.aws is not None and stack.info is not None
-    s3, out = stack.aws.s3, stack.info.outputs
+    out = stack.info.outputs
     bucket = out["DataBucketName"]
-    manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"results/{dataset}/manifest.json")["Body"].read())
+    # As a user reads it: the manifest, then the exact aggregate version it names, checksummed.
+    manifest, result = read_result(stack.aws, bucket, dataset)
     problems = []
     listed = Counter((p["key"], p["version_id"]) for p in manifest["parts"])
     if listed != Counter((k, v) for k, (v, _) in parts.items()):
         problems.append(f"{dataset}: manifest lists {len(listed)} part versions, expected {len(parts)}")
     records = list(AuditLog(stack.aws.dynamodb, out["AuditTableName"]).records(dataset))
     problems += [f"{dataset}: {p}" for p in exactly_once_problems(records)]
-    raw = s3.get_object(Bucket=bucket, Key=f"results/{dataset}/aggregate.parquet")["Body"].read()
     expected = complex_operation(pd.concat([f for _, f in parts.values()], ignore_index=True))
-    problems += [f"{dataset}: {p}" for p in compare(pd.read_parquet(io.BytesIO(raw)), expected)]
+    problems += [f"{dataset}: {p}" for p in compare(result, expected)]
     return problems
 
 
@@ -103,12 +103,11 @@ def run(args: argparse.Namespace) -> int:
             while len(published) < len(plan) and time.perf_counter() < deadline:
                 now = time.perf_counter()
                 for ds in datasets:
-                    try:
-                        raw = s3.get_object(Bucket=bucket, Key=f"results/{ds}/manifest.json")["Body"].read()
-                    except s3.exceptions.NoSuchKey:
+                    manifest = read_manifest(stack.aws, bucket, ds)
+                    if manifest is None:
                         continue
                     with lock:
-                        for p in json.loads(raw)["parts"]:
+                        for p in manifest["parts"]:
                             up = uploaded.get(p["key"])
                             if up and up[0] == p["version_id"] and p["key"] not in published:
                                 published[p["key"]] = now
