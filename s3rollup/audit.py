@@ -28,6 +28,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from .contract import result_key
 from .errors import AuditError
 
 GENESIS = "0" * 64
@@ -239,7 +240,7 @@ class AuditLog:
         return count, None
 
 
-def verify_results(records: list[dict[str, Any]], s3: Any, bucket: str, prefix: str) -> Problem | None:
+def verify_results(records: list[dict[str, Any]], s3: Any, bucket: str, dataset: str) -> Problem | None:
     """Check every RESULT_WRITTEN record's checksums against the object versions in S3.
 
     A version that no longer exists (removed by lifecycle) is not a failure; a version
@@ -249,7 +250,7 @@ def verify_results(records: list[dict[str, Any]], s3: Any, bucket: str, prefix: 
         if record.get("event") != "RESULT_WRITTEN":
             continue
         for name, ref in sorted((record.get("objects") or {}).items()):
-            kwargs = {"Bucket": bucket, "Key": prefix + name}
+            kwargs = {"Bucket": bucket, "Key": result_key(dataset, name)}
             if ref.get("version_id") not in (None, "null"):
                 kwargs["VersionId"] = ref["version_id"]
             try:
@@ -320,7 +321,7 @@ def verify_dataset(
     if problem is not None:
         return count, 0, problem
     records = list(log.records(chain))
-    problem = verify_results(records, s3, bucket, f"results/{chain}/")
+    problem = verify_results(records, s3, bucket, chain)
     if problem is not None or not anchor_bucket:
         return count, 0, problem
     anchors, problem = verify_anchors(records, s3, anchor_bucket, chain)

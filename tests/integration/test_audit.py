@@ -142,19 +142,23 @@ def test_audit_verify_cli_passes_an_intact_pipeline_chain_and_names_a_tampered_r
     assert bad.returncode == 7 and "record 1" in bad.stderr
 
 
-def test_audit_verify_detects_a_result_that_no_longer_matches_its_checksum(stack: Any, dataset: str) -> None:
+@pytest.mark.parametrize("name", ["aggregate.parquet", "aggregate.json", "manifest.json"])
+def test_audit_verify_detects_a_result_that_no_longer_matches_its_checksum(
+    stack: Any, dataset: str, name: str
+) -> None:
     from s3rollup.audit import verify_results
+    from s3rollup.contract import result_key
 
     log = _log(stack)
     s3, bucket = stack.aws.s3, stack.info.outputs["DataBucketName"]
-    put = s3.put_object(Bucket=bucket, Key=f"results/{dataset}/aggregate.json", Body=b"{}")
+    put = s3.put_object(Bucket=bucket, Key=result_key(dataset, name), Body=b"{}")
     record = log.append(
         dataset,
         "RESULT_WRITTEN",
         "test",
-        objects={"aggregate.json": {"version_id": put["VersionId"], "sha256": "0" * 64}},
+        objects={name: {"version_id": put["VersionId"], "sha256": "0" * 64}},
     )
-    problem = verify_results([record], s3, bucket, f"results/{dataset}/")
+    problem = verify_results([record], s3, bucket, dataset)
     assert problem is not None and (problem.seq, problem.code) == (1, "RESULT_CHANGED")
 
 
