@@ -158,8 +158,9 @@ def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], 
             t1 = now()
             task = client.gather(client.submit(_new_partial, spec["new_part"], new_out, pure=False))
             t2 = now()
+            # As the job does: the last published merge of the N parts, plus the new partial.
             partials = []
-            for p in [*stored, new_out]:
+            for p in [spec["merged"], new_out]:
                 data = Path(p).read_bytes()
                 hashlib.sha256(data).hexdigest()  # the job checks each partial's checksum
                 partials.append(pd.read_parquet(io.BytesIO(data)))

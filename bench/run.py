@@ -238,6 +238,10 @@ class Incremental:
             / f"N{self.n}-{self.pool.dir.name}-{self.pool.partials.name}"
         )
 
+    @property
+    def merged(self) -> Path:
+        return self.dir / "merged.parquet"
+
     def new_part(self, fmt: str) -> str:
         return str(self.dir / f"new-part-{self.n:05d}.{fmt}")
 
@@ -248,6 +252,18 @@ class Incremental:
                 say(f"  stored partial of part {i}")
             self.pool.ensure_partial(i)
             _link(self.pool.partial(i), self.dir / "partials" / f"part-{i:05d}.parquet")
+        if not self.merged.exists():
+            # What the job kept after publishing the N parts: the merge of their partials.
+            import pandas as pd
+
+            from s3rollup.stats import merge_partials
+
+            merged = merge_partials(
+                [pd.read_parquet(self.pool.partial(i)) for i in range(self.n)], DEFAULT_CONTRACT
+            )
+            buf = io.BytesIO()
+            merged.to_parquet(buf, index=False)
+            _write_atomic(self.merged, buf.getvalue())
         _link(self.pool.csv(self.n), Path(self.new_part("csv")))
         _link(self.pool.parquet(self.n), Path(self.new_part("parquet")))
 
@@ -401,6 +417,7 @@ def plan(args: argparse.Namespace, tmp: Path) -> tuple[list[Run], list[str]]:
                     "fmt": fmt,
                     "n": n,
                     "partials_dir": str(inc.dir / "partials"),
+                    "merged": str(inc.merged),
                     "new_part": inc.new_part(fmt),
                     "tmp": str(tmp),
                 }
@@ -604,8 +621,9 @@ def render(
         lines += ["## Incremental: one new part on top of N stored partials", ""]
         lines.append(
             f"Parts of {rows_used:,} rows. `s3rollup-incremental`: start the job's cluster, compute "
-            "the new part's partial and store it, read the N+1 stored partials (bytes, sha256, "
-            "Parquet), merge, finalize. Against it: the full engine over the same N+1 parts, and "
+            "the new part's partial and store it, read the merge the job kept of the N parts and "
+            "the new partial (bytes, sha256, Parquet), merge, finalize. Against it: the full "
+            "engine over the same N+1 parts, and "
             f"the main `s3rollup-engine` run ({args.parts} x {args.rows:,})."
         )
         lines.append("")

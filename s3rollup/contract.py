@@ -230,6 +230,14 @@ def partial_key(dataset: str, part_id: str) -> str:
     return f"{PARTIALS}{dataset}/{part_id}.parquet"
 
 
+def merged_partial_key(dataset: str) -> str:
+    """Where the job keeps the merge of every partial behind the published result.
+
+    Under partials/, not results/: it holds every group, below the minimum group size too.
+    """
+    return f"{PARTIALS}{dataset}/merged.parquet"
+
+
 def result_prefix(dataset: str) -> str:
     """The prefix of a dataset's published result."""
     return f"{RESULTS}{dataset}/"

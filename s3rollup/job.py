@@ -43,6 +43,7 @@ from .config import Settings
 from .contract import (
     Contract,
     check_dataset,
+    merged_partial_key,
     parse_part_key,
     partial_key,
     quarantine_key,
@@ -226,6 +227,7 @@ class Job:
         self.state = State(aws.dynamodb, settings.state_table)
         self.ingest = Ingest(settings, aws.s3, aws.dynamodb, launcher=None)  # never touches the lease
         self.rounds = 0
+        self.recomputed: set[str] = set()  # keys whose partial this job computed
         self.rows_aggregated = 0
         self.parts_aggregated = 0
 
@@ -326,6 +328,7 @@ class Job:
         results = client.gather(futures)
         lease.check()
         by_key = {p.key: p for p in todo}
+        self.recomputed.update(by_key)
         for res in results:
             self._record_partial(by_key[res["key"]], res)
         self.publish(contract)
@@ -427,16 +430,82 @@ class Job:
         with ThreadPoolExecutor(max_workers=min(_FETCH_THREADS, len(parts))) as pool:
             return list(pool.map(load, parts))
 
+    def _merge(self, parts: list[Part], contract: Contract) -> pd.DataFrame:
+        """The merge of the parts' partials: the last published merge plus the parts added
+        since, when that merge still stands for exactly the parts it covered; else all."""
+        base = self._last_merge(parts, contract)
+        if base is None:
+            return merge_partials(self._load_partials(parts), contract)
+        frame, covered = base
+        added = [p for p in parts if p.key not in covered]
+        log.info(
+            "merging onto the last published merge",
+            extra={"dataset": self.dataset, "parts": len(covered), "added": len(added)},
+        )
+        return merge_partials([frame, *self._load_partials(added)], contract)
+
+    def _last_merge(self, parts: list[Part], contract: Contract) -> tuple[pd.DataFrame, set[str]] | None:
+        """The previous manifest's merged partial and the keys it covers, if it can be built on.
+
+        Not when a part it covered was removed, replaced or recomputed (a rebuild recomputes
+        every part), nor when the contract's keys or values changed. Partials cannot be taken
+        out of a merge (min and max are not invertible), so those cases merge everything.
+        """
+        from .ops import read_manifest
+
+        prev = read_manifest(self.aws, self.settings.bucket, self.dataset)
+        ref = (prev or {}).get("merged_partial")
+        if prev is None or ref is None:
+            return None
+        if prev["contract"]["group_by"] != list(contract.group_by) or prev["contract"]["values"] != list(
+            contract.values
+        ):
+            return None
+        current = {p.key: p for p in parts}
+        for q in prev["parts"]:
+            p = current.get(q["key"])
+            if (
+                p is None
+                or p.key in self.recomputed
+                or (p.version_id, p.partial_sha256) != (q["version_id"], q["partial_sha256"])
+            ):
+                return None
+        kwargs = {"Bucket": self.settings.bucket, "Key": ref["key"]}
+        if ref["version_id"] != "null":
+            kwargs["VersionId"] = ref["version_id"]
+        try:
+            data = self.aws.s3.get_object(**kwargs)["Body"].read()
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] not in ("NoSuchKey", "NoSuchVersion", "404"):
+                raise
+            # e.g. a version left noncurrent by a job that failed before its manifest, then
+            # expired by the lifecycle: every partial is still there to merge.
+            log.warning("last merged partial is gone; merging every partial", extra={"dataset": self.dataset})
+            return None
+        if sha256_hex(data) != ref["sha256"]:
+            # Its manifest's checksum is in the audit chain: this is tampering or corruption.
+            raise S3RollupError("the last merged partial does not match its manifest", "STALE_PARTIAL")
+        return pd.read_parquet(io.BytesIO(data)), {q["key"] for q in prev["parts"]}
+
     def publish(self, contract: Contract) -> dict[str, Any]:
         """Merge the partials of all current parts and write results/<dataset>/, manifest last."""
         parts = sorted(
             (p for p in self.state.parts(self.dataset) if p.status == AGGREGATED and not p.needs_partial),
             key=lambda p: p.key,
         )
-        merged = merge_partials(self._load_partials(parts), contract)
+        merged = self._merge(parts, contract)
         final = finalize(merged, contract)
         s3, bucket = self.aws.s3, self.settings.bucket
         sse = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.settings.kms_key_arn}
+
+        buf = io.BytesIO()
+        merged.to_parquet(buf, index=False)
+        put = s3.put_object(Bucket=bucket, Key=merged_partial_key(self.dataset), Body=buf.getvalue(), **sse)
+        merged_ref = {
+            "key": merged_partial_key(self.dataset),
+            "version_id": put.get("VersionId", "null"),
+            "sha256": sha256_hex(buf.getvalue()),
+        }
 
         buf = io.BytesIO()
         final.to_parquet(buf, index=False)
@@ -486,6 +555,7 @@ class Job:
                 for p in parts
             ],
             "objects": objects,
+            "merged_partial": merged_ref,
         }
         data = json.dumps(manifest, indent=2).encode()
         put = s3.put_object(

@@ -14,12 +14,19 @@ import pytest
 
 from s3rollup.aws import Aws
 from s3rollup.config import Settings
-from s3rollup.contract import load_contract
+from s3rollup.contract import load_contract, merged_partial_key, parse_part_key, partial_key
 from s3rollup.demo import compare, generate_part, to_csv_bytes
 from s3rollup.job import Job
 from s3rollup.reference import complex_operation, reference_for
 from s3rollup.stats import to_reference_shape
-from tests.helpers import dask_processes, put_part, result_frame, silent, wait_manifest
+from tests.helpers import (
+    dask_processes,
+    put_part,
+    result_frame,
+    silent,
+    wait_manifest,
+    wait_published,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -100,3 +107,57 @@ def test_a_job_runs_on_an_existing_dask_scheduler(stack: Any, dataset: str, dask
     assert (
         compare(result_frame(stack, dataset), complex_operation(pd.concat(frames, ignore_index=True))) == []
     )
+
+
+def _spoil(stack: Any, key: str) -> None:
+    """Replace the stored object with bytes no reader accepts."""
+    stack.aws.s3.put_object(Bucket=stack.info.outputs["DataBucketName"], Key=key, Body=b"spoiled")
+
+
+def test_a_new_part_is_merged_onto_the_last_published_merge(stack: Any, dataset: str) -> None:
+    # GIVEN two parts published
+    frames = [generate_part(i, 600, seed=31) for i in range(3)]
+    first = {put_part(stack, dataset, f"p{i}.csv", frames[i]) for i in range(2)}
+    published = wait_manifest(stack, dataset, first)
+    assert published["merged_partial"]["key"] == merged_partial_key(dataset)
+    # ... whose own stored partials are no longer readable
+    for key in first:
+        _spoil(stack, partial_key(dataset, parse_part_key(key).part_id))
+    # WHEN a third part arrives
+    third = put_part(stack, dataset, "p2.csv", frames[2])
+    wait_manifest(stack, dataset, first | {third})
+    # THEN only the new part's partial was read, and the result is still exactly pandas'
+    expected = complex_operation(pd.concat(frames, ignore_index=True))
+    assert compare(result_frame(stack, dataset), expected) == []
+
+
+def test_a_replaced_part_makes_the_job_merge_every_partial(stack: Any, dataset: str) -> None:
+    # GIVEN two parts published, then one of them replaced by a new version
+    a, b, a2 = (generate_part(i, 500, seed=32) for i in range(3))
+    keys = {put_part(stack, dataset, "a.csv", a), put_part(stack, dataset, "b.csv", b)}
+    wait_manifest(stack, dataset, keys)
+    put_part(stack, dataset, "a.csv", a2)
+    # WHEN the job publishes the new version
+    bucket = stack.info.outputs["DataBucketName"]
+    wait_published(
+        stack, dataset, {k: stack.aws.s3.head_object(Bucket=bucket, Key=k)["VersionId"] for k in keys}
+    )
+    # THEN the old version's rows are gone from the result (the old merge was not built on)
+    expected = complex_operation(pd.concat([a2, b], ignore_index=True))
+    assert compare(result_frame(stack, dataset), expected) == []
+
+
+def test_a_vanished_merged_partial_makes_the_job_merge_every_partial(stack: Any, dataset: str) -> None:
+    # GIVEN a published result whose merged partial version is then deleted
+    frames = [generate_part(i, 300, seed=33) for i in range(2)]
+    first = put_part(stack, dataset, "p0.csv", frames[0])
+    ref = wait_manifest(stack, dataset, {first})["merged_partial"]
+    stack.aws.s3.delete_object(
+        Bucket=stack.info.outputs["DataBucketName"], Key=ref["key"], VersionId=ref["version_id"]
+    )
+    # WHEN a new part arrives
+    second = put_part(stack, dataset, "p1.csv", frames[1])
+    wait_manifest(stack, dataset, {first, second})
+    # THEN the job merged every stored partial instead, and the result is exact
+    expected = complex_operation(pd.concat(frames, ignore_index=True))
+    assert compare(result_frame(stack, dataset), expected) == []
