@@ -32,41 +32,29 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# aws-sam-cli pins its own boto3: it lives in a venv of its own.
-$(SAM): requirements/sam.lock $(STAMP)
-	@test -x $(SAM_VENV)/bin/python || $(PYTHON) -m venv $(SAM_VENV)
-	$(BIN)/uv pip sync -q --python $(SAM_VENV)/bin/python requirements/sam.lock
-	@touch $@
-
-# checkov pins its own boto3 and friends too: a venv of its own as well.
+# aws-sam-cli, checkov and the AWS CLI (v1, which vendors its own botocore and pins old
+# docutils and rsa) each pin their own boto3 and friends: each lives in a venv of its own,
+# .venv-<name>, synced from requirements/<name>.lock.
 CHECKOV_VENV := .venv-checkov
 CHECKOV      := $(CHECKOV_VENV)/bin/checkov
+AWS_VENV     := .venv-aws
 
-$(CHECKOV): requirements/checkov.lock $(STAMP)
-	@test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
-	$(BIN)/uv pip sync -q --python $(CHECKOV_VENV)/bin/python requirements/checkov.lock
+.venv-%/.installed: requirements/%.lock $(STAMP)
+	@test -x $(@D)/bin/python || $(PYTHON) -m venv $(@D)
+	$(BIN)/uv pip sync -q --python $(@D)/bin/python $<
 	@touch $@
 
 # The template validates and lints offline, `sam build` (python3.12 on PATH) produces the
 # function's artifact, and the artifact imports without pandas, numpy, pyarrow or dask.
-template: $(SAM) $(CHECKOV)
+template: $(SAM_VENV)/.installed $(CHECKOV_VENV)/.installed
 	$(SAM) validate --lint -t template.yaml
 	$(SAM_VENV)/bin/cfn-lint template.yaml
 	$(CHECKOV) -f template.yaml --framework cloudformation --quiet --compact --skip-download
 	PATH="$(dir $(PYTHON)):$$PATH" $(SAM) build --build-dir .aws-sam/build
 	$(PYTHON) -I -S tests/check_lambda_artifact.py .aws-sam/build/IngestFunction
 
-# The AWS CLI (v1, which vendors its own botocore and pins old docutils and rsa) lives in a
-# venv of its own: the tests upload with `aws s3 cp` exactly as the README tells users to.
-AWS_VENV := .venv-aws
-AWSCLI   := $(AWS_VENV)/bin/aws
-
-$(AWSCLI): requirements/aws.lock $(STAMP)
-	@test -x $(AWS_VENV)/bin/python || $(PYTHON) -m venv $(AWS_VENV)
-	$(BIN)/uv pip sync -q --python $(AWS_VENV)/bin/python requirements/aws.lock
-	@touch $@
-
-awscli: $(AWSCLI)
+# The tests upload with `aws s3 cp` exactly as the README tells users to.
+awscli: $(AWS_VENV)/.installed
 
 test: lint typecheck template awscli
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
