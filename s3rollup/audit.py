@@ -28,6 +28,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from .aws import object_at
 from .contract import result_key
 from .errors import AuditError
 
@@ -250,11 +251,9 @@ def verify_results(records: list[dict[str, Any]], s3: Any, bucket: str, dataset:
         if record.get("event") != "RESULT_WRITTEN":
             continue
         for name, ref in sorted((record.get("objects") or {}).items()):
-            kwargs = {"Bucket": bucket, "Key": result_key(dataset, name)}
-            if ref.get("version_id") not in (None, "null"):
-                kwargs["VersionId"] = ref["version_id"]
+            where = object_at(bucket, result_key(dataset, name), ref.get("version_id"))
             try:
-                data = s3.get_object(**kwargs)["Body"].read()
+                data = s3.get_object(**where)["Body"].read()
             except ClientError as exc:
                 if exc.response["Error"]["Code"] in ("NoSuchKey", "NoSuchVersion", "404"):
                     continue

@@ -29,6 +29,15 @@ def is_local_endpoint(url: str | None) -> bool:
     return bool(url) and (urlparse(url).hostname or "") in _LOOPBACK
 
 
+def object_at(bucket: str, key: str, version_id: str | None) -> dict[str, str]:
+    """An object's identity for get_object or CopySource: that version, unless the bucket had
+    no versioning when it was written (S3 calls that version "null")."""
+    ref = {"Bucket": bucket, "Key": key}
+    if version_id and version_id != "null":
+        ref["VersionId"] = version_id
+    return ref
+
+
 class Aws:
     """A thread-safe cache of boto3 clients for one region and endpoint."""
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError, NoCredentialsError, NoRegionError
 
-from .aws import Aws
+from .aws import Aws, object_at
 from .contract import ContractError, check_dataset
 from .errors import S3RollupError
 
@@ -70,10 +70,7 @@ def read_result(aws: Aws, bucket: str, dataset: str) -> tuple[dict[str, Any], An
             EXIT_NOT_FOUND,
         )
     ref = manifest["objects"]["aggregate.parquet"]
-    kwargs: dict[str, Any] = {"Bucket": bucket, "Key": ref["key"]}
-    if ref.get("version_id") not in (None, "null"):
-        kwargs["VersionId"] = ref["version_id"]
-    data = aws.s3.get_object(**kwargs)["Body"].read()
+    data = aws.s3.get_object(**object_at(bucket, ref["key"], ref.get("version_id")))["Body"].read()
     if hashlib.sha256(data).hexdigest() != ref["sha256"]:
         raise CliError(
             "the result does not match its manifest checksum: run `s3rollup audit verify` and "

@@ -25,6 +25,7 @@ from botocore.exceptions import ClientError
 
 from . import validate
 from .audit import AuditLog, Duplicate
+from .aws import object_at
 from .config import Settings
 from .contract import (
     Contract,
@@ -111,14 +112,8 @@ class RangeReader:
     def read(self, start: int, end: int) -> bytes:
         """Bytes start..end (inclusive)."""
         self.bytes_requested += end - start + 1
-        kwargs: dict[str, Any] = {
-            "Bucket": self.bucket,
-            "Key": self.key,
-            "Range": f"bytes={start}-{end}",
-        }
-        if self.version_id and self.version_id != "null":
-            kwargs["VersionId"] = self.version_id
-        body: bytes = self._s3.get_object(**kwargs)["Body"].read()
+        where = object_at(self.bucket, self.key, self.version_id)
+        body: bytes = self._s3.get_object(**where, Range=f"bytes={start}-{end}")["Body"].read()
         return body
 
 
@@ -356,9 +351,7 @@ class Ingest:
     def _quarantine(self, part: PartKey, version: str, verdict: validate.Verdict) -> None:
         target = quarantine_key(part)
         sse = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.settings.kms_key_arn}
-        source: dict[str, str] = {"Bucket": self.settings.bucket, "Key": part.key}
-        if version != "null":
-            source["VersionId"] = version
+        source = object_at(self.settings.bucket, part.key, version)
         try:
             self._s3.copy_object(Bucket=self.settings.bucket, Key=target, CopySource=source, **sse)
             reason = {

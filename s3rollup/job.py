@@ -38,7 +38,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
 from .audit import AuditLog, Duplicate, export_head
-from .aws import Aws
+from .aws import Aws, object_at
 from .config import Settings
 from .contract import (
     Contract,
@@ -69,6 +69,15 @@ def _aws() -> Aws:
     if _process_aws is None:
         _process_aws = Aws()
     return _process_aws
+
+
+_PARQUET = "application/vnd.apache.parquet"
+
+
+def _parquet_bytes(frame: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return buf.getvalue()
 
 
 def sha256_hex(data: bytes) -> str:
@@ -109,10 +118,7 @@ def compute_partial(task: PartialTask) -> dict[str, Any]:
     """Read one part version, aggregate it, store its partial; report rows and checksums."""
     s3 = _aws().s3
     part = parse_part_key(task.key)
-    kwargs: dict[str, Any] = {"Bucket": task.bucket, "Key": task.key}
-    if task.version_id != "null":
-        kwargs["VersionId"] = task.version_id
-    body = s3.get_object(**kwargs)["Body"].read()
+    body = s3.get_object(**object_at(task.bucket, task.key, task.version_id))["Body"].read()
     result: dict[str, Any] = {
         "key": task.key,
         "version_id": task.version_id,
@@ -123,10 +129,7 @@ def compute_partial(task: PartialTask) -> dict[str, Any]:
     except PartError as exc:
         result["error"] = {"code": exc.code, "message": exc.message, "line": exc.line}
         return result
-    partial = partial_from_frame(frame, task.contract)
-    buf = io.BytesIO()
-    partial.to_parquet(buf, index=False)
-    data = buf.getvalue()
+    data = _parquet_bytes(partial_from_frame(frame, task.contract))
     s3.put_object(
         Bucket=task.bucket,
         Key=partial_key(task.dataset, part.part_id),
@@ -389,9 +392,7 @@ class Job:
         pk = parse_part_key(part.key)
         s3, bucket = self.aws.s3, self.settings.bucket
         sse = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.settings.kms_key_arn}
-        source = {"Bucket": bucket, "Key": part.key}
-        if part.version_id != "null":
-            source["VersionId"] = part.version_id
+        source = object_at(bucket, part.key, part.version_id)
         target = quarantine_key(pk)
         s3.copy_object(Bucket=bucket, Key=target, CopySource=source, **sse)
         reason = {**err, "key": part.key, "version_id": part.version_id}
@@ -470,11 +471,9 @@ class Job:
                 or (p.version_id, p.partial_sha256) != (q["version_id"], q["partial_sha256"])
             ):
                 return None
-        kwargs = {"Bucket": self.settings.bucket, "Key": ref["key"]}
-        if ref["version_id"] != "null":
-            kwargs["VersionId"] = ref["version_id"]
+        where = object_at(self.settings.bucket, ref["key"], ref["version_id"])
         try:
-            data = self.aws.s3.get_object(**kwargs)["Body"].read()
+            data = self.aws.s3.get_object(**where)["Body"].read()
         except ClientError as exc:
             if exc.response["Error"]["Code"] not in ("NoSuchKey", "NoSuchVersion", "404"):
                 raise
@@ -495,21 +494,17 @@ class Job:
         )
         merged = self._merge(parts, contract)
         final = finalize(merged, contract)
-        s3, bucket = self.aws.s3, self.settings.bucket
         sse = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.settings.kms_key_arn}
 
-        buf = io.BytesIO()
-        merged.to_parquet(buf, index=False)
-        put = s3.put_object(Bucket=bucket, Key=merged_partial_key(self.dataset), Body=buf.getvalue(), **sse)
-        merged_ref = {
-            "key": merged_partial_key(self.dataset),
-            "version_id": put.get("VersionId", "null"),
-            "sha256": sha256_hex(buf.getvalue()),
-        }
+        def store(key: str, data: bytes, ctype: str) -> dict[str, Any]:
+            """Write one object under the stack key; its key, version and checksum."""
+            put = self.aws.s3.put_object(
+                Bucket=self.settings.bucket, Key=key, Body=data, ContentType=ctype, **sse
+            )
+            return {"key": key, "version_id": put.get("VersionId", "null"), "sha256": sha256_hex(data)}
 
-        buf = io.BytesIO()
-        final.to_parquet(buf, index=False)
-        parquet = buf.getvalue()
+        merged_ref = store(merged_partial_key(self.dataset), _parquet_bytes(merged), _PARQUET)
+        parquet = _parquet_bytes(final)
         as_json = json.dumps(
             {"dataset": self.dataset, "columns": list(final.columns), "rows": json_rows(final)},
             separators=(",", ":"),
@@ -517,17 +512,10 @@ class Job:
         ).encode()
         objects: dict[str, dict[str, Any]] = {}
         for name, data, ctype in (
-            ("aggregate.parquet", parquet, "application/vnd.apache.parquet"),
+            ("aggregate.parquet", parquet, _PARQUET),
             ("aggregate.json", as_json, "application/json"),
         ):
-            key = result_key(self.dataset, name)
-            put = s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType=ctype, **sse)
-            objects[name] = {
-                "key": key,
-                "version_id": put.get("VersionId", "null"),
-                "sha256": sha256_hex(data),
-                "bytes": len(data),
-            }
+            objects[name] = {**store(result_key(self.dataset, name), data, ctype), "bytes": len(data)}
         total_groups = len(merged)
         manifest = {
             "dataset": self.dataset,
@@ -557,19 +545,11 @@ class Job:
             "objects": objects,
             "merged_partial": merged_ref,
         }
-        data = json.dumps(manifest, indent=2).encode()
-        put = s3.put_object(
-            Bucket=bucket,
-            Key=result_key(self.dataset, "manifest.json"),
-            Body=data,
-            ContentType="application/json",
-            **sse,
+        objects["manifest.json"] = store(
+            result_key(self.dataset, "manifest.json"),
+            json.dumps(manifest, indent=2).encode(),
+            "application/json",
         )
-        objects["manifest.json"] = {
-            "key": result_key(self.dataset, "manifest.json"),
-            "version_id": put.get("VersionId", "null"),
-            "sha256": sha256_hex(data),
-        }
         self.audit.append(
             self.dataset,
             "RESULT_WRITTEN",
