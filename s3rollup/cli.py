@@ -15,13 +15,14 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from botocore.exceptions import ClientError, NoCredentialsError, NoRegionError
 
 from .aws import Aws, object_at
 from .contract import ContractError, check_dataset
 from .errors import S3RollupError
+from .logs import exit_process
 
 EXIT_USAGE, EXIT_NOT_FOUND, EXIT_MISMATCH, EXIT_AWS, EXIT_TIMEOUT, EXIT_TAMPERED = 2, 3, 4, 5, 6, 7
 
@@ -472,5 +473,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> NoReturn:
+    """The console entry point: run ``main()`` and end the process with its exit code."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import pandas as pd
 from aws_lambda_powertools import Metrics
@@ -51,7 +51,7 @@ from .contract import (
 )
 from .errors import S3RollupError
 from .ingest import Ingest
-from .logs import configure
+from .logs import configure, exit_process
 from .parse import PartError, detect_format, read_part
 from .state import AGGREGATED, LeaseKeeper, Part, State
 from .stats import finalize, merge_partials, partial_from_frame
@@ -582,5 +582,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> NoReturn:
+    """The console entry point: run ``main()`` and end the process with its exit code."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

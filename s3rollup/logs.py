@@ -6,13 +6,15 @@ counts and reason codes only, never a cell value.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -48,3 +50,20 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(level)
     for noisy in ("distributed", "botocore", "urllib3", "werkzeug", "asyncio", "tornado"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with ``code`` once its output and logs are written.
+
+    Arrow's native thread pools can abort the interpreter's final teardown with
+    "terminate called without an active exception" (SIGABRT) after all work is done
+    (apache/arrow#34314). When a command or a job's ``main()`` returns, everything it does
+    is finished and every ``finally`` has run, so the process flushes and ends here
+    instead of going through that teardown: its exit code is the one ``main()`` chose.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        # A closed pipe or stream has no reader left to write for.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)

@@ -209,3 +209,38 @@ def test_mark_stale_gives_up_with_a_clear_error_when_parts_keep_changing() -> No
     with pytest.raises(S3RollupError) as err:
         mark_stale(registry, _Audit(registry, fail=True), "ds", "cli:test")
     assert err.value.code == "REBUILD_CONTENDED"
+
+
+@pytest.mark.parametrize("with_logs", [False, True])
+def test_a_command_ends_with_its_exit_code_and_all_of_its_output(with_logs: bool) -> None:
+    """The fast exit that skips Arrow's teardown still delivers buffered output and logs."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, sys\n"
+        "from s3rollup.logs import configure, exit_process\n"
+        + ("configure('INFO')\nlogging.getLogger('s3rollup.t').info('last log line')\n" if with_logs else "")
+        + "sys.stdout.write('row\\n' * 100 + 'END')\n"
+        "sys.stderr.write('err tail')\n"
+        "exit_process(3)\n"
+    )
+    # Piped output is block-buffered unless PYTHONUNBUFFERED says otherwise.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 3
+    written = done.stdout
+    if with_logs:
+        log_line, written = done.stdout.split("\n", 1)
+        assert "last log line" in log_line
+    assert written == "row\n" * 100 + "END" and done.stderr == "err tail"
+
+
+def test_the_console_scripts_end_through_the_fast_exit() -> None:
+    import tomllib
+
+    scripts = tomllib.loads(Path("pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"s3rollup": "s3rollup.cli:run"}
+    for module in ("s3rollup/cli.py", "s3rollup/job.py"):
+        assert Path(module).read_text().rstrip().endswith('if __name__ == "__main__":\n    run()')
