@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+from pandas._libs import groupby as _libgroupby  # type: ignore[attr-defined]  # no stubs
 
 from s3rollup.contract import Contract
 
@@ -123,19 +124,6 @@ def _direct_int_codes(s: pd.Series) -> tuple[npt.NDArray[np.intp], pd.DataFrame]
 # ---- one part's rows -> partial ---------------------------------------------------------
 
 
-def _finish_moments(
-    cnt: FloatArray, mean0: FloatArray, sdev: FloatArray, sdev2: FloatArray
-) -> tuple[FloatArray, FloatArray]:
-    """Corrected two-pass mean and M2 from sums of deviations about a first mean estimate."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        finite = np.isfinite(mean0)
-        # The correction terms recover most of the rounding error of the first pass.
-        mean = np.where(finite, mean0 + sdev / cnt, mean0)
-        m2 = np.where(finite, np.maximum(sdev2 - sdev * sdev / cnt, 0.0), np.nan)
-    m2[cnt == 0] = np.nan
-    return mean, m2
-
-
 def _pin_constant_groups(mean: FloatArray, m2: FloatArray, mn: FloatArray, mx: FloatArray) -> None:
     """A group whose values are all equal has exactly that mean and zero spread."""
     const = (mn == mx) & np.isfinite(mn)
@@ -143,46 +131,41 @@ def _pin_constant_groups(mean: FloatArray, m2: FloatArray, mn: FloatArray, mx: F
     m2[const] = 0.0
 
 
-# inf and NaN follow IEEE arithmetic, as in pandas: no warnings for them.
-@np.errstate(invalid="ignore", divide="ignore", over="ignore")
-def _column_stats(
-    x: FloatArray, codes: npt.NDArray[np.intp], k: int, rows: IntArray, buf: FloatArray
-) -> tuple[IntArray, FloatArray, FloatArray, FloatArray, FloatArray]:
-    """count, mean, M2, min, max of one value column per group code.
+Codes = npt.NDArray[np.intp]
 
-    Every pass reads the rows in order and scatters into per-group tables that stay in
-    cache (bincount, ufunc.at); sorting the rows by group instead costs a random gather
-    per column, which measured slower.
+
+def _run_kernel(kernel: Any, x: FloatArray, codes: Codes, k: int, **options: int) -> FloatArray:
+    """One of pandas' groupby kernels over every value column: a (groups, columns) table."""
+    out = np.empty((k, x.shape[1]))
+    kernel(out, np.zeros(k, dtype=np.int64), x, codes, min_count=-1, **options)
+    return out
+
+
+@np.errstate(invalid="ignore")  # inf - inf is NaN, as in pandas
+def _value_stats(
+    x: FloatArray, codes: Codes, k: int, rows: IntArray
+) -> tuple[IntArray, FloatArray, FloatArray, FloatArray, FloatArray]:
+    """count, mean, M2, min and max per group code (rows) and value column (columns).
+
+    ``x`` holds the value columns side by side (C order), so each of pandas' own groupby
+    kernels reads every row once for all the columns; they skip NaN and release the GIL,
+    so two parts aggregate in parallel. The mean is pandas' (compensated sum), M2 is its
+    Welford variance times the count: for one part's rows these are the numbers pandas
+    computes, and partials merge with Chan's formulas below.
     """
+    mean = _run_kernel(_libgroupby.group_mean, x, codes, k)
+    var = _run_kernel(_libgroupby.group_var, x, codes, k, ddof=0)
+    mn = _run_kernel(_libgroupby.group_min, x, codes, k)
+    mx = _run_kernel(_libgroupby.group_max, x, codes, k)
     nan = np.isnan(x)
-    has_nan = bool(nan.any())
-    if has_nan:
-        cnt = np.bincount(codes, weights=~nan, minlength=k).astype(np.int64)
-        xz = np.where(nan, 0.0, x)
+    if nan.any():
+        present = ~nan
+        cnt = np.stack(
+            [np.bincount(codes, weights=present[:, j], minlength=k) for j in range(x.shape[1])], axis=1
+        ).astype(np.int64)
     else:
-        cnt, xz = rows, x
-    fcnt = cnt.astype(np.float64)
-    mean0 = np.bincount(codes, weights=xz, minlength=k) / fcnt
-    # Second pass over deviations from the first mean: exact-ish M2 without the
-    # cancellation of sum-of-squares formulas. buf is reused to spare page faults.
-    np.take(mean0, codes, out=buf)
-    np.subtract(xz, buf, out=buf)
-    if has_nan:
-        buf[nan] = 0.0
-    sdev = np.bincount(codes, weights=buf, minlength=k)
-    np.multiply(buf, buf, out=buf)
-    sdev2 = np.bincount(codes, weights=buf, minlength=k)
-    mean, m2 = _finish_moments(fcnt, mean0, sdev, sdev2)
-    if has_nan:
-        # fmin/fmax skip NaN; a group without values keeps the NaN start.
-        mn, mx = np.full(k, np.nan), np.full(k, np.nan)
-        np.fmin.at(mn, codes, x)
-        np.fmax.at(mx, codes, x)
-    else:
-        # minimum/maximum.at are faster; every group has a row, so the start is replaced.
-        mn, mx = np.full(k, np.inf), np.full(k, -np.inf)
-        np.minimum.at(mn, codes, x)
-        np.maximum.at(mx, codes, x)
+        cnt = np.repeat(rows[:, None], x.shape[1], axis=1)
+    m2 = var * cnt  # NaN where a group has no value
     _pin_constant_groups(mean, m2, mn, mx)
     return cnt, mean, m2, mn, mx
 
@@ -193,19 +176,20 @@ def partial_from_frame(df: pd.DataFrame, contract: Contract) -> pd.DataFrame:
     if len(df) == 0:
         return _empty_partial(contract, {k: df[k].dtype for k in contract.group_by})
     codes, uniques = _group_codes(keys)
-    values = {v: df[v].to_numpy(dtype=np.float64, na_value=np.nan) for v in contract.values}
+    x = np.empty((len(df), len(contract.values)))
+    for j, v in enumerate(contract.values):
+        x[:, j] = df[v].to_numpy(dtype=np.float64, na_value=np.nan)
     if (codes < 0).any():
         # Null group keys are dropped, as pandas' groupby(dropna=True) does.
         keep = codes >= 0
-        codes = codes[keep]
-        values = {v: x[keep] for v, x in values.items()}
+        codes, x = codes[keep], x[keep]
     k = len(uniques)
     rows = np.bincount(codes, minlength=k).astype(np.int64)
     out: dict[str, object] = {c: uniques[c].to_numpy() for c in contract.group_by}
     out[ROWS] = rows
-    buf = np.empty(len(codes))
-    for v, x in values.items():
-        _put_moments(out, v, *_column_stats(x, codes, k, rows, buf))
+    stats = _value_stats(x, codes, k, rows)
+    for j, v in enumerate(contract.values):
+        _put_moments(out, v, *(s[:, j] for s in stats))
     return _partial_table(out, contract, uniques)
 
 
