@@ -99,16 +99,20 @@ def test_the_image_runs_as_uid_1000_and_holds_no_build_only_file(worker_image: s
             "python",
             worker_image,
             "-c",
-            "import os, sys, s3rollup; print(os.getuid(), os.path.exists('/build'), sys.version_info[:2])",
+            "import os, sys, importlib.util as u, distributed, pandas, s3rollup.job as j; "
+            "ms = (j, pandas, distributed); "
+            "cached = all(os.path.exists(u.cache_from_source(m.__file__)) for m in ms); "
+            "print(os.getuid(), os.path.exists('/build'), cached, sys.version_info[:2])",
         ],
         capture_output=True,
         text=True,
         check=False,
     )
     assert probe.returncode == 0, probe.stderr[-2000:]
-    uid, build_dir, _version = probe.stdout.split(" ", 2)
-    # The proxy CA bundle and the lock file stay in the build stage.
-    assert (uid, build_dir) == ("1000", "False")
+    uid, build_dir, cached, _version = probe.stdout.split(" ", 3)
+    # The proxy CA bundle and the lock file stay in the build stage; with a read-only root,
+    # a job starts from compiled bytecode only if the image carries it.
+    assert (uid, build_dir, cached) == ("1000", "False", "True")
 
 
 class _Recorded:
