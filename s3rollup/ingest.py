@@ -28,9 +28,11 @@ from .audit import AuditLog, Duplicate
 from .aws import object_at
 from .config import Settings
 from .contract import (
+    INCOMING,
     Contract,
     ContractError,
     PartKey,
+    check_dataset,
     contract_key,
     load_contract,
     parse_part_key,
@@ -211,6 +213,40 @@ class Ingest:
         if self.launcher is not None and not any(o.job for o in outcomes) and self.state.waiting(dataset):
             self.ensure_job(dataset, actor)
         return outcomes
+
+    def reconcile_all(self, actor: str) -> list[str]:
+        """Reconcile every dataset under incoming/; return the names whose reconcile failed.
+
+        One dataset's failure (logged with its reason) does not stop the others. This is the
+        safety net for lost events and for launches that failed for good: the local
+        dispatcher runs it every few seconds, the function on a schedule.
+        """
+        failed = []
+        for dataset in self.datasets():
+            try:
+                self.reconcile(dataset, actor)
+            except Exception as exc:
+                code = exc.code if isinstance(exc, S3RollupError) else type(exc).__name__
+                log.error("reconcile failed", extra={"dataset": dataset, "reason": code})
+                failed.append(dataset)
+        return failed
+
+    def datasets(self) -> list[str]:
+        """The datasets that have a prefix under incoming/, by name."""
+        prefixes: set[str] = set()
+        for page in self._s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.settings.bucket, Prefix=INCOMING, Delimiter="/"
+        ):
+            prefixes.update(p["Prefix"][len(INCOMING) : -1] for p in page.get("CommonPrefixes", []))
+        names = []
+        for prefix in sorted(prefixes):
+            try:
+                names.append(check_dataset(prefix))
+            except ContractError as exc:
+                # Its keys were rejected (and audited) when their events came; the name itself
+                # may be personal data, so only the reason is logged.
+                log.warning("prefix names no dataset", extra={"reason": exc.code})
+        return names
 
     def list_current(self, dataset: str) -> Iterable[dict[str, Any]]:
         """Current (latest, not deleted) object versions under incoming/<dataset>/."""

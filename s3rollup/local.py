@@ -523,18 +523,10 @@ class Dispatcher:
             )
         return len(messages)
 
-    def reconcile(self) -> None:
-        """Find parts whose events never came, in every dataset that has parts or a registry."""
-        service = self.app.service()
-        s3 = self.aws.s3
-        datasets: set[str] = set()
-        for page in s3.get_paginator("list_objects_v2").paginate(
-            Bucket=self.info.outputs["DataBucketName"], Prefix="incoming/", Delimiter="/"
-        ):
-            datasets.update(p["Prefix"].split("/")[1] for p in page.get("CommonPrefixes", []))
-        for dataset in sorted(datasets):
-            with contextlib.suppress(Exception):
-                service.reconcile(dataset, actor="local:reconcile")
+    def reconcile(self) -> list[str]:
+        """Find parts whose events never came, in every dataset (as the scheduled function
+        does on AWS); return the datasets whose reconcile failed (each one is logged)."""
+        return self.app.service().reconcile_all(actor="local:reconcile")
 
     def run(self) -> None:
         """Poll until stopped; reconcile every few seconds."""

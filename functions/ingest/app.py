@@ -4,6 +4,11 @@ Two decorators and one call, as powertools' batch utility intends: each SQS reco
 handled alone and a failure is reported in ``batchItemFailures`` so only that message
 returns to the queue (and reaches the DLQ after its receive limit). A bare S3
 notification (what ``sam local invoke -e events/s3-put.json`` passes) is handled too.
+
+On a schedule (an EventBridge "Scheduled Event", ``events/scheduled-reconcile.json``) the
+function reconciles every dataset with the bucket instead: parts whose events were lost,
+and parts whose job launch failed for good, are picked up without waiting for the
+dataset's next upload.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from s3rollup.aws import Aws
 from s3rollup.config import Settings
+from s3rollup.errors import S3RollupError
 from s3rollup.ingest import Ingest, Outcome, parse_notification
 from s3rollup.launch import make_launcher
 
@@ -79,6 +85,17 @@ def record_handler(record: SQSRecord) -> None:
 _request_id = "-"
 
 
+def reconcile_all(actor: str) -> dict[str, Any]:
+    """Reconcile every dataset; fail the invocation (errors metric, alarm) if any failed."""
+    failed = service().reconcile_all(actor)
+    metrics.add_metric(name="ReconcileFailures", unit=MetricUnit.Count, value=len(failed))
+    if failed:
+        raise S3RollupError(
+            f"reconcile failed for {len(failed)} dataset(s): {', '.join(failed)}", "RECONCILE_FAILED"
+        )
+    return {"reconciled": True}
+
+
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
 @metrics.log_metrics
@@ -86,6 +103,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Lambda entry point."""
     global _request_id
     _request_id = context.aws_request_id
+    if event.get("source") == "aws.events" and event.get("detail-type") == "Scheduled Event":
+        return reconcile_all(f"lambda:{_request_id}")
     records = event.get("Records") or []
     if event.get("Event") == "s3:TestEvent" or (records and records[0].get("eventSource") == "aws:s3"):
         # A bare S3 notification (S3 -> Lambda, or `sam local invoke -e events/s3-put.json`).

@@ -98,3 +98,49 @@ def test_delete_event_removes_a_registered_part(stack: Any, lambda_app: Any, dat
     assert part is not None and part.status == "REMOVED"
     events = [r["event"] for r in audit_records(stack, dataset)]
     assert events == ["PART_ACCEPTED", "PART_REMOVED"]
+
+
+def test_the_scheduled_event_reconciles_every_dataset(stack: Any, lambda_app: Any, dataset: str) -> None:
+    """Parts whose events never came are registered by the schedule, not the next upload."""
+    other = f"{dataset}-b"
+    for name in (dataset, other):
+        _no_job(stack, name)
+    with silent(stack):  # GIVEN parts in two datasets whose events were lost
+        k1 = put_part(stack, dataset, "part-00000.csv", GOOD)
+        k2 = put_part(stack, other, "part-00000.csv", GOOD)
+    # WHEN the schedule fires
+    assert lambda_app.handler(load_event("scheduled-reconcile.json"), Ctx()) == {"reconciled": True}
+    # THEN both parts are registered and audited once
+    state = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"])
+    for name, key in ((dataset, k1), (other, k2)):
+        part = state.get_part(name, key)
+        assert part is not None and part.status == PENDING
+        assert [r["key"] for r in audit_records(stack, name) if r["event"] == "PART_ACCEPTED"] == [key]
+
+
+def test_a_failed_scheduled_reconcile_fails_the_invocation_after_the_others(
+    stack: Any, lambda_app: Any, dataset: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from s3rollup.errors import S3RollupError
+
+    broken, fine = dataset, f"{dataset}-ok"
+    for name in (broken, fine):
+        _no_job(stack, name)
+    with silent(stack):
+        put_part(stack, broken, "part-00000.csv", GOOD)
+        key = put_part(stack, fine, "part-00000.csv", GOOD)
+    service = lambda_app.service()
+    real = service.reconcile
+
+    def reconcile(name: str, actor: str) -> Any:
+        if name == broken:
+            raise S3RollupError("listing failed", "S3_LIST")
+        return real(name, actor)
+
+    monkeypatch.setattr(service, "reconcile", reconcile)
+    with pytest.raises(S3RollupError) as failed:
+        lambda_app.handler(load_event("scheduled-reconcile.json"), Ctx())
+    assert failed.value.code == "RECONCILE_FAILED" and broken in str(failed.value)
+    # The dataset after the broken one was still reconciled.
+    part = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"]).get_part(fine, key)
+    assert part is not None and part.status == PENDING

@@ -249,6 +249,21 @@ def test_the_ingest_queue_outlives_six_function_timeouts_and_redrives() -> None:
     assert TEMPLATE["Globals"]["Function"]["Runtime"] == "python3.12"
 
 
+def test_the_function_reconciles_every_dataset_on_a_schedule() -> None:
+    fn = _of_type("AWS::Serverless::Function")["IngestFunction"]
+    schedules = [e["Properties"] for e in fn["Events"].values() if e["Type"] == "Schedule"]
+    assert schedules == [
+        {
+            "Schedule": {"Fn::Sub": "rate(${ReconcileMinutes} minutes)"},
+            "Description": schedules[0]["Description"],
+        }
+    ]
+    # rate(1 minutes) is not a valid expression: the plural needs at least 2.
+    assert TEMPLATE["Parameters"]["ReconcileMinutes"]["MinValue"] >= 2
+    sample = json.loads((ROOT / "events" / "scheduled-reconcile.json").read_text())
+    assert (sample["source"], sample["detail-type"]) == ("aws.events", "Scheduled Event")
+
+
 def test_samconfig_has_default_and_prod_overriding_only_template_parameters() -> None:
     config = tomllib.loads((ROOT / "samconfig.toml").read_text())
     assert {"default", "prod"} <= set(config)
