@@ -60,3 +60,21 @@ def wait_for(predicate: Any, timeout: float = 120.0, interval: float = 0.25) -> 
             return value
         time.sleep(interval)
     pytest.fail(f"condition not met within {timeout}s")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the run as s3rollup's commands end (logs.exit_process): after the summary, with
+    pytest's own exit status, without the interpreter teardown in which Arrow's thread
+    pools can abort a process that has finished its work (apache/arrow#34314)."""
+    from s3rollup.logs import exit_process
+
+    if _EXIT_STATUS in config.stash:
+        exit_process(config.stash[_EXIT_STATUS])
+
+
+_EXIT_STATUS = pytest.StashKey[int]()
