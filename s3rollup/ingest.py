@@ -214,15 +214,26 @@ class Ingest:
             self.ensure_job(dataset, actor)
         return outcomes
 
-    def reconcile_all(self, actor: str) -> list[str]:
+    def reconcile_all(self, actor: str, start: int = 0, deadline: float | None = None) -> list[str]:
         """Reconcile every dataset under incoming/; return the names whose reconcile failed.
 
         One dataset's failure (logged with its reason) does not stop the others. This is the
         safety net for lost events and for launches that failed for good: the local
         dispatcher runs it every few seconds, the function on a schedule.
+
+        ``start`` rotates the order (dataset ``start % n`` first) and ``deadline`` (a
+        ``time.monotonic()`` value) stops before a dataset that would begin after it: a run
+        that cannot reach every dataset says how many it left (a warning), and a later run
+        with another ``start`` leads with others, so no dataset is always the one left.
         """
+        names = self.datasets()
+        if names:
+            names = names[start % len(names) :] + names[: start % len(names)]
         failed = []
-        for dataset in self.datasets():
+        for done, dataset in enumerate(names):
+            if deadline is not None and time.monotonic() >= deadline:
+                log.warning("reconcile stopped at its deadline", extra={"left": len(names) - done})
+                break
             try:
                 self.reconcile(dataset, actor)
             except Exception as exc:

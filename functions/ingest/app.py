@@ -13,6 +13,8 @@ dataset's next upload.
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer, single_metric
@@ -83,11 +85,22 @@ def record_handler(record: SQSRecord) -> None:
 
 
 _request_id = "-"
+# Seconds kept free at the end of a scheduled run: one dataset's reconcile, and the reply.
+RECONCILE_MARGIN_S = 10.0
 
 
-def reconcile_all(actor: str) -> dict[str, Any]:
-    """Reconcile every dataset; fail the invocation (errors metric, alarm) if any failed."""
-    failed = service().reconcile_all(actor)
+def reconcile_all(actor: str, fired_at: str, context: LambdaContext) -> dict[str, Any]:
+    """Reconcile every dataset; fail the invocation (errors metric, alarm) if any failed.
+
+    Each run leads with another dataset (the schedule's minute picks it) and stops
+    RECONCILE_MARGIN_S before the function's timeout rather than being cut off by it.
+    """
+    try:
+        minute = int(datetime.fromisoformat(fired_at.replace("Z", "+00:00")).timestamp() // 60)
+    except ValueError:
+        minute = 0
+    deadline = time.monotonic() + context.get_remaining_time_in_millis() / 1000 - RECONCILE_MARGIN_S
+    failed = service().reconcile_all(actor, start=minute, deadline=deadline)
     metrics.add_metric(name="ReconcileFailures", unit=MetricUnit.Count, value=len(failed))
     if failed:
         raise S3RollupError(
@@ -104,7 +117,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     global _request_id
     _request_id = context.aws_request_id
     if event.get("source") == "aws.events" and event.get("detail-type") == "Scheduled Event":
-        return reconcile_all(f"lambda:{_request_id}")
+        return reconcile_all(f"lambda:{_request_id}", str(event.get("time", "")), context)
     records = event.get("Records") or []
     if event.get("Event") == "s3:TestEvent" or (records and records[0].get("eventSource") == "aws:s3"):
         # A bare S3 notification (S3 -> Lambda, or `sam local invoke -e events/s3-put.json`).

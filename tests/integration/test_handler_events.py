@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
 
 from s3rollup.state import PENDING, State
 from tests.conftest import load_event
-from tests.helpers import audit_records, put_part, silent
+from tests.helpers import LambdaCtx, audit_records, put_part, silent
 
 pytestmark = pytest.mark.integration
 
 GOOD = b"id,value1,value2,value3,category\n1,0.5,1.5,2.5,3\n"
 
 
-class Ctx:
-    aws_request_id = "req-events-test"
-    function_name = "IngestFunction"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:IngestFunction"
+def ctx(remaining_ms: int = 60_000) -> LambdaCtx:
+    """The test invocation's context, with remaining_ms left of its timeout."""
+    return LambdaCtx("req-events-test", remaining_ms)
 
 
 def _retarget(event: dict[str, Any], bucket: str, dataset: str) -> dict[str, Any]:
@@ -48,7 +47,7 @@ def test_bare_s3_put_event_registers_the_part_once(stack: Any, lambda_app: Any, 
     event = _retarget(load_event("s3-put.json"), bucket, dataset)
     app = lambda_app
     for _ in range(3):  # the same event delivered three times
-        assert app.handler(event, Ctx()) == {"batchItemFailures": []}
+        assert app.handler(event, ctx()) == {"batchItemFailures": []}
     part = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"]).get_part(dataset, key)
     assert part is not None and part.status == PENDING
     accepted = [r for r in audit_records(stack, dataset) if r["event"] == "PART_ACCEPTED"]
@@ -63,7 +62,7 @@ def test_sqs_batch_with_encoded_keys_and_test_event(stack: Any, lambda_app: Any,
     with silent(stack):
         k2 = put_part(stack, dataset, "café part +1 100%.csv", GOOD)
     event = _retarget(load_event("sqs-s3-batch.json"), bucket, dataset)
-    response = lambda_app.handler(event, Ctx())
+    response = lambda_app.handler(event, ctx())
     assert response == {"batchItemFailures": []}
     keys = sorted(r["key"] for r in audit_records(stack, dataset) if r["event"] == "PART_ACCEPTED")
     assert keys == sorted([k1, k2])
@@ -71,7 +70,7 @@ def test_sqs_batch_with_encoded_keys_and_test_event(stack: Any, lambda_app: Any,
 
 def test_s3_test_event_is_ignored(stack: Any, lambda_app: Any, dataset: str) -> None:
     event = load_event("sqs-s3-test-event.json")
-    assert lambda_app.handler(event, Ctx()) == {"batchItemFailures": []}
+    assert lambda_app.handler(event, ctx()) == {"batchItemFailures": []}
 
 
 def test_poison_record_is_reported_alone(stack: Any, lambda_app: Any, dataset: str) -> None:
@@ -81,7 +80,7 @@ def test_poison_record_is_reported_alone(stack: Any, lambda_app: Any, dataset: s
         put_part(stack, dataset, "part-00000.csv", GOOD)
     event = _retarget(load_event("sqs-s3-batch.json"), bucket, dataset)
     event["Records"][1]["body"] = "{not json"
-    response = lambda_app.handler(event, Ctx())
+    response = lambda_app.handler(event, ctx())
     assert response == {"batchItemFailures": [{"itemIdentifier": event["Records"][1]["messageId"]}]}
 
 
@@ -91,9 +90,9 @@ def test_delete_event_removes_a_registered_part(stack: Any, lambda_app: Any, dat
     with silent(stack):
         key = put_part(stack, dataset, "part-00000.csv", GOOD)
     app = lambda_app
-    app.handler(_retarget(load_event("s3-put.json"), bucket, dataset), Ctx())
+    app.handler(_retarget(load_event("s3-put.json"), bucket, dataset), ctx())
     stack.aws.s3.delete_object(Bucket=bucket, Key=key)
-    app.handler(_retarget(load_event("s3-delete.json"), bucket, dataset), Ctx())
+    app.handler(_retarget(load_event("s3-delete.json"), bucket, dataset), ctx())
     part = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"]).get_part(dataset, key)
     assert part is not None and part.status == "REMOVED"
     events = [r["event"] for r in audit_records(stack, dataset)]
@@ -109,7 +108,7 @@ def test_the_scheduled_event_reconciles_every_dataset(stack: Any, lambda_app: An
         k1 = put_part(stack, dataset, "part-00000.csv", GOOD)
         k2 = put_part(stack, other, "part-00000.csv", GOOD)
     # WHEN the schedule fires
-    assert lambda_app.handler(load_event("scheduled-reconcile.json"), Ctx()) == {"reconciled": True}
+    assert lambda_app.handler(load_event("scheduled-reconcile.json"), ctx()) == {"reconciled": True}
     # THEN both parts are registered and audited once
     state = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"])
     for name, key in ((dataset, k1), (other, k2)):
@@ -139,8 +138,29 @@ def test_a_failed_scheduled_reconcile_fails_the_invocation_after_the_others(
 
     monkeypatch.setattr(service, "reconcile", reconcile)
     with pytest.raises(S3RollupError) as failed:
-        lambda_app.handler(load_event("scheduled-reconcile.json"), Ctx())
+        lambda_app.handler(load_event("scheduled-reconcile.json"), ctx())
     assert failed.value.code == "RECONCILE_FAILED" and broken in str(failed.value)
-    # The dataset after the broken one was still reconciled.
+    # The other dataset was still reconciled.
     part = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"]).get_part(fine, key)
     assert part is not None and part.status == PENDING
+
+
+def test_a_scheduled_reconcile_rotates_and_stops_at_its_deadline(
+    stack: Any, lambda_app: Any, dataset: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = lambda_app.service()
+    names = service.datasets()
+    assert dataset not in names or names == sorted(names)
+    seen: list[str] = []
+    monkeypatch.setattr(service, "reconcile", lambda name, actor: seen.append(name))
+    # Each run leads with another dataset, and still visits every one once ...
+    assert service.reconcile_all("test", start=len(names) + 1) == []
+    assert seen == names[1:] + names[:1]
+    # ... unless its deadline has come: then it stops before starting another.
+    seen.clear()
+    assert service.reconcile_all("test", deadline=time.monotonic() - 1) == []
+    assert seen == []
+    # The function keeps RECONCILE_MARGIN_S of its time: with less left it starts none.
+    short = int(lambda_app.RECONCILE_MARGIN_S * 1000) - 1
+    assert lambda_app.handler(load_event("scheduled-reconcile.json"), ctx(short)) == {"reconciled": True}
+    assert seen == []

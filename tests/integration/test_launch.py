@@ -9,6 +9,7 @@ import pytest
 
 from s3rollup.config import Settings
 from s3rollup.launch import EcsLauncher, LocalLauncher, run_task_request
+from tests.helpers import LambdaCtx
 
 pytestmark = pytest.mark.integration
 
@@ -143,12 +144,6 @@ def test_a_failed_launch_returns_the_message_and_the_redelivery_launches(
         ]
     }
 
-    class Ctx:
-        aws_request_id = "req-launch"
-        function_name = "IngestFunction"
-        memory_limit_in_mb = 512
-        invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:IngestFunction"
-
     original = service.launcher
     try:
         service.launcher = Down()
@@ -156,11 +151,11 @@ def test_a_failed_launch_returns_the_message_and_the_redelivery_launches(
         # of a batch failed), so the message returns to the queue; the part stays
         # registered and the lease is given back
         with pytest.raises(BatchProcessingError):
-            lambda_app.handler(event, Ctx())
+            lambda_app.handler(event, LambdaCtx("req-launch"))
         assert state.get_part(dataset, key).status == "PENDING" and state.lease(dataset) is None
         # THEN the redelivery launches the job
         service.launcher = Up()
-        assert lambda_app.handler(event, Ctx()) == {"batchItemFailures": []}
+        assert lambda_app.handler(event, LambdaCtx("req-launch")) == {"batchItemFailures": []}
     finally:
         service.launcher = original
     assert len(Up.launched) == 1
