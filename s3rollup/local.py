@@ -423,10 +423,11 @@ class FakeContext:
     function_version: str = "$LATEST"
     log_group_name: str = ""
     log_stream_name: str = ""
+    remaining_ms: int = 60_000  # the dispatcher has no deadline; tests set one
 
     def get_remaining_time_in_millis(self) -> int:
-        """Lambda's remaining-time call; the dispatcher has no deadline."""
-        return 60_000
+        """Lambda's remaining-time call."""
+        return self.remaining_ms
 
 
 def load_handler(env: dict[str, str]) -> ModuleType:

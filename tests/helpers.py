@@ -100,22 +100,6 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subpr
     )
 
 
-class LambdaCtx:
-    """The parts of Lambda's context the handler reads."""
-
-    function_name = "IngestFunction"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:IngestFunction"
-
-    def __init__(self, request_id: str = "req-test", remaining_ms: int = 60_000) -> None:
-        self.aws_request_id = request_id
-        self.remaining_ms = remaining_ms
-
-    def get_remaining_time_in_millis(self) -> int:
-        """What is left of the invocation's timeout (fixed: tests set it)."""
-        return self.remaining_ms
-
-
 def notification(bucket: str, key: str, event_name: str = "ObjectCreated:Put") -> dict[str, Any]:
     """The S3 notification for one key, as S3 sends it (key URL-encoded, no version id)."""
     body = s3_notification(bucket, key)

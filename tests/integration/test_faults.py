@@ -20,11 +20,10 @@ from s3rollup.config import Settings
 from s3rollup.demo import generate_part
 from s3rollup.job import Job
 from s3rollup.launch import LocalLauncher
-from s3rollup.local import Dispatcher
+from s3rollup.local import Dispatcher, FakeContext
 from s3rollup.state import State
 from tests.conftest import wait_for
 from tests.helpers import (
-    LambdaCtx,
     assert_result_is,
     audit_records,
     dask_processes,
@@ -65,7 +64,9 @@ def test_duplicated_shuffled_events_with_overwrites_and_deletes(
     deliveries = [e for e in events for _ in range(rng.randint(1, 5))]
     rng.shuffle(deliveries)
     for i in range(0, len(deliveries), 10):
-        assert lambda_app.handler(sqs_event(deliveries[i : i + 10]), LambdaCtx()) == {"batchItemFailures": []}
+        assert lambda_app.handler(sqs_event(deliveries[i : i + 10]), FakeContext("IngestFunction")) == {
+            "batchItemFailures": []
+        }
     stack.dispatcher.reconcile()  # the periodic reconcile: lost delete events
     # THEN the result is exactly the parts that exist now
     assert_result_is(stack, dataset, final)

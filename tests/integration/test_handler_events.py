@@ -8,18 +8,14 @@ from typing import Any
 
 import pytest
 
+from s3rollup.local import FakeContext
 from s3rollup.state import PENDING, State
 from tests.conftest import load_event
-from tests.helpers import LambdaCtx, audit_records, put_part, silent
+from tests.helpers import audit_records, put_part, silent
 
 pytestmark = pytest.mark.integration
 
 GOOD = b"id,value1,value2,value3,category\n1,0.5,1.5,2.5,3\n"
-
-
-def ctx(remaining_ms: int = 60_000) -> LambdaCtx:
-    """The test invocation's context, with remaining_ms left of its timeout."""
-    return LambdaCtx("req-events-test", remaining_ms)
 
 
 def _retarget(event: dict[str, Any], bucket: str, dataset: str) -> dict[str, Any]:
@@ -47,7 +43,7 @@ def test_bare_s3_put_event_registers_the_part_once(stack: Any, lambda_app: Any, 
     event = _retarget(load_event("s3-put.json"), bucket, dataset)
     app = lambda_app
     for _ in range(3):  # the same event delivered three times
-        assert app.handler(event, ctx()) == {"batchItemFailures": []}
+        assert app.handler(event, FakeContext("IngestFunction")) == {"batchItemFailures": []}
     part = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"]).get_part(dataset, key)
     assert part is not None and part.status == PENDING
     accepted = [r for r in audit_records(stack, dataset) if r["event"] == "PART_ACCEPTED"]
@@ -62,7 +58,7 @@ def test_sqs_batch_with_encoded_keys_and_test_event(stack: Any, lambda_app: Any,
     with silent(stack):
         k2 = put_part(stack, dataset, "café part +1 100%.csv", GOOD)
     event = _retarget(load_event("sqs-s3-batch.json"), bucket, dataset)
-    response = lambda_app.handler(event, ctx())
+    response = lambda_app.handler(event, FakeContext("IngestFunction"))
     assert response == {"batchItemFailures": []}
     keys = sorted(r["key"] for r in audit_records(stack, dataset) if r["event"] == "PART_ACCEPTED")
     assert keys == sorted([k1, k2])
@@ -70,7 +66,7 @@ def test_sqs_batch_with_encoded_keys_and_test_event(stack: Any, lambda_app: Any,
 
 def test_s3_test_event_is_ignored(stack: Any, lambda_app: Any, dataset: str) -> None:
     event = load_event("sqs-s3-test-event.json")
-    assert lambda_app.handler(event, ctx()) == {"batchItemFailures": []}
+    assert lambda_app.handler(event, FakeContext("IngestFunction")) == {"batchItemFailures": []}
 
 
 def test_poison_record_is_reported_alone(stack: Any, lambda_app: Any, dataset: str) -> None:
@@ -80,7 +76,7 @@ def test_poison_record_is_reported_alone(stack: Any, lambda_app: Any, dataset: s
         put_part(stack, dataset, "part-00000.csv", GOOD)
     event = _retarget(load_event("sqs-s3-batch.json"), bucket, dataset)
     event["Records"][1]["body"] = "{not json"
-    response = lambda_app.handler(event, ctx())
+    response = lambda_app.handler(event, FakeContext("IngestFunction"))
     assert response == {"batchItemFailures": [{"itemIdentifier": event["Records"][1]["messageId"]}]}
 
 
@@ -90,9 +86,9 @@ def test_delete_event_removes_a_registered_part(stack: Any, lambda_app: Any, dat
     with silent(stack):
         key = put_part(stack, dataset, "part-00000.csv", GOOD)
     app = lambda_app
-    app.handler(_retarget(load_event("s3-put.json"), bucket, dataset), ctx())
+    app.handler(_retarget(load_event("s3-put.json"), bucket, dataset), FakeContext("IngestFunction"))
     stack.aws.s3.delete_object(Bucket=bucket, Key=key)
-    app.handler(_retarget(load_event("s3-delete.json"), bucket, dataset), ctx())
+    app.handler(_retarget(load_event("s3-delete.json"), bucket, dataset), FakeContext("IngestFunction"))
     part = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"]).get_part(dataset, key)
     assert part is not None and part.status == "REMOVED"
     events = [r["event"] for r in audit_records(stack, dataset)]
@@ -108,7 +104,9 @@ def test_the_scheduled_event_reconciles_every_dataset(stack: Any, lambda_app: An
         k1 = put_part(stack, dataset, "part-00000.csv", GOOD)
         k2 = put_part(stack, other, "part-00000.csv", GOOD)
     # WHEN the schedule fires
-    assert lambda_app.handler(load_event("scheduled-reconcile.json"), ctx()) == {"reconciled": True}
+    assert lambda_app.handler(load_event("scheduled-reconcile.json"), FakeContext("IngestFunction")) == {
+        "reconciled": True
+    }
     # THEN both parts are registered and audited once
     state = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"])
     for name, key in ((dataset, k1), (other, k2)):
@@ -138,7 +136,7 @@ def test_a_failed_scheduled_reconcile_fails_the_invocation_after_the_others(
 
     monkeypatch.setattr(service, "reconcile", reconcile)
     with pytest.raises(S3RollupError) as failed:
-        lambda_app.handler(load_event("scheduled-reconcile.json"), ctx())
+        lambda_app.handler(load_event("scheduled-reconcile.json"), FakeContext("IngestFunction"))
     assert failed.value.code == "RECONCILE_FAILED" and broken in str(failed.value)
     # The other dataset was still reconciled.
     part = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"]).get_part(fine, key)
@@ -162,5 +160,8 @@ def test_a_scheduled_reconcile_rotates_and_stops_at_its_deadline(
     assert seen == []
     # The function keeps RECONCILE_MARGIN_S of its time: with less left it starts none.
     short = int(lambda_app.RECONCILE_MARGIN_S * 1000) - 1
-    assert lambda_app.handler(load_event("scheduled-reconcile.json"), ctx(short)) == {"reconciled": True}
+    event = load_event("scheduled-reconcile.json")
+    assert lambda_app.handler(event, FakeContext("IngestFunction", remaining_ms=short)) == {
+        "reconciled": True
+    }
     assert seen == []

@@ -17,11 +17,11 @@ from s3rollup.config import Settings
 from s3rollup.demo import generate_part, to_csv_bytes
 from s3rollup.ingest import Ingest, S3Event
 from s3rollup.launch import EcsLauncher
+from s3rollup.local import FakeContext
 from s3rollup.reference import complex_operation
 from s3rollup.state import State
 from tests.conftest import ROOT
 from tests.helpers import (
-    LambdaCtx,
     audit_records,
     notification,
     put_part,
@@ -54,7 +54,9 @@ def test_bad_input_corpus_is_quarantined_with_its_own_reason_and_audited(
         }
     bodies = [notification(bucket, key) for key in keys.values()]
     for i in range(0, len(bodies), 10):  # the function's batch size
-        assert lambda_app.handler(sqs_event(bodies[i : i + 10]), LambdaCtx()) == {"batchItemFailures": []}
+        assert lambda_app.handler(sqs_event(bodies[i : i + 10]), FakeContext("IngestFunction")) == {
+            "batchItemFailures": []
+        }
     rejected = {r["key"]: r["reason"] for r in audit_records(stack, dataset) if r["event"] == "PART_REJECTED"}
     assert rejected == {keys[name]: code for name, code in expected.items()}
     assert len(set(expected.values())) >= 20
@@ -74,7 +76,7 @@ def test_good_corpus_is_accepted(stack: Any, lambda_app: Any, dataset: str) -> N
     with silent(stack):
         keys = [put_part(stack, dataset, p.name, p.read_bytes()) for p in sorted((CORPUS / "good").iterdir())]
     for key in keys:
-        lambda_app.handler(notification(bucket, key), LambdaCtx())
+        lambda_app.handler(notification(bucket, key), FakeContext("IngestFunction"))
     accepted = [r["key"] for r in audit_records(stack, dataset) if r["event"] == "PART_ACCEPTED"]
     assert sorted(accepted) == sorted(keys)
 
@@ -110,12 +112,12 @@ def test_an_older_event_never_undoes_a_newer_version(stack: Any, lambda_app: Any
     with silent(stack):
         key = put_part(stack, dataset, "part.csv", generate_part(0, 10, seed=1))
     first = stack.aws.s3.head_object(Bucket=bucket, Key=key)["VersionId"]
-    lambda_app.handler(notification(bucket, key), LambdaCtx())
+    lambda_app.handler(notification(bucket, key), FakeContext("IngestFunction"))
     with silent(stack):
         put_part(stack, dataset, "part.csv", generate_part(0, 20, seed=2))
     second = stack.aws.s3.head_object(Bucket=bucket, Key=key)["VersionId"]
-    lambda_app.handler(notification(bucket, key), LambdaCtx())  # the new version's event
-    lambda_app.handler(notification(bucket, key), LambdaCtx())  # the first event, late
+    lambda_app.handler(notification(bucket, key), FakeContext("IngestFunction"))  # the new version's event
+    lambda_app.handler(notification(bucket, key), FakeContext("IngestFunction"))  # the first event, late
     part = state.get_part(dataset, key)
     assert part is not None and first != second and part.version_id == second
     accepted = [r["version_id"] for r in audit_records(stack, dataset) if r["event"] == "PART_ACCEPTED"]
@@ -218,4 +220,4 @@ def test_every_event_file_is_handled(stack: Any, lambda_app: Any, dataset: str) 
         event = json.loads(text.replace("incoming/sales/", f"incoming/{dataset}/"))
         # S3 and SQS events answer with the batch's failures; the reconcile schedule with its run.
         expected = {"reconciled": True} if event.get("source") == "aws.events" else {"batchItemFailures": []}
-        assert lambda_app.handler(event, LambdaCtx()) == expected, path.name
+        assert lambda_app.handler(event, FakeContext("IngestFunction")) == expected, path.name

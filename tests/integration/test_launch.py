@@ -9,7 +9,7 @@ import pytest
 
 from s3rollup.config import Settings
 from s3rollup.launch import EcsLauncher, LocalLauncher, run_task_request
-from tests.helpers import LambdaCtx
+from s3rollup.local import FakeContext
 
 pytestmark = pytest.mark.integration
 
@@ -151,11 +151,11 @@ def test_a_failed_launch_returns_the_message_and_the_redelivery_launches(
         # of a batch failed), so the message returns to the queue; the part stays
         # registered and the lease is given back
         with pytest.raises(BatchProcessingError):
-            lambda_app.handler(event, LambdaCtx("req-launch"))
+            lambda_app.handler(event, FakeContext("IngestFunction"))
         assert state.get_part(dataset, key).status == "PENDING" and state.lease(dataset) is None
         # THEN the redelivery launches the job
         service.launcher = Up()
-        assert lambda_app.handler(event, LambdaCtx("req-launch")) == {"batchItemFailures": []}
+        assert lambda_app.handler(event, FakeContext("IngestFunction")) == {"batchItemFailures": []}
     finally:
         service.launcher = original
     assert len(Up.launched) == 1
