@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,15 +23,8 @@ from s3rollup.reference import complex_operation
 
 def put_part(stack: Any, dataset: str, name: str, body: bytes | pd.DataFrame) -> str:
     """Upload a part as a producer would (SSE-KMS under the stack's key); return its key."""
-    data = to_csv_bytes(body) if isinstance(body, pd.DataFrame) else body
     key = f"incoming/{dataset}/{name}"
-    stack.aws.s3.put_object(
-        Bucket=stack.info.outputs["DataBucketName"],
-        Key=key,
-        Body=data,
-        ServerSideEncryption="aws:kms",
-        SSEKMSKeyId=stack.info.outputs["DataKeyArn"],
-    )
+    put_version(stack, key, body)
     return key
 
 
@@ -152,15 +144,16 @@ def dask_processes(tmp_path: Path, workers: int) -> Iterator[tuple[str, list[sub
     quiet: dict[str, Any] = {"env": dict(os.environ), "stdout": subprocess.DEVNULL}
     quiet["stderr"] = subprocess.DEVNULL
     dask, on = str(bin_dir / "dask"), ["--scheduler-file", str(sched_file), "--no-dashboard"]
+    from tests.conftest import wait_for
+
     scheduler = subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", *on], **quiet)
-    deadline = time.monotonic() + 60
-    while not sched_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    procs = [
-        subprocess.Popen([dask, "worker", "--host", "127.0.0.1", "--nthreads", "1", *on], **quiet)
-        for _ in range(workers)
-    ]
+    procs: list[subprocess.Popen[bytes]] = []
     try:
+        wait_for(sched_file.exists, timeout=60, interval=0.2)
+        procs += [
+            subprocess.Popen([dask, "worker", "--host", "127.0.0.1", "--nthreads", "1", *on], **quiet)
+            for _ in range(workers)
+        ]
         yield json.loads(sched_file.read_text())["address"], procs
     finally:
         for p in [*procs, scheduler]:
@@ -169,12 +162,12 @@ def dask_processes(tmp_path: Path, workers: int) -> Iterator[tuple[str, list[sub
             p.wait(timeout=30)
 
 
-def put_version(stack: Any, key: str, frame: pd.DataFrame) -> str:
-    """Upload as a producer does; return the new version id."""
+def put_version(stack: Any, key: str, body: bytes | pd.DataFrame) -> str:
+    """Upload as a producer does (SSE-KMS under the stack's key); return the new version id."""
     put = stack.aws.s3.put_object(
         Bucket=stack.info.outputs["DataBucketName"],
         Key=key,
-        Body=to_csv_bytes(frame),
+        Body=to_csv_bytes(body) if isinstance(body, pd.DataFrame) else body,
         ServerSideEncryption="aws:kms",
         SSEKMSKeyId=stack.info.outputs["DataKeyArn"],
     )
@@ -194,6 +187,13 @@ def upload_silently(
     return final
 
 
+def assert_equals_reference(stack: Any, dataset: str, frames: list[pd.DataFrame]) -> None:
+    """The published aggregate equals pandas' complex_operation over these rows."""
+    expected = complex_operation(pd.concat(frames, ignore_index=True))
+    problems = compare(result_frame(stack, dataset), expected)
+    assert problems == [], problems
+
+
 def assert_result_is(
     stack: Any,
     dataset: str,
@@ -204,8 +204,7 @@ def assert_result_is(
     """The manifest names exactly these versions, the aggregate equals pandas over their rows,
     and no part version was accepted or aggregated twice."""
     published = wait_published(stack, dataset, {k: v for k, (v, _) in final.items()}, timeout)
-    expected = complex_operation(pd.concat([f for _, f in final.values()], ignore_index=True))
-    assert compare(result_frame(stack, dataset), expected) == []
+    assert_equals_reference(stack, dataset, [f for _, f in final.values()])
     assert published["rows"] == sum(len(f) for _, f in final.values())
     problems = exactly_once_problems(audit_records(stack, dataset), crashed)
     assert problems == [], problems

@@ -10,6 +10,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from s3rollup.audit import AuditLog
+from tests.helpers import run_cli, user_env
 
 pytestmark = pytest.mark.integration
 
@@ -103,23 +104,6 @@ def test_fields_that_could_carry_cell_values_are_refused(stack: Any, dataset: st
         _log(stack).append(dataset, "PART_RECEIVED", "test", value="alice@example.com")
 
 
-def _cli(stack: Any, *args: str) -> Any:
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3ROLLUP_"))}
-    env.update(AWS_ENDPOINT_URL=stack.info.endpoint_url, S3ROLLUP_STACK=stack.info.stack_name)
-    return subprocess.run(
-        [sys.executable, "-m", "s3rollup.cli", "audit", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def test_audit_verify_cli_passes_an_intact_pipeline_chain_and_names_a_tampered_record(
     stack: Any, dataset: str
 ) -> None:
@@ -131,14 +115,14 @@ def test_audit_verify_cli_passes_an_intact_pipeline_chain_and_names_a_tampered_r
     wait_manifest(stack, dataset, {key})
     state = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"])
     assert wait_until_idle(state, AuditLog(stack.aws.dynamodb, stack.info.outputs["AuditTableName"]), dataset)
-    ok = _cli(stack, "verify", dataset)
+    ok = run_cli(["audit", "verify", dataset], user_env(stack))
     assert ok.returncode == 0 and "intact" in ok.stdout, ok.stderr
-    shown = _cli(stack, "show", dataset, "--format", "json")
+    shown = run_cli(["audit", "show", dataset, "--format", "json"], user_env(stack))
     events = [json.loads(line)["event"] for line in shown.stdout.splitlines()]
     assert events[0] == "PART_ACCEPTED" and "RESULT_WRITTEN" in events and events[-1] == "JOB_FINISHED"
 
     _tamper(stack, dataset, 1, lambda r: r.__setitem__("reason", "EDITED"))
-    bad = _cli(stack, "verify", dataset)
+    bad = run_cli(["audit", "verify", dataset], user_env(stack))
     assert bad.returncode == 7 and "record 1" in bad.stderr
 
 

@@ -4,9 +4,6 @@ reason file or an error message, whichever stage rejects the part."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -15,7 +12,7 @@ from s3rollup.audit import AuditLog
 from s3rollup.demo import generate_part, to_csv_bytes, wait_until_idle
 from s3rollup.state import State
 from tests.conftest import wait_for
-from tests.helpers import put_part, wait_manifest
+from tests.helpers import put_part, run_cli, user_env, wait_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -85,18 +82,9 @@ def test_personal_data_never_reaches_logs_audit_or_errors(stack: Any, capfd: Any
     wait_for(lambda: all(p.status == "REJECTED" for p in state.parts(dataset) if p.key in bad))
     audit = AuditLog(stack.aws.dynamodb, outputs["AuditTableName"])
     assert wait_until_idle(state, audit, dataset) and wait_until_idle(state, audit, allowed)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3ROLLUP_"))}
-    env.update(AWS_ENDPOINT_URL=stack.info.endpoint_url, S3ROLLUP_STACK=stack.info.stack_name)
     cli_output = ""
     for args in (["audit", "show", dataset], ["audit", "verify", dataset], ["query", "pii-none"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "s3rollup.cli", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        done = run_cli(args, user_env(stack))
         cli_output += done.stdout + done.stderr
     reasons = ""
     for key in bad:

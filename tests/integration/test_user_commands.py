@@ -17,20 +17,23 @@ import pandas as pd
 import pytest
 
 from s3rollup.contract import merged_partial_key
-from s3rollup.demo import compare, generate_part, to_csv_bytes
-from s3rollup.reference import complex_operation
+from s3rollup.demo import generate_part, to_csv_bytes
 from tests.conftest import ROOT, wait_for
-from tests.helpers import audit_records, manifest, put_part, result_frame, run_cli, user_env, wait_manifest
+from tests.helpers import (
+    assert_equals_reference,
+    audit_records,
+    manifest,
+    put_part,
+    result_frame,
+    run_cli,
+    user_env,
+    wait_manifest,
+)
 
 pytestmark = pytest.mark.integration
 
 AWS_CLI = ROOT / ".venv-aws" / "bin" / "aws"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def _assert_equals_reference(stack: Any, dataset: str, frames: list[pd.DataFrame]) -> None:
-    problems = compare(result_frame(stack, dataset), complex_operation(pd.concat(frames, ignore_index=True)))
-    assert problems == [], problems
 
 
 def _assert_under_stack_key(stack: Any, key: str) -> None:
@@ -71,7 +74,7 @@ def test_aws_cli_cp_triggers_the_pipeline_as_documented(stack: Any, dataset: str
     key = f"incoming/{dataset}/part.csv"
     _assert_under_stack_key(stack, key)  # the bucket's default encryption
     wait_manifest(stack, dataset, {key})
-    _assert_equals_reference(stack, dataset, [frame])
+    assert_equals_reference(stack, dataset, [frame])
 
 
 def test_plain_boto3_put_object_triggers_the_pipeline(stack: Any, dataset: str) -> None:
@@ -87,7 +90,7 @@ def test_plain_boto3_put_object_triggers_the_pipeline(stack: Any, dataset: str) 
     s3.put_object(Bucket=stack.info.outputs["DataBucketName"], Key=key, Body=to_csv_bytes(frame))
     _assert_under_stack_key(stack, key)
     wait_manifest(stack, dataset, {key})
-    _assert_equals_reference(stack, dataset, [frame])
+    assert_equals_reference(stack, dataset, [frame])
 
 
 def test_put_uploads_small_and_multipart_parts_quietly_in_a_pipe(
@@ -120,7 +123,7 @@ def test_put_uploads_small_and_multipart_parts_quietly_in_a_pipe(
     for key in keys:
         _assert_under_stack_key(stack, key)
     wait_manifest(stack, dataset, keys)
-    _assert_equals_reference(stack, dataset, [small, large])
+    assert_equals_reference(stack, dataset, [small, large])
 
 
 def test_put_of_a_missing_file_uploads_nothing(stack: Any, dataset: str, tmp_path: Path) -> None:
@@ -211,7 +214,7 @@ def test_rebuild_recomputes_every_partial_and_equals_pandas(stack: Any, dataset:
     assert rebuilt is not None and rebuilt["job_id"] != first["job_id"]
     assert {p["key"] for p in rebuilt["parts"]} == keys
     assert len(part_partials()) == 3
-    _assert_equals_reference(stack, dataset, frames)
+    assert_equals_reference(stack, dataset, frames)
     events = [r["event"] for r in audit_records(stack, dataset)]
     assert events.count("REBUILD_REQUESTED") == 1
     assert events.count("PART_AGGREGATED") == 6  # each part twice: first run and rebuild

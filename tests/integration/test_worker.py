@@ -15,11 +15,12 @@ import pytest
 from s3rollup.aws import Aws
 from s3rollup.config import Settings
 from s3rollup.contract import load_contract, merged_partial_key, parse_part_key, partial_key
-from s3rollup.demo import compare, generate_part, to_csv_bytes
+from s3rollup.demo import generate_part, to_csv_bytes
 from s3rollup.job import Job
-from s3rollup.reference import complex_operation, reference_for
+from s3rollup.reference import reference_for
 from s3rollup.stats import to_reference_shape
 from tests.helpers import (
+    assert_equals_reference,
     dask_processes,
     put_part,
     result_frame,
@@ -45,8 +46,7 @@ def test_csv_gz_and_parquet_parts_roll_up_with_csv(stack: Any, dataset: str) -> 
         put_part(stack, dataset, "c.parquet", _parquet(frames[2])),
     }
     wait_manifest(stack, dataset, keys)
-    expected = complex_operation(pd.concat(frames, ignore_index=True))
-    assert compare(result_frame(stack, dataset), expected) == []
+    assert_equals_reference(stack, dataset, frames)
 
 
 def test_contract_and_minimum_group_size_are_applied(stack: Any, dataset: str) -> None:
@@ -104,9 +104,7 @@ def test_a_job_runs_on_an_existing_dask_scheduler(stack: Any, dataset: str, dask
     assert job.run() == 0
     manifest = wait_manifest(stack, dataset, keys, timeout=5)
     assert manifest["rows"] == 1500
-    assert (
-        compare(result_frame(stack, dataset), complex_operation(pd.concat(frames, ignore_index=True))) == []
-    )
+    assert_equals_reference(stack, dataset, frames)
 
 
 def _spoil(stack: Any, key: str) -> None:
@@ -127,8 +125,7 @@ def test_a_new_part_is_merged_onto_the_last_published_merge(stack: Any, dataset:
     third = put_part(stack, dataset, "p2.csv", frames[2])
     wait_manifest(stack, dataset, first | {third})
     # THEN only the new part's partial was read, and the result is still exactly pandas'
-    expected = complex_operation(pd.concat(frames, ignore_index=True))
-    assert compare(result_frame(stack, dataset), expected) == []
+    assert_equals_reference(stack, dataset, frames)
 
 
 def test_a_replaced_part_makes_the_job_merge_every_partial(stack: Any, dataset: str) -> None:
@@ -143,8 +140,7 @@ def test_a_replaced_part_makes_the_job_merge_every_partial(stack: Any, dataset: 
         stack, dataset, {k: stack.aws.s3.head_object(Bucket=bucket, Key=k)["VersionId"] for k in keys}
     )
     # THEN the old version's rows are gone from the result (the old merge was not built on)
-    expected = complex_operation(pd.concat([a2, b], ignore_index=True))
-    assert compare(result_frame(stack, dataset), expected) == []
+    assert_equals_reference(stack, dataset, [a2, b])
 
 
 def test_a_vanished_merged_partial_makes_the_job_merge_every_partial(stack: Any, dataset: str) -> None:
@@ -159,5 +155,4 @@ def test_a_vanished_merged_partial_makes_the_job_merge_every_partial(stack: Any,
     second = put_part(stack, dataset, "p1.csv", frames[1])
     wait_manifest(stack, dataset, {first, second})
     # THEN the job merged every stored partial instead, and the result is exact
-    expected = complex_operation(pd.concat(frames, ignore_index=True))
-    assert compare(result_frame(stack, dataset), expected) == []
+    assert_equals_reference(stack, dataset, frames)

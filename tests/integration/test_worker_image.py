@@ -16,17 +16,21 @@ import uuid
 import warnings
 from typing import Any
 
-import pandas as pd
 import pytest
 
 from s3rollup.config import Settings
 from s3rollup.contract import parse_part_key
-from s3rollup.demo import compare, generate_part
+from s3rollup.demo import generate_part
 from s3rollup.ingest import Ingest
 from s3rollup.launch import LocalLauncher
 from s3rollup.local import LOCAL_CREDENTIALS, ROOT
-from s3rollup.reference import complex_operation
-from tests.helpers import audit_records, put_part, result_frame, silent, wait_manifest
+from tests.helpers import (
+    assert_equals_reference,
+    audit_records,
+    put_part,
+    silent,
+    wait_manifest,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker, pytest.mark.slow]
 
@@ -179,8 +183,6 @@ def test_one_job_runs_in_the_worker_image_as_fargate_runs_it(
 
     manifest = wait_manifest(stack, dataset, keys, timeout=5)
     assert manifest["rows"] == 1400
-    assert (
-        compare(result_frame(stack, dataset), complex_operation(pd.concat(frames, ignore_index=True))) == []
-    )
+    assert_equals_reference(stack, dataset, frames)
     finished = [r for r in audit_records(stack, dataset) if r["event"] == "JOB_FINISHED"]
     assert [r.get("job_id") for r in finished] == [job_id]
