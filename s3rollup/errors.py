@@ -14,6 +14,12 @@ class S3RollupError(Exception):
             self.code = code
 
 
+def reason_code(exc: BaseException) -> str:
+    """What logs and audit records say about a failure: its code, or its type's name (never
+    its message, which may quote data)."""
+    return exc.code if isinstance(exc, S3RollupError) else type(exc).__name__
+
+
 class ConfigError(S3RollupError):
     """Settings are missing or invalid."""
 

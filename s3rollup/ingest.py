@@ -38,7 +38,7 @@ from .contract import (
     parse_part_key,
     quarantine_key,
 )
-from .errors import AwsError, S3RollupError
+from .errors import AwsError, S3RollupError, reason_code
 from .launch import Launcher
 from .state import PENDING, REJECTED, REMOVED, State
 
@@ -168,7 +168,7 @@ class Ingest:
             raise
 
     def _audit_failure(self, part: PartKey, exc: Exception, actor: str) -> None:
-        code = exc.code if isinstance(exc, S3RollupError) else type(exc).__name__
+        code = reason_code(exc)
         log.error("ingest failed", extra={"dataset": part.dataset, "part_id": part.part_id, "reason": code})
         try:
             self.audit.append(part.dataset, "INGEST_FAILED", actor, key=part.key, reason=code)
@@ -210,8 +210,11 @@ class Ingest:
             outcomes.append(self.sync(parse_part_key(key), actor))
         # A part whose launch failed for good (its message went to the DLQ) is still PENDING:
         # without this it would wait for the dataset's next event.
-        if self.launcher is not None and not any(o.job for o in outcomes) and self.state.waiting(dataset):
-            self.ensure_job(dataset, actor)
+        if self.launcher is not None and not any(o.job for o in outcomes):
+            # With no decision made, the registry is still what was just read.
+            parts = self.state.parts(dataset) if outcomes else registered.values()
+            if any(p.needs_partial for p in parts):
+                self.ensure_job(dataset, actor)
         return outcomes
 
     def reconcile_all(self, actor: str, start: int = 0, deadline: float | None = None) -> list[str]:
@@ -237,7 +240,7 @@ class Ingest:
             try:
                 self.reconcile(dataset, actor)
             except Exception as exc:
-                code = exc.code if isinstance(exc, S3RollupError) else type(exc).__name__
+                code = reason_code(exc)
                 log.error("reconcile failed", extra={"dataset": dataset, "reason": code})
                 failed.append(dataset)
         return failed

@@ -49,7 +49,7 @@ from .contract import (
     quarantine_key,
     result_key,
 )
-from .errors import S3RollupError
+from .errors import S3RollupError, reason_code
 from .ingest import Ingest
 from .logs import configure, exit_process
 from .parse import PartError, detect_format, read_part
@@ -259,7 +259,7 @@ class Job:
                         break
                     todo = self._pending()
         except Exception as exc:
-            code = exc.code if isinstance(exc, S3RollupError) else type(exc).__name__
+            code = reason_code(exc)
             log.exception(
                 "job failed", extra={"dataset": self.dataset, "job_id": self.job_id, "reason": code}
             )
