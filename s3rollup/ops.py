@@ -39,9 +39,10 @@ def read_manifest(aws: Aws, bucket: str, dataset: str) -> dict[str, Any] | None:
     return manifest
 
 
-def group_label(values: Sequence[Any]) -> str:
-    """How a group key is written on the command line and in a report: values joined by ','."""
-    return ",".join(str(v) for v in values)
+def group_labels(frame: Any, group_by: Sequence[str]) -> Any:
+    """How each row's group key is written on the command line and in a report: its values
+    joined by ','."""
+    return frame[list(group_by)].astype(str).agg(",".join, axis=1)
 
 
 def select(frame: Any, group_by: Sequence[str], groups: Sequence[str], columns: Sequence[str]) -> Any:
@@ -58,7 +59,7 @@ def select(frame: Any, group_by: Sequence[str], groups: Sequence[str], columns: 
             )
         frame = frame[[*group_by, *(c for c in columns if c not in group_by)]]
     if groups:
-        labels = frame[list(group_by)].astype(str).agg(",".join, axis=1)
+        labels = group_labels(frame, group_by)
         missing = sorted(set(groups) - set(labels))
         if missing:
             raise ContractError(

@@ -13,6 +13,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from .ops import group_labels
+
 W, H, PAD = 720, 260, 44
 
 CSS = """
@@ -134,7 +136,7 @@ def render_report(dataset: str, manifest: dict[str, Any], frame: Any) -> str:
     """The whole report page as one HTML string."""
     contract = manifest.get("contract", {})
     group_by = list(contract.get("group_by", [])) or [str(frame.columns[0])]
-    labels = frame[group_by].astype(str).agg(",".join, axis=1).tolist()
+    labels = group_labels(frame, group_by).tolist()
     charts = []
     for col in contract.get("values", []):
         mean, std = f"{col}_mean", f"{col}_std"
