@@ -86,6 +86,7 @@ def _fingerprint(*objs: Any, files: tuple[Path, ...] = ()) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
@@ -251,7 +252,6 @@ class Incremental:
             if not self.pool.partial(i).exists():
                 say(f"  stored partial of part {i}")
             self.pool.ensure_partial(i)
-            _link(self.pool.partial(i), self.dir / "partials" / f"part-{i:05d}.parquet")
         if not self.merged.exists():
             # What the job kept after publishing the N parts: the merge of their partials.
             import pandas as pd
@@ -416,7 +416,6 @@ def plan(args: argparse.Namespace, tmp: Path) -> tuple[list[Run], list[str]]:
                     "candidate": "s3rollup-incremental",
                     "fmt": fmt,
                     "n": n,
-                    "partials_dir": str(inc.dir / "partials"),
                     "merged": str(inc.merged),
                     "new_part": inc.new_part(fmt),
                     "tmp": str(tmp),
