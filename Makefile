@@ -19,7 +19,14 @@ export UV_COMPILE_BYTECODE := 1
 
 .PHONY: demo test lint typecheck template awscli unit integration lock clean bench bench-quick soak
 
-$(STAMP): $(LOCK) pyproject.toml
+# The worker's native kernels (s3rollup/native/rollup.c, loaded with ctypes);
+# worker/Dockerfile builds the image's copy with the same script.
+NATIVE := s3rollup/native/librollup.so
+
+$(NATIVE): s3rollup/native/rollup.c s3rollup/native/build.sh
+	s3rollup/native/build.sh $@ $(CC)
+
+$(STAMP): $(LOCK) pyproject.toml $(NATIVE)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@test -x $(BIN)/uv || $(BIN)/python -m pip install -q --disable-pip-version-check uv
 	$(BIN)/uv pip sync -q --python $(BIN)/python $(LOCK)
@@ -100,4 +107,4 @@ soak: $(STAMP)
 	$(BIN)/python bench/soak.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) $(AWS_VENV) .aws-sam .pytest_cache .mypy_cache .ruff_cache .bench-cache
+	rm -rf $(NATIVE) $(VENV) $(SAM_VENV) $(CHECKOV_VENV) $(AWS_VENV) .aws-sam .pytest_cache .mypy_cache .ruff_cache .bench-cache

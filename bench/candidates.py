@@ -76,17 +76,16 @@ def _settings() -> Any:
 def _part_partial(path: str) -> dict[str, Any]:
     """One Dask task: what compute_partial does to one part, minus S3 (bytes from a file)."""
     from s3rollup.contract import DEFAULT_CONTRACT
-    from s3rollup.parse import detect_format, read_part
-    from s3rollup.stats import partial_from_frame
+    from s3rollup.parse import detect_format, read_body
+    from s3rollup.stats import part_partial
 
     t0 = now()
-    body = Path(path).read_bytes()
+    with open(path, "rb") as f:  # as compute_partial reads the S3 object's stream
+        body = read_body(f, os.fstat(f.fileno()).st_size)
     t1 = now()
-    frame = read_part(body, DEFAULT_CONTRACT, detect_format(body[:8], path))
+    partial, rows = part_partial(body, DEFAULT_CONTRACT, detect_format(bytes(body[:8]), path))
     t2 = now()
-    partial = partial_from_frame(frame, DEFAULT_CONTRACT)
-    t3 = now()
-    return {"partial": partial, "read": t1 - t0, "parse": t2 - t1, "partial_s": t3 - t2, "rows": len(frame)}
+    return {"partial": partial, "read": t1 - t0, "rollup": t2 - t1, "rows": rows}
 
 
 def _import_distributed() -> None:
@@ -116,8 +115,7 @@ def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]
         "cluster_start": t1 - t0,
         "tasks_wall": t2 - t1,
         "task_read_sum": sum(r["read"] for r in results),
-        "task_parse_sum": sum(r["parse"] for r in results),
-        "task_partial_sum": sum(r["partial_s"] for r in results),
+        "task_rollup_sum": sum(r["rollup"] for r in results),
         "merge": t3 - t2,
         "finalize": t4 - t3,
         "cluster_close": t5 - t4,
@@ -135,7 +133,7 @@ def _new_partial(path: str, out: str) -> dict[str, Any]:
     buf = io.BytesIO()
     r["partial"].to_parquet(buf, index=False)
     Path(out).write_bytes(buf.getvalue())
-    return {"read": r["read"], "parse": r["parse"], "partial_s": r["partial_s"], "store": now() - t0}
+    return {"read": r["read"], "rollup": r["rollup"], "store": now() - t0}
 
 
 def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
@@ -171,8 +169,7 @@ def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], 
         "cluster_start": t1 - t0,
         "new_partial": t2 - t1,
         "task_read_sum": task["read"],
-        "task_parse_sum": task["parse"],
-        "task_partial_sum": task["partial_s"],
+        "task_rollup_sum": task["rollup"],
         "store_partial": task["store"],
         "load_partials": t3 - t2,
         "merge": t4 - t3,

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from s3rollup import native  # noqa: E402
 from s3rollup.contract import DEFAULT_CONTRACT  # noqa: E402
 from s3rollup.demo import generate_part, to_csv_bytes  # noqa: E402
 from s3rollup.job import available_cpus  # noqa: E402
@@ -113,7 +114,13 @@ class Pool:
         self.rows, self.seed = rows, seed
         gen = _fingerprint(generate_part, to_csv_bytes, "snappy-parquet-v1")
         self.dir = cache / "pool" / f"r{rows}-s{seed}-g{gen}"
-        code = _fingerprint(files=(ROOT / "s3rollup" / "stats.py", ROOT / "s3rollup" / "parse.py"))
+        code = _fingerprint(
+            files=(
+                ROOT / "s3rollup" / "stats.py",
+                ROOT / "s3rollup" / "parse.py",
+                ROOT / "s3rollup" / "native" / "rollup.c",
+            )
+        )
         self.partials = self.dir / f"partials-c{code}"
 
     def csv(self, i: int) -> Path:
@@ -150,13 +157,10 @@ class Pool:
         """The partial the job would have stored for part i (from its CSV, as compute_partial)."""
         if self.partial(i).exists():
             return
-        from s3rollup.parse import read_part
-        from s3rollup.stats import partial_from_frame
+        from s3rollup.stats import part_partial
 
         self.ensure_part(i)
-        partial = partial_from_frame(
-            read_part(self.csv(i).read_bytes(), DEFAULT_CONTRACT, "csv"), DEFAULT_CONTRACT
-        )
+        partial, _ = part_partial(self.csv(i).read_bytes(), DEFAULT_CONTRACT, "csv")
         buf = io.BytesIO()
         partial.to_parquet(buf, index=False)
         self.partials.mkdir(parents=True, exist_ok=True)
@@ -488,6 +492,7 @@ def _ratio(a: float, b: float) -> str:
 
 def machine_facts() -> list[str]:
     facts = [f"- nproc (affinity): {available_cpus()}; os.cpu_count: {os.cpu_count()}"]
+    facts.append(f"- s3rollup kernels: {native.kernels()} ({native.LIBRARY.name})")
     with contextlib.suppress(OSError):
         model = next(
             (
@@ -537,8 +542,7 @@ def _stage_table(runs: list[Run]) -> list[str]:
         "tasks_wall",
         "new_partial",
         "task_read_sum",
-        "task_parse_sum",
-        "task_partial_sum",
+        "task_rollup_sum",
         "store_partial",
         "load_partials",
         "merge",
@@ -562,7 +566,8 @@ def _stage_table(runs: list[Run]) -> list[str]:
         "",
         "`task_*_sum` add up the per-task times of all the parts' tasks (they run on "
         f"{available_cpus()} threads at once, so they may exceed `tasks_wall`); `read` is the "
-        "file's bytes into memory, `parse` is `read_part`, `partial` is `partial_from_frame`.",
+        "file's bytes into memory, `rollup` is `stats.part_partial` (parse and aggregate; "
+        f"kernels: {native.kernels()}).",
     ]
     return lines
 

@@ -11,6 +11,14 @@ from .errors import ConfigError
 PREFIX = "S3ROLLUP_"
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (the task's share, not the host's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the ingest function and the worker need to know about their stack."""

@@ -37,9 +37,10 @@ from aws_lambda_powertools import Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
+from . import native
 from .audit import AuditLog, Duplicate, export_head
 from .aws import Aws, object_at
-from .config import Settings
+from .config import Settings, available_cpus
 from .contract import (
     Contract,
     check_dataset,
@@ -52,9 +53,9 @@ from .contract import (
 from .errors import S3RollupError, reason_code
 from .ingest import Ingest
 from .logs import configure, exit_process
-from .parse import PartError, detect_format, read_part
+from .parse import PartError, detect_format, read_body
 from .state import AGGREGATED, LeaseKeeper, Part, State
-from .stats import finalize, merge_partials, partial_from_frame
+from .stats import finalize, merge_partials, part_partial
 
 log = logging.getLogger("s3rollup.job")
 # Concurrent partial fetches, within the S3 client's connection pool (aws.py).
@@ -80,17 +81,9 @@ def _parquet_bytes(frame: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
-def sha256_hex(data: bytes) -> str:
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
     """Hex SHA-256 of bytes."""
     return hashlib.sha256(data).hexdigest()
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (the task's share, not the host's)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def json_rows(frame: pd.DataFrame) -> list[list[Any]]:
@@ -118,27 +111,28 @@ def compute_partial(task: PartialTask) -> dict[str, Any]:
     """Read one part version, aggregate it, store its partial; report rows and checksums."""
     s3 = _aws().s3
     part = parse_part_key(task.key)
-    body = s3.get_object(**object_at(task.bucket, task.key, task.version_id))["Body"].read()
+    obj = s3.get_object(**object_at(task.bucket, task.key, task.version_id))
+    body = read_body(obj["Body"], obj.get("ContentLength"))
     result: dict[str, Any] = {
         "key": task.key,
         "version_id": task.version_id,
         "sha256": sha256_hex(body),
     }
     try:
-        frame = read_part(body, task.contract, detect_format(body[:8], part.name))
+        partial, rows = part_partial(body, task.contract, detect_format(bytes(body[:8]), part.name))
     except PartError as exc:
         result["error"] = {"code": exc.code, "message": exc.message, "line": exc.line}
         return result
-    data = _parquet_bytes(partial_from_frame(frame, task.contract))
+    data = _parquet_bytes(partial)
     s3.put_object(
         Bucket=task.bucket,
         Key=partial_key(task.dataset, part.part_id),
         Body=data,
         ServerSideEncryption="aws:kms",
         SSEKMSKeyId=task.kms_key_arn,
-        Metadata={"source-version-id": task.version_id, "rows": str(len(frame))},
+        Metadata={"source-version-id": task.version_id, "rows": str(rows)},
     )
-    result.update(rows=len(frame), partial_sha256=sha256_hex(data))
+    result.update(rows=rows, partial_sha256=sha256_hex(data), kernels=native.kernels())
     return result
 
 
@@ -233,6 +227,8 @@ class Job:
         self.recomputed: set[str] = set()  # keys whose partial this job computed
         self.rows_aggregated = 0
         self.parts_aggregated = 0
+        # "native" or "pandas", as the tasks that computed partials reported (see stats).
+        self.kernels: set[str] = set()
 
     def run(self) -> int:
         """Run until no part is waiting; 0 on success (or when another job holds the lease)."""
@@ -294,6 +290,7 @@ class Job:
                 "job_id": self.job_id,
                 "seconds": round(seconds, 3),
                 "reason": reason,
+                "kernels": sorted(self.kernels),
             },
         )
 
@@ -385,6 +382,7 @@ class Job:
             )
             self.rows_aggregated += int(res["rows"])
             self.parts_aggregated += 1
+            self.kernels.add(res["kernels"])
         except Duplicate:
             log.info("part changed while aggregating", extra={"dataset": self.dataset, "part_id": pid})
 

@@ -16,8 +16,10 @@ import gzip
 import io
 import operator
 import re
+import threading
 import zlib
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import pandas as pd
 import pyarrow as pa
@@ -25,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from s3rollup import native
 from s3rollup.contract import Contract
 
 _ARROW_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string()}
@@ -52,6 +55,12 @@ _RECORD_KEY_FLOAT = rf"[ \t]*{_NUMBER}[ \t]*"  # a NaN key is a null key
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
+class Readable(Protocol):
+    """A binary stream: an S3 object's StreamingBody or an open file."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
 class PartError(Exception):
     """A part that cannot be read under its contract; ``code`` says why, ``line`` where."""
 
@@ -60,6 +69,40 @@ class PartError(Exception):
         self.code = code
         self.message = message
         self.line = line
+
+
+# read_body asks the stream for at most this much at a time.
+_READ_CHUNK = 8 << 20
+_buffers = threading.local()
+
+
+def read_body(stream: Readable, size: int | None = None) -> memoryview:
+    """A part's whole body, read straight into this thread's reusable buffer.
+
+    A part is tens of MB: reading each into fresh memory costs a page fault per 4 KiB, more
+    than the native parser spends on the bytes. The buffer is reused by the thread's next
+    call, so nothing derived from the view may outlive the caller's use of it (partials are
+    new arrays). ``size`` (the object's Content-Length, when known) sizes the buffer.
+    """
+    buf: bytearray = getattr(_buffers, "buf", None) or bytearray(0)
+    if size is not None and len(buf) < size + 1:
+        # +1: the end of the stream is seen without growing; an eighth more, so that the
+        # thread's next, slightly larger part fits too.
+        buf = bytearray(size + size // 8 + 1)
+    view = memoryview(buf)
+    pos = 0
+    while True:
+        if pos == len(buf):
+            # A fresh, larger buffer (never resized: a view of the old one may still exist).
+            grown = bytearray(max(2 * len(buf), _READ_CHUNK))
+            grown[:pos] = buf
+            buf, view = grown, memoryview(grown)
+        n = stream.readinto(view[pos : pos + _READ_CHUNK])
+        if not n:
+            break
+        pos += n
+    _buffers.buf = buf
+    return view[:pos]
 
 
 def detect_format(head: bytes, name: str) -> str:
@@ -72,18 +115,31 @@ def detect_format(head: bytes, name: str) -> str:
     return "csv"
 
 
-def read_part(body: bytes, contract: Contract, fmt: str | None = None) -> pd.DataFrame:
+def read_part(body: native.Buffer, contract: Contract, fmt: str | None = None) -> pd.DataFrame:
     """The part's group-key and value columns, typed as the contract says, or a PartError."""
-    fmt = fmt or detect_format(body[:4], "")
+    return table_frame(read_table(body, contract, fmt), contract)
+
+
+def read_table(body: native.Buffer, contract: Contract, fmt: str | None = None) -> pa.Table:
+    """read_part's columns as an Arrow table (no null group key), or a PartError."""
+    fmt = fmt or detect_format(bytes(body[:4]), "")
     if fmt == "parquet":
-        table = _read_parquet(body, contract)
-    elif fmt == "csv.gz":
-        table = _read_csv(body, contract, gzipped=True)
-    elif fmt == "csv":
-        table = _read_csv(body, contract, gzipped=False)
-    else:
-        raise PartError("BAD_FORMAT", f"unknown part format {fmt!r}")
-    return _to_frame(table, contract)
+        return _read_parquet(body, contract)
+    if fmt in ("csv", "csv.gz"):
+        # bytes: the CSV error path searches and decodes the text.
+        text = body if isinstance(body, bytes) else bytes(body)
+        return _read_csv(text, contract, gzipped=fmt == "csv.gz")
+    raise PartError("BAD_FORMAT", f"unknown part format {fmt!r}")
+
+
+def table_groups(table: pa.Table, contract: Contract) -> native.Groups | None:
+    """read_table's per-group moments from the native kernels, hashing the int64 key column
+    directly (no DataFrame, no factorisation). None where csv_groups would not apply."""
+    if native.LIB is None or not _plain_contract(contract):
+        return None
+    keys = table.column(contract.group_by[0]).to_numpy()
+    values = [table.column(v).to_numpy() for v in contract.values]  # nulls come out as NaN
+    return native.rollup_keys(keys, values)
 
 
 # ---- shared -----------------------------------------------------------------------------
@@ -133,7 +189,8 @@ def _first_null_key(table: pa.Table, contract: Contract) -> tuple[str, int] | No
     return first
 
 
-def _to_frame(table: pa.Table, contract: Contract) -> pd.DataFrame:
+def table_frame(table: pa.Table, contract: Contract) -> pd.DataFrame:
+    """read_table's table as read_part's DataFrame."""
     df = table.select(list(contract.used_columns)).to_pandas(split_blocks=True)
     for col in contract.used_columns:
         # to_pandas already maps int64 (nulls -> float64), float64 and string; a header-
@@ -176,7 +233,42 @@ def _read_csv(body: bytes, contract: Contract, gzipped: bool) -> pa.Table:
     return table
 
 
-def _gunzip(body: bytes) -> bytes:
+def csv_text(body: native.Buffer, fmt: str) -> native.Buffer:
+    """A CSV or CSV.gz part's text (inflated), or a PartError."""
+    return _gunzip(body) if fmt == "csv.gz" else body
+
+
+def csv_groups(data: native.Buffer, contract: Contract) -> native.Groups | None:
+    """A plain CSV part's per-group moments, parsed and aggregated in one native pass.
+
+    For a contract with one int64 group key and float64 value columns, when the native
+    kernels are built. The header is checked exactly as read_part checks it (same errors).
+    None when this path does not apply or the rows are not plain enough for it (quotes,
+    for one): read_part then reads the part and accepts or rejects it, so both paths
+    accept the same parts.
+    """
+    if native.LIB is None or not _plain_contract(contract):
+        return None
+    names, header_end = _parse_header(bytes(data[:_MAX_HEADER_BYTES]), len(data) <= _MAX_HEADER_BYTES)
+    _check_header(names, contract, line=1)
+    if header_end is None:
+        return None
+    key = contract.group_by[0]
+    value_index = {v: j for j, v in enumerate(contract.values)}
+    roles = [native.ROLE_KEY if n == key else value_index.get(n, native.ROLE_SKIP) for n in names]
+    return native.rollup_csv(data, header_end, roles, len(contract.values))
+
+
+def _plain_contract(contract: Contract) -> bool:
+    return (
+        len(contract.group_by) == 1
+        and contract.columns[contract.group_by[0]] == "int64"
+        and 0 < len(contract.values) <= native.MAX_VALUES
+        and all(contract.columns[v] == "float64" for v in contract.values)
+    )
+
+
+def _gunzip(body: native.Buffer) -> bytes:
     try:
         return gzip.decompress(body)
     except (OSError, EOFError, zlib.error):
@@ -321,7 +413,7 @@ def _describe_arrow_error(exc: BaseException | None, names: list[str]) -> PartEr
 # ---- Parquet ----------------------------------------------------------------------------
 
 
-def _read_parquet(body: bytes, contract: Contract) -> pa.Table:
+def _read_parquet(body: native.Buffer, contract: Contract) -> pa.Table:
     try:
         pf = pq.ParquetFile(pa.BufferReader(body))
         schema = pf.schema_arrow

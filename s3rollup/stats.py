@@ -19,6 +19,7 @@ import numpy.typing as npt
 import pandas as pd
 from pandas._libs import groupby as _libgroupby  # type: ignore[attr-defined]  # no stubs
 
+from s3rollup import native, parse
 from s3rollup.contract import Contract
 
 ROWS = "__rows"
@@ -132,6 +133,7 @@ def _pin_constant_groups(mean: FloatArray, m2: FloatArray, mn: FloatArray, mx: F
 
 
 Codes = npt.NDArray[np.intp]
+Moments = tuple[IntArray, IntArray, FloatArray, FloatArray, FloatArray, FloatArray]
 
 
 def _run_kernel(kernel: Any, x: FloatArray, codes: Codes, k: int, **options: int) -> FloatArray:
@@ -142,17 +144,26 @@ def _run_kernel(kernel: Any, x: FloatArray, codes: Codes, k: int, **options: int
 
 
 @np.errstate(invalid="ignore")  # inf - inf is NaN, as in pandas
-def _value_stats(
-    x: FloatArray, codes: Codes, k: int, rows: IntArray
-) -> tuple[IntArray, FloatArray, FloatArray, FloatArray, FloatArray]:
-    """count, mean, M2, min and max per group code (rows) and value column (columns).
+def _value_stats(columns: list[FloatArray], codes: Codes, k: int) -> Moments:
+    """rows per group code, and count, mean, M2, min and max per code (rows) and value
+    column (columns). Codes below 0 (null keys) are skipped.
 
-    ``x`` holds the value columns side by side (C order), so each of pandas' own groupby
-    kernels reads every row once for all the columns; they skip NaN and release the GIL,
-    so two parts aggregate in parallel. The mean is pandas' (compensated sum), M2 is its
-    Welford variance times the count: for one part's rows these are the numbers pandas
-    computes, and partials merge with Chan's formulas below.
+    The native kernels (s3rollup.native) read every row once for all the columns, without
+    the GIL. Without them, pandas' own groupby kernels run over the value columns side by
+    side; they skip NaN and release the GIL too. Both compute pandas' numbers: the mean is a
+    compensated sum over the count, M2 comes from Welford's update.
     """
+    if native.LIB is not None:
+        g = native.rollup_codes(codes.astype(np.int64, copy=False), k, columns)
+        _pin_constant_groups(g.mean, g.m2, g.min, g.max)
+        return g.rows, g.count, g.mean, g.m2, g.min, g.max
+    if (codes < 0).any():
+        keep = codes >= 0
+        codes, columns = codes[keep], [c[keep] for c in columns]
+    rows = np.bincount(codes, minlength=k).astype(np.int64)
+    x = np.empty((len(codes), len(columns)))
+    for j, c in enumerate(columns):
+        x[:, j] = c
     mean = _run_kernel(_libgroupby.group_mean, x, codes, k)
     var = _run_kernel(_libgroupby.group_var, x, codes, k, ddof=0)
     mn = _run_kernel(_libgroupby.group_min, x, codes, k)
@@ -167,7 +178,7 @@ def _value_stats(
         cnt = np.repeat(rows[:, None], x.shape[1], axis=1)
     m2 = var * cnt  # NaN where a group has no value
     _pin_constant_groups(mean, m2, mn, mx)
-    return cnt, mean, m2, mn, mx
+    return rows, cnt, mean, m2, mn, mx
 
 
 def partial_from_frame(df: pd.DataFrame, contract: Contract) -> pd.DataFrame:
@@ -176,18 +187,53 @@ def partial_from_frame(df: pd.DataFrame, contract: Contract) -> pd.DataFrame:
     if len(df) == 0:
         return _empty_partial(contract, {k: df[k].dtype for k in contract.group_by})
     codes, uniques = _group_codes(keys)
-    x = np.empty((len(df), len(contract.values)))
-    for j, v in enumerate(contract.values):
-        x[:, j] = df[v].to_numpy(dtype=np.float64, na_value=np.nan)
-    if (codes < 0).any():
-        # Null group keys are dropped, as pandas' groupby(dropna=True) does.
-        keep = codes >= 0
-        codes, x = codes[keep], x[keep]
-    k = len(uniques)
-    rows = np.bincount(codes, minlength=k).astype(np.int64)
+    columns = [df[v].to_numpy(dtype=np.float64, na_value=np.nan) for v in contract.values]
+    moments = _value_stats(columns, codes, len(uniques))
+    return _partial_from_moments(uniques, moments, contract)
+
+
+def partial_from_groups(groups: native.Groups, contract: Contract) -> pd.DataFrame:
+    """The partial of the native kernels' moments by key (one int64 key, any group order)."""
+    (key,) = contract.group_by
+    order = np.argsort(groups.keys, kind="stable")
+    _pin_constant_groups(groups.mean, groups.m2, groups.min, groups.max)
+    moments = (
+        groups.rows[order],
+        groups.count[order],
+        groups.mean[order],
+        groups.m2[order],
+        groups.min[order],
+        groups.max[order],
+    )
+    return _partial_from_moments(pd.DataFrame({key: groups.keys[order]}), moments, contract)
+
+
+def part_partial(body: native.Buffer, contract: Contract, fmt: str) -> tuple[pd.DataFrame, int]:
+    """One part's partial and its row count, from its bytes; a PartError when it is rejected.
+
+    A plain CSV part goes through the native single-pass parser. Every other part, and a
+    CSV part that parser leaves alone, is read by pyarrow (read_table); its moments then
+    come from the native kernels on the key column itself (one int64 key, float64 values)
+    or from partial_from_frame.
+    """
+    if fmt in ("csv", "csv.gz"):
+        body = parse.csv_text(body, fmt)
+        fmt = "csv"
+        groups = parse.csv_groups(body, contract)
+        if groups is not None:
+            return partial_from_groups(groups, contract), groups.records
+    table = parse.read_table(body, contract, fmt)
+    groups = parse.table_groups(table, contract)
+    if groups is not None:
+        return partial_from_groups(groups, contract), groups.records
+    frame = parse.table_frame(table, contract)
+    return partial_from_frame(frame, contract), len(frame)
+
+
+def _partial_from_moments(uniques: pd.DataFrame, moments: Moments, contract: Contract) -> pd.DataFrame:
+    rows, *stats = moments
     out: dict[str, object] = {c: uniques[c].to_numpy() for c in contract.group_by}
     out[ROWS] = rows
-    stats = _value_stats(x, codes, k, rows)
     for j, v in enumerate(contract.values):
         _put_moments(out, v, *(s[:, j] for s in stats))
     return _partial_table(out, contract, uniques)

@@ -103,20 +103,23 @@ def test_the_image_runs_as_uid_1000_and_holds_no_build_only_file(worker_image: s
             "python",
             worker_image,
             "-c",
-            "import os, sys, importlib.util as u, distributed, pandas, s3rollup.job as j; "
+            "import os, shutil, sys, importlib.util as u, distributed, pandas, s3rollup.job as j; "
+            "from s3rollup import native; "
             "ms = (j, pandas, distributed); "
             "cached = all(os.path.exists(u.cache_from_source(m.__file__)) for m in ms); "
-            "print(os.getuid(), os.path.exists('/build'), cached, sys.version_info[:2])",
+            "print(os.getuid(), os.path.exists('/build'), cached, native.kernels(), shutil.which('gcc'), "
+            "sys.version_info[:2])",
         ],
         capture_output=True,
         text=True,
         check=False,
     )
     assert probe.returncode == 0, probe.stderr[-2000:]
-    uid, build_dir, cached, _version = probe.stdout.split(" ", 3)
-    # The proxy CA bundle and the lock file stay in the build stage; with a read-only root,
-    # a job starts from compiled bytecode only if the image carries it.
-    assert (uid, build_dir, cached) == ("1000", "False", "True")
+    uid, build_dir, cached, kernels, gcc, _version = probe.stdout.split(" ", 5)
+    # The proxy CA bundle, the lock file and the compiler stay in the build stages; with a
+    # read-only root, a job starts from compiled bytecode only if the image carries it; the
+    # native kernels were compiled for the image.
+    assert (uid, build_dir, cached, kernels, gcc) == ("1000", "False", "True", "native", "None")
 
 
 class _Recorded:

@@ -7,9 +7,11 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from s3rollup import native
 from s3rollup.contract import DEFAULT_CONTRACT, Contract, parse_derived
 from s3rollup.reference import complex_operation, reference_for
 from s3rollup.stats import (
@@ -22,6 +24,16 @@ from s3rollup.stats import (
 )
 
 C = DEFAULT_CONTRACT
+
+
+@pytest.fixture(autouse=True, params=["native", "pandas"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both kernels: the native ones and pandas' (their fallback)."""
+    if request.param == "pandas":
+        monkeypatch.setattr(native, "LIB", None)
+    elif native.LIB is None:
+        pytest.skip("librollup.so is not loaded")
+    return str(request.param)
 
 
 def seed_complex_operation(df: pd.DataFrame) -> pd.DataFrame:

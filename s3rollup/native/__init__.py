@@ -1,0 +1,174 @@
+"""s3rollup's native rollup kernels (rollup.c), loaded with ctypes.
+
+``make`` (and the worker image) compiles rollup.c into librollup.so next to this file. The
+kernels compute, in one pass and without the GIL, what pandas' groupby kernels compute;
+where the library is not built, or S3ROLLUP_NATIVE=0, ``LIB`` is None and s3rollup uses
+pandas' kernels instead (same results, slower). ``kernels()`` says which are in use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+_OK, _UNSUPPORTED, _NOMEM, _BADARG = 0, 1, -1, 2
+ROLE_SKIP, ROLE_KEY = -2, -1
+MAX_VALUES = 64
+LIBRARY = Path(__file__).with_name("librollup.so")
+
+Buffer = bytes | bytearray | memoryview
+_I64P = ctypes.POINTER(ctypes.c_int64)
+_F64P = ctypes.POINTER(ctypes.c_double)
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("S3ROLLUP_NATIVE", "1") == "0" or not LIBRARY.is_file():
+        return None
+    lib = ctypes.CDLL(str(LIBRARY))
+    lib.sr_new.restype = ctypes.c_void_p
+    lib.sr_new.argtypes = [ctypes.c_int]
+    lib.sr_free.restype = None
+    lib.sr_free.argtypes = [ctypes.c_void_p]
+    lib.sr_groups.restype = ctypes.c_int64
+    lib.sr_groups.argtypes = [ctypes.c_void_p]
+    lib.sr_codes.restype = ctypes.c_int
+    lib.sr_codes.argtypes = [ctypes.c_void_p, _I64P, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(_F64P)]
+    lib.sr_keys.restype = ctypes.c_int
+    lib.sr_keys.argtypes = [ctypes.c_void_p, _I64P, ctypes.c_int64, ctypes.POINTER(_F64P)]
+    lib.sr_csv.restype = ctypes.c_int
+    lib.sr_csv.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.POINTER(ctypes.c_int8),
+        ctypes.c_int,
+        _I64P,
+    ]
+    lib.sr_export.restype = None
+    lib.sr_export.argtypes = [ctypes.c_void_p, _I64P, _I64P, _I64P, _F64P, _F64P, _F64P, _F64P]
+    return lib
+
+
+LIB = _load()
+
+
+def kernels() -> str:
+    """'native' when librollup.so is in use, else 'pandas'."""
+    return "native" if LIB is not None else "pandas"
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Per group (rows: code order for rollup_codes, first-seen order otherwise) and value
+    column (columns): the moments; ``records`` is the rows aggregated."""
+
+    keys: npt.NDArray[np.int64]
+    rows: npt.NDArray[np.int64]
+    count: npt.NDArray[np.int64]
+    mean: npt.NDArray[np.float64]
+    m2: npt.NDArray[np.float64]
+    min: npt.NDArray[np.float64]
+    max: npt.NDArray[np.float64]
+    records: int
+
+
+def _i64(a: npt.NDArray[np.int64]) -> ctypes._Pointer[ctypes.c_int64]:
+    return a.ctypes.data_as(_I64P)
+
+
+def _f64(a: npt.NDArray[np.float64]) -> ctypes._Pointer[ctypes.c_double]:
+    return a.ctypes.data_as(_F64P)
+
+
+def _check(status: int) -> None:
+    if status == _NOMEM:
+        raise MemoryError("native rollup: out of memory")
+    if status == _BADARG:
+        raise ValueError("native rollup: a group code is out of range")
+
+
+class _Context:
+    def __init__(self, nvalues: int) -> None:
+        if LIB is None:
+            raise RuntimeError("librollup.so is not loaded")
+        if not 0 <= nvalues <= MAX_VALUES:
+            raise ValueError(f"the native kernels take at most {MAX_VALUES} value columns")
+        self.lib = LIB
+        self.nvalues = nvalues
+        self.ptr = LIB.sr_new(nvalues)
+        if not self.ptr:
+            raise MemoryError("native rollup: out of memory")
+
+    def __enter__(self) -> _Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lib.sr_free(self.ptr)
+
+    def export(self, records: int) -> Groups:
+        k = int(self.lib.sr_groups(self.ptr))
+        nv = self.nvalues
+        keys = np.empty(k, np.int64)
+        rows = np.empty(k, np.int64)
+        count = np.empty((k, nv), np.int64)
+        mean, m2, mn, mx = (np.empty((k, nv)) for _ in range(4))
+        self.lib.sr_export(
+            self.ptr, _i64(keys), _i64(rows), _i64(count), _f64(mean), _f64(m2), _f64(mn), _f64(mx)
+        )
+        return Groups(keys, rows, count, mean, m2, mn, mx, records)
+
+
+def _columns(
+    rows: npt.NDArray[np.int64], values: Sequence[npt.NDArray[np.float64]]
+) -> tuple[list[npt.NDArray[np.float64]], ctypes.Array[Any]]:
+    """The value columns as contiguous float64 arrays (kept alive by the caller) and the C
+    array of their data pointers."""
+    cols = [np.ascontiguousarray(v, dtype=np.float64) for v in values]
+    if any(len(c) != len(rows) for c in cols):
+        raise ValueError("value columns and keys differ in length")
+    return cols, (_F64P * max(1, len(cols)))(*(_f64(c) for c in cols))
+
+
+def rollup_codes(codes: npt.NDArray[np.int64], k: int, values: Sequence[npt.NDArray[np.float64]]) -> Groups:
+    """The moments of rows with dense group codes in [0, k) (-1: skipped); group g is code g."""
+    codes = np.ascontiguousarray(codes, dtype=np.int64)
+    cols, ptrs = _columns(codes, values)
+    with _Context(len(cols)) as ctx:
+        _check(ctx.lib.sr_codes(ctx.ptr, _i64(codes), len(codes), k, ptrs))
+        return ctx.export(int((codes >= 0).sum()))
+
+
+def rollup_keys(keys: npt.NDArray[np.int64], values: Sequence[npt.NDArray[np.float64]]) -> Groups:
+    """The moments of rows grouped by an int64 key (no nulls); groups in first-seen order."""
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    cols, ptrs = _columns(keys, values)
+    with _Context(len(cols)) as ctx:
+        _check(ctx.lib.sr_keys(ctx.ptr, _i64(keys), len(keys), ptrs))
+        return ctx.export(len(keys))
+
+
+def rollup_csv(data: Buffer, start: int, roles: Sequence[int], nvalues: int) -> Groups | None:
+    """The moments of a plain CSV body's records from byte ``start``, grouped by its int64 key.
+
+    ``roles`` gives, per field, ROLE_SKIP, ROLE_KEY or the value column's index. None when
+    the body is not plain enough for the fast parser: read it with pyarrow instead.
+    """
+    role_array = (ctypes.c_int8 * max(1, len(roles)))(*roles)
+    records = ctypes.c_int64(0)
+    raw = np.frombuffer(data, dtype=np.uint8)  # no copy; keeps the buffer alive for the call
+    with _Context(nvalues) as ctx:
+        status = ctx.lib.sr_csv(
+            ctx.ptr, raw.ctypes.data, len(raw), start, role_array, len(roles), ctypes.byref(records)
+        )
+        _check(status)
+        if status == _UNSUPPORTED:
+            return None
+        return ctx.export(records.value)

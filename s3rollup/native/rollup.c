@@ -1,0 +1,451 @@
+/* s3rollup's native rollup kernels: per group, the rows and, per value column, the count,
+ * mean, M2 (sum of squared deviations from the mean), min and max.
+ *
+ * Three ways in, one per-value update:
+ *   sr_codes - rows already mapped to dense group codes (any key types, any format);
+ *   sr_keys  - rows with an int64 key column (Parquet), grouped by an open-addressing hash;
+ *   sr_csv   - a plain CSV body parsed natively, for one int64 group key and float64 value
+ *              columns. It accepts only the plainest records and answers SR_UNSUPPORTED for
+ *              anything else (quotes, stray carriage returns, spaces, "nan", a wrong field
+ *              count, ...): the caller then reads the part with pyarrow, which accepts or
+ *              rejects it and says where. So this path never rejects a part and never
+ *              accepts one that pyarrow would reject.
+ *
+ * One pass over the rows, pandas' own arithmetic per value: group_mean's Kahan-compensated
+ * sum (compensation reset when it turns NaN, GH#50367), so the mean is pandas' to the bit,
+ * and group_var's Welford update for M2, in row order, NaN skipped. Build with
+ * -ffp-contract=off (no fused multiply-add), never -ffast-math. Loaded with ctypes (no
+ * Python API), so calls run without the GIL. A context takes one call of sr_codes or sr_csv.
+ *
+ * Numbers are converted exactly as a correctly rounded strtod would: Clinger's exact fast
+ * path, then one x87 extended-precision operation whose result is checked to be safely away
+ * from a double rounding tie, then strtod itself.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SR_OK 0
+#define SR_UNSUPPORTED 1
+#define SR_NOMEM (-1)
+#define SR_BADARG 2
+
+#define ROLE_SKIP (-2)
+#define ROLE_KEY (-1)
+#define MAX_VALUES 64
+#define MAX_NUMBER_TEXT 64
+
+typedef struct {
+    int64_t nobs;
+    double sum, comp; /* compensated sum (pandas group_mean) */
+    double mean, m2;  /* Welford (pandas group_var) */
+    double min, max;
+} acc_t;
+
+typedef struct {
+    int nvalues;
+    int64_t ngroups, cap;
+    int64_t *keys; /* the group's key (sr_csv) or code (sr_codes) */
+    int64_t *rows;
+    acc_t *acc; /* ngroups x nvalues */
+    int64_t *table; /* open addressing: group index + 1, 0 = empty */
+    int shift;      /* table size = 2^(64 - shift) */
+    int64_t tsize;
+} sr_ctx;
+
+sr_ctx *sr_new(int nvalues) {
+    if (nvalues < 0 || nvalues > MAX_VALUES) return NULL;
+    sr_ctx *c = calloc(1, sizeof(sr_ctx));
+    if (c) c->nvalues = nvalues;
+    return c;
+}
+
+void sr_free(sr_ctx *c) {
+    if (!c) return;
+    free(c->keys);
+    free(c->rows);
+    free(c->acc);
+    free(c->table);
+    free(c);
+}
+
+int64_t sr_groups(const sr_ctx *c) { return c->ngroups; }
+
+static int reserve(sr_ctx *c, int64_t need) {
+    if (need <= c->cap) return SR_OK;
+    int64_t cap = c->cap ? c->cap : 1024;
+    while (cap < need) cap *= 2;
+    int64_t *keys = realloc(c->keys, (size_t)cap * sizeof *keys);
+    if (!keys) return SR_NOMEM;
+    c->keys = keys;
+    int64_t *rows = realloc(c->rows, (size_t)cap * sizeof *rows);
+    if (!rows) return SR_NOMEM;
+    c->rows = rows;
+    size_t per = (size_t)c->nvalues;
+    acc_t *acc = realloc(c->acc, (size_t)cap * per * sizeof *acc + 1);
+    if (!acc) return SR_NOMEM;
+    c->acc = acc;
+    memset(c->rows + c->cap, 0, (size_t)(cap - c->cap) * sizeof *rows);
+    memset(c->acc + (size_t)c->cap * per, 0, (size_t)(cap - c->cap) * per * sizeof *acc);
+    c->cap = cap;
+    return SR_OK;
+}
+
+/* One value into its group's moments: pandas' arithmetic, NaN skipped. */
+static inline void update(acc_t *a, double v) {
+    if (v != v) return;
+    a->nobs += 1;
+    double y = v - a->comp;
+    double t = a->sum + y;
+    a->comp = t - a->sum - y;
+    if (a->comp != a->comp) a->comp = 0.0;
+    a->sum = t;
+    double old = a->mean;
+    a->mean += (v - old) / (double)a->nobs;
+    a->m2 += (v - a->mean) * (v - old);
+    if (a->nobs == 1) {
+        a->min = v;
+        a->max = v;
+    } else {
+        if (v < a->min) a->min = v;
+        if (v > a->max) a->max = v;
+    }
+}
+
+/* Rows with dense codes in [0, k); code -1 (a null key) is skipped. */
+int sr_codes(sr_ctx *c, const int64_t *codes, int64_t n, int64_t k, const double *const *values) {
+    if (reserve(c, k) != SR_OK) return SR_NOMEM;
+    for (int64_t g = c->ngroups; g < k; g++) c->keys[g] = g;
+    if (k > c->ngroups) c->ngroups = k;
+    int nv = c->nvalues;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t g = codes[i];
+        if (g < 0) continue;
+        if (g >= k) return SR_BADARG;
+        c->rows[g] += 1;
+        acc_t *a = c->acc + (size_t)g * (size_t)nv;
+        for (int j = 0; j < nv; j++) update(a + j, values[j][i]);
+    }
+    return SR_OK;
+}
+
+/* ---- keys -> groups ------------------------------------------------------------------ */
+
+static inline uint64_t slot_of(const sr_ctx *c, int64_t key) {
+    return ((uint64_t)key * 0x9E3779B97F4A7C15ull) >> c->shift;
+}
+
+static int rehash(sr_ctx *c, int64_t tsize, int shift) {
+    int64_t *table = calloc((size_t)tsize, sizeof *table);
+    if (!table) return SR_NOMEM;
+    free(c->table);
+    c->table = table;
+    c->tsize = tsize;
+    c->shift = shift;
+    for (int64_t g = 0; g < c->ngroups; g++) {
+        uint64_t s = slot_of(c, c->keys[g]);
+        while (table[s]) s = (s + 1) & (uint64_t)(tsize - 1);
+        table[s] = g + 1;
+    }
+    return SR_OK;
+}
+
+/* The group of a key, added on first sight; -1 when out of memory. */
+static inline int64_t group_of(sr_ctx *c, int64_t key) {
+    uint64_t mask = (uint64_t)(c->tsize - 1);
+    uint64_t s = slot_of(c, key);
+    for (;;) {
+        int64_t g = c->table[s];
+        if (g == 0) break;
+        if (c->keys[g - 1] == key) return g - 1;
+        s = (s + 1) & mask;
+    }
+    int64_t g = c->ngroups;
+    if (reserve(c, g + 1) != SR_OK) return -1;
+    c->keys[g] = key;
+    c->ngroups = g + 1;
+    c->table[s] = g + 1;
+    if (2 * c->ngroups > c->tsize && rehash(c, c->tsize * 2, c->shift - 1) != SR_OK) return -1;
+    return g;
+}
+
+/* Rows keyed by any int64 values (a Parquet part's key column): grouped by hashing. */
+int sr_keys(sr_ctx *c, const int64_t *keys, int64_t n, const double *const *values) {
+    if (!c->table && rehash(c, 2048, 64 - 11) != SR_OK) return SR_NOMEM;
+    int nv = c->nvalues;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t g = group_of(c, keys[i]);
+        if (g < 0) return SR_NOMEM;
+        c->rows[g] += 1;
+        acc_t *a = c->acc + (size_t)g * (size_t)nv;
+        for (int j = 0; j < nv; j++) update(a + j, values[j][i]);
+    }
+    return SR_OK;
+}
+
+/* ---- numbers ------------------------------------------------------------------------- */
+
+static const double POW10[23] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
+                                 1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+                                 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+
+#if LDBL_MANT_DIG == 64
+/* 10^0 .. 10^27 are exact in x87 extended precision (5^27 < 2^64). */
+static const long double POW10L[28] = {1e0L, 1e1L, 1e2L, 1e3L, 1e4L, 1e5L, 1e6L, 1e7L, 1e8L, 1e9L, 1e10L, 1e11L, 1e12L, 1e13L, 1e14L, 1e15L, 1e16L, 1e17L, 1e18L, 1e19L, 1e20L, 1e21L, 1e22L, 1e23L, 1e24L, 1e25L, 1e26L, 1e27L};
+#endif
+
+/* m x 10^e10 (m < 10^19, m > 0) correctly rounded; text is the field for strtod. */
+static double to_double(uint64_t m, int e10, const char *text, size_t len) {
+    if (m <= (1ull << 53) && e10 >= -22 && e10 <= 22)
+        return e10 >= 0 ? (double)m * POW10[e10] : (double)m / POW10[-e10];
+#if LDBL_MANT_DIG == 64
+    if (e10 >= -27 && e10 <= 27) {
+        long double p = POW10L[e10 >= 0 ? e10 : -e10];
+        volatile long double r = e10 >= 0 ? (long double)m * p : (long double)m / p;
+        uint64_t bits;
+        memcpy(&bits, (const void *)&r, sizeof bits); /* the 64-bit significand */
+        uint64_t low = bits & 0x7FF;
+        if (low < 0x3FF || low > 0x401) return (double)r;
+    }
+#endif
+    char buf[MAX_NUMBER_TEXT + 1];
+    memcpy(buf, text, len);
+    buf[len] = '\0';
+    return strtod(buf, NULL);
+}
+
+/* SWAR digit parsing (the tricks of fast_float and simdjson), on little-endian loads. */
+static const uint64_t POW10U[9] = {1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000};
+
+/* The value of eight ASCII digits, the first in the lowest byte. */
+static inline uint64_t eight_digits_value(uint64_t v) {
+    const uint64_t mask = 0x000000FF000000FFull;
+    const uint64_t mul1 = 0x000F424000000064ull; /* 100 + (1000000 << 32) */
+    const uint64_t mul2 = 0x0000271000000001ull; /* 1 + (10000 << 32) */
+    v -= 0x3030303030303030ull;
+    v = (v * 10) + (v >> 8);
+    v = (((v & mask) * mul1) + (((v >> 16) & mask) * mul2)) >> 32;
+    return v;
+}
+
+/* How many of the eight bytes, from the lowest, are ASCII digits before the first other. */
+static inline int leading_digits(uint64_t v) {
+    uint64_t t = v ^ 0x3030303030303030ull;
+    /* per byte: a high nibble left, or a low nibble above 9: not a digit (0x10..0xF0) */
+    uint64_t bad = (t & 0xF0F0F0F0F0F0F0F0ull) | (((t & 0x0F0F0F0F0F0F0F0Full) + 0x0606060606060606ull) & 0xF0F0F0F0F0F0F0F0ull);
+    uint64_t hit = ((bad >> 1) + 0x7F7F7F7F7F7F7F7Full) & 0x8080808080808080ull;
+    return hit ? __builtin_ctzll(hit) >> 3 : 8;
+}
+
+/* Digits from q on, into *m (which wraps past 19 digits: the caller counts them). */
+static inline const char *digits_into(const char *q, const char *end, uint64_t *m) {
+    while (end - q >= 8) {
+        uint64_t v;
+        memcpy(&v, q, 8);
+        int k = leading_digits(v);
+        if (k == 8) {
+            *m = *m * 100000000ull + eight_digits_value(v);
+            q += 8;
+            continue;
+        }
+        if (k) {
+            /* the k digits to the top, '0's below them */
+            int shift = 8 * (8 - k);
+            v = (v << shift) | (0x3030303030303030ull >> (64 - shift));
+            *m = *m * POW10U[k] + eight_digits_value(v);
+        }
+        return q + k;
+    }
+    while (q < end && (unsigned)(*q - '0') < 10) {
+        *m = *m * 10 + (uint64_t)(*q - '0');
+        q++;
+    }
+    return q;
+}
+
+/* A float64 cell: empty (null, NaN) or [-]digits[.digits][(e|E)[+|-]digits] with at least
+ * one mantissa digit, finite and not subnormal. Anything else is left to pyarrow. */
+static inline int parse_value(const char *p, const char *end, const char **after, double *out) {
+    const char *q = p;
+    if (q == end || *q == ',' || *q == '\n' || *q == '\r') {
+        *out = NAN; /* an empty cell is null */
+        *after = q;
+        return SR_OK;
+    }
+    int neg = 0;
+    if (*q == '-') {
+        neg = 1;
+        q++;
+    }
+    const char *num = q;
+    uint64_t m = 0;
+    while (q < end && (unsigned)(*q - '0') < 10) m = m * 10 + (uint64_t)(*q++ - '0');
+    int64_t digits = q - num, frac = 0;
+    if (q < end && *q == '.') {
+        const char *f = ++q;
+        q = digits_into(q, end, &m);
+        frac = q - f;
+        digits += frac;
+    }
+    if (digits == 0) return SR_UNSUPPORTED;
+    const char *mantissa_end = q;
+    int exp = 0;
+    if (q < end && (*q == 'e' || *q == 'E')) {
+        q++;
+        int eneg = 0;
+        if (q < end && (*q == '+' || *q == '-')) eneg = *q++ == '-';
+        int ed = 0;
+        while (q < end && (unsigned)(*q - '0') < 10) {
+            if (++ed > 4) return SR_UNSUPPORTED;
+            exp = exp * 10 + (*q - '0');
+            q++;
+        }
+        if (ed == 0) return SR_UNSUPPORTED;
+        if (eneg) exp = -exp;
+    }
+    size_t len = (size_t)(q - num);
+    if (len > MAX_NUMBER_TEXT) return SR_UNSUPPORTED;
+    int exact = digits <= 19;
+    if (!exact) {
+        /* m wrapped: it holds every digit only if the leading zeros make up the excess. */
+        int sig = 0;
+        m = 0;
+        for (const char *d = num; d < mantissa_end; d++) {
+            if (*d == '.' || (m == 0 && *d == '0')) continue;
+            if (++sig > 19) break;
+            m = m * 10 + (uint64_t)(*d - '0');
+        }
+        exact = sig <= 19;
+    }
+    double v = 0.0;
+    if (!exact) {
+        char text[MAX_NUMBER_TEXT + 1];
+        memcpy(text, num, len);
+        text[len] = '\0';
+        v = strtod(text, NULL);
+    } else if (m) {
+        v = to_double(m, exp - (int)frac, num, len);
+    }
+    if (v != 0.0 && !(fabs(v) >= DBL_MIN && fabs(v) <= DBL_MAX)) return SR_UNSUPPORTED;
+    *out = neg ? -v : v;
+    *after = q;
+    return SR_OK;
+}
+
+/* An int64 cell: [-]digits, 1 to 18 digits (no overflow possible). */
+static inline int parse_key(const char *p, const char *end, const char **after, int64_t *out) {
+    const char *q = p;
+    int neg = 0;
+    if (q < end && *q == '-') {
+        neg = 1;
+        q++;
+    }
+    const char *d = q;
+    int64_t m = 0;
+    while (q < end && (unsigned)(*q - '0') < 10) {
+        m = m * 10 + (*q - '0');
+        q++;
+    }
+    if (q == d || q - d > 18) return SR_UNSUPPORTED;
+    *out = neg ? -m : m;
+    *after = q;
+    return SR_OK;
+}
+
+/* ---- CSV ----------------------------------------------------------------------------- */
+
+/* Aggregate the records of buf[start:len]. roles[f] says what field f of every record is:
+ * ROLE_SKIP, ROLE_KEY or the index of a value column. *records gets the rows aggregated.
+ * Blank lines are skipped, as pyarrow does; records end with \n or \r\n. */
+int sr_csv(sr_ctx *c, const char *buf, int64_t len, int64_t start, const int8_t *roles, int nfields,
+           int64_t *records) {
+    int nv = c->nvalues;
+    int keys = 0, seen[MAX_VALUES] = {0};
+    for (int f = 0; f < nfields; f++) {
+        if (roles[f] == ROLE_KEY) keys++;
+        else if (roles[f] >= 0 && roles[f] < nv) seen[roles[f]]++;
+        else if (roles[f] != ROLE_SKIP) return SR_UNSUPPORTED;
+    }
+    if (keys != 1) return SR_UNSUPPORTED;
+    for (int j = 0; j < nv; j++)
+        if (seen[j] != 1) return SR_UNSUPPORTED;
+    if (!c->table && rehash(c, 2048, 64 - 11) != SR_OK) return SR_NOMEM;
+    const char *p = buf + start, *end = buf + len;
+    double vals[MAX_VALUES];
+    int64_t n = 0;
+    while (p < end) {
+        if (*p == '\n') {
+            p++;
+            continue;
+        }
+        if (*p == '\r') {
+            if (p + 1 < end && p[1] == '\n') {
+                p += 2;
+                continue;
+            }
+            return SR_UNSUPPORTED;
+        }
+        int64_t key = 0;
+        for (int f = 0; f < nfields; f++) {
+            const char *q = p;
+            int role = roles[f];
+            if (role == ROLE_SKIP) {
+                while (q < end && *q != ',' && *q != '\n' && *q != '\r') {
+                    if (*q == '"') return SR_UNSUPPORTED;
+                    q++;
+                }
+            } else if (role == ROLE_KEY) {
+                if (parse_key(p, end, &q, &key) != SR_OK) return SR_UNSUPPORTED;
+            } else if (parse_value(p, end, &q, &vals[role]) != SR_OK) {
+                return SR_UNSUPPORTED;
+            }
+            if (f < nfields - 1) {
+                if (q >= end || *q != ',') return SR_UNSUPPORTED;
+                p = q + 1;
+            } else {
+                if (q < end) {
+                    if (*q == '\n') q++;
+                    else if (*q == '\r' && q + 1 < end && q[1] == '\n') q += 2;
+                    else return SR_UNSUPPORTED;
+                }
+                p = q;
+            }
+        }
+        int64_t g = group_of(c, key);
+        if (g < 0) return SR_NOMEM;
+        c->rows[g] += 1;
+        acc_t *a = c->acc + (size_t)g * (size_t)nv;
+        for (int j = 0; j < nv; j++) update(a + j, vals[j]);
+        n++;
+    }
+    *records = n;
+    return SR_OK;
+}
+
+/* ---- results ------------------------------------------------------------------------- */
+
+/* Per group: key and rows; per group and value column (group-major): non-NaN count, mean
+ * (compensated sum / count), M2, min, max; NaN moments where a group has no value. */
+void sr_export(const sr_ctx *c, int64_t *keys, int64_t *rows, int64_t *count, double *mean, double *m2,
+               double *min, double *max) {
+    int nv = c->nvalues;
+    for (int64_t g = 0; g < c->ngroups; g++) {
+        keys[g] = c->keys[g];
+        rows[g] = c->rows[g];
+        for (int j = 0; j < nv; j++) {
+            size_t i = (size_t)g * (size_t)nv + (size_t)j;
+            const acc_t *a = c->acc + i;
+            count[i] = a->nobs;
+            if (a->nobs == 0) {
+                mean[i] = m2[i] = min[i] = max[i] = NAN;
+            } else {
+                mean[i] = a->sum / (double)a->nobs;
+                m2[i] = a->m2;
+                min[i] = a->min;
+                max[i] = a->max;
+            }
+        }
+    }
+}

@@ -1,0 +1,310 @@
+"""The native kernels: built here, exact number conversion, and the same parts accepted and
+the same partials as pyarrow's reader and pandas' kernels."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import random
+import struct
+from decimal import Decimal
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from s3rollup import native, parse
+from s3rollup.contract import DEFAULT_CONTRACT, Contract
+from s3rollup.parse import PartError, csv_groups, read_body, read_part
+from s3rollup.stats import part_partial, partial_from_frame
+
+C = DEFAULT_CONTRACT
+HEADER = "id,value1,value2,value3,category\n"
+
+needs_native = pytest.mark.skipif(native.LIB is None, reason="librollup.so is not loaded")
+
+
+def test_the_native_kernels_are_built_and_loaded() -> None:
+    # `make` builds librollup.so; S3ROLLUP_NATIVE=0 is the only way to run without it.
+    if os.environ.get("S3ROLLUP_NATIVE") == "0":
+        assert native.kernels() == "pandas"
+    else:
+        assert native.LIBRARY.is_file(), "run make: s3rollup/native/librollup.so is missing"
+        assert native.kernels() == "native"
+
+
+# ---- numbers ----------------------------------------------------------------------------
+
+
+def _bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _numbers(rng: random.Random, n: int) -> list[str]:
+    """Decimal texts of every shape a writer produces, and the hard cases of rounding."""
+    out = [
+        "0",
+        "-0",
+        "0.0",
+        "-0.0",
+        "1",
+        "-1",
+        "0.1",
+        "1e22",
+        "1e23",
+        "9007199254740993",
+        "9007199254740995",
+        "18014398509481985",
+        "1.7976931348623157e308",
+        "2.2250738585072014e-308",
+        "123456789012345678",
+        "1234567890123456789",
+        "12345678901234567890",
+        "0.000000000000000000001",
+        "5e-324",
+        "1.",
+        ".5",
+        "-.5",
+        "00012.50",
+        "1E+05",
+        "1e-05",
+        "4.35",
+        "0.30471707975443135",
+    ]
+    out = [t for t in out if t not in ("5e-324",)]  # subnormal: left to pyarrow (tested below)
+    for _ in range(n):
+        kind = rng.randrange(5)
+        if kind == 0:  # what pandas and Python write: shortest repr
+            out.append(repr(rng.uniform(-1, 1) * 10 ** rng.randint(-30, 30)))
+        elif kind == 1:  # 15-20 significant digits, point anywhere
+            digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(15, 20)))
+            cut = rng.randint(0, len(digits))
+            out.append(("-" if rng.random() < 0.5 else "") + (digits[:cut] or "0") + "." + digits[cut:])
+        elif kind == 2:  # mantissa and exponent
+            m = str(rng.randint(1, 10**19 - 1))
+            out.append(f"{m[0]}.{m[1:]}e{rng.randint(-40, 40)}")
+        elif kind == 3:  # exact midpoints between two doubles, written out in full
+            x = rng.uniform(1, 2) * 2.0 ** rng.randint(-60, 60)
+            mid = (Decimal(x) + Decimal(np.nextafter(x, np.inf))) / 2
+            out.append(format(mid, "f") if abs(mid.adjusted()) < 25 else format(mid, "e"))
+        else:  # integers around 2^53 and 2^64
+            out.append(str(rng.choice([2**53, 2**54, 2**63, 10**18]) + rng.randint(-3, 3)))
+    return out
+
+
+@needs_native
+def test_csv_numbers_convert_to_the_correctly_rounded_double() -> None:
+    texts = _numbers(random.Random(7), 30_000)
+    body = HEADER + "".join(f"{i},{t},{t},{t},{i}\n" for i, t in enumerate(texts))
+    groups = csv_groups(body.encode(), C)
+    assert groups is not None, "the native parser left plain numbers to pyarrow"
+    order = np.argsort(groups.keys)
+    parsed = groups.min[order, 0]  # a one-row group: its min is the value, -0.0 kept
+    wrong = [t for t, got in zip(texts, parsed, strict=True) if _bits(float(got)) != _bits(float(t))]
+    assert wrong == []
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "cell", ["5e-324", "1e-310", "1e309", "-1e400", "nan", "inf", "+1", " 1", "1 ", "0x1"]
+)
+def test_cells_outside_the_plain_grammar_go_to_pyarrow(cell: str) -> None:
+    body = f"{HEADER}0,{cell},1,1,7\n".encode()
+    assert csv_groups(body, C) is None
+
+
+# ---- the native CSV path against pyarrow and pandas -------------------------------------
+
+
+def _assert_same_partial(native_partial: pd.DataFrame, expected: pd.DataFrame) -> None:
+    assert list(native_partial.columns) == list(expected.columns)
+    assert len(native_partial) == len(expected)
+    for col in expected.columns:
+        a, b = native_partial[col].to_numpy(), expected[col].to_numpy()
+        if b.dtype.kind == "f":
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=0, equal_nan=True, err_msg=col)
+        else:
+            assert a.tolist() == b.tolist(), col
+
+
+_NUMBERS = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False, width=64).map(repr),
+    st.floats(-1e6, 1e6).map(lambda x: f"{x:.6f}"),
+    st.integers(-(10**20), 10**20).map(str),
+)
+_ODD = st.sampled_from(
+    [
+        "",
+        " ",
+        "1.",
+        ".5",
+        "-.5",
+        "-",
+        "--1",
+        "+1",
+        "1e5",
+        "1E+05",
+        "1e",
+        "e5",
+        "nan",
+        "NaN",
+        "inf",
+        "1 ",
+        " 1",
+        "1_0",
+        "0x1f",
+        '"1"',
+        '1"',
+        "00012",
+        "-0",
+        "1.5e-3",
+        "1e99999",
+        "é",
+        "\t1",
+        "1.0",
+    ]
+)
+_KEYS = st.one_of(st.integers(-5, 5).map(str), st.integers(-(10**19), 10**19).map(str))
+
+
+def _mostly(usual: st.SearchStrategy[str], odd: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """One draw in ten from ``odd``: enough plain rows for whole parts to parse."""
+    return st.integers(0, 9).flatmap(lambda i: odd if i == 0 else usual)
+
+
+@st.composite
+def _csv_bodies(draw: st.DrawFn) -> bytes:
+    lines = []
+    for _ in range(draw(st.integers(0, 6))):
+        cells = [str(draw(st.integers(0, 10**6)))]  # id: not read, any text
+        cells += [draw(_mostly(_NUMBERS, _ODD)) for _ in range(3)]
+        cells.append(draw(_mostly(_KEYS, _ODD)))
+        width = draw(_mostly(st.just(5), st.sampled_from([4, 6])))
+        cells = [*cells, "1"][:width]
+        lines.append(",".join(cells) + draw(_mostly(st.just("\n"), st.sampled_from(["\r\n", "\r", "\n\n"]))))
+    body = HEADER + "".join(lines)
+    if lines and draw(st.booleans()):
+        body = body.rstrip("\r\n")
+    return body.encode()
+
+
+@needs_native
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=_csv_bodies())
+def test_native_csv_accepts_only_what_pyarrow_accepts_with_the_same_partial(body: bytes) -> None:
+    try:
+        frame = read_part(body, C, "csv")
+        expected: pd.DataFrame | None = partial_from_frame(frame, C)
+    except PartError:
+        expected = None
+    if csv_groups(body, C) is None:
+        return  # left to pyarrow: part_partial then gives exactly read_part's answer
+    assert expected is not None, "the native parser accepted a part that pyarrow rejects"
+    partial, rows = part_partial(body, C, "csv")
+    assert rows == len(frame)
+    _assert_same_partial(partial, expected)
+
+
+def _part(**columns: np.ndarray) -> pd.DataFrame:
+    """A seed-schema part: ``id`` and the given value and key columns."""
+    n = len(next(iter(columns.values())))
+    return pd.DataFrame({"id": np.arange(n), **columns})
+
+
+@needs_native
+def test_a_seed_part_takes_the_native_path_and_equals_the_pyarrow_path() -> None:
+    rng = np.random.default_rng(3)
+    n = 20_000
+    df = _part(
+        value1=rng.standard_normal(n),
+        value2=np.where(rng.random(n) < 0.1, np.nan, rng.standard_normal(n) * 1e6),
+        value3=rng.standard_normal(n) * 1e-7,
+        category=rng.integers(-500, 500, n),
+    )
+    body = df.to_csv(index=False).encode()
+    assert csv_groups(body, C) is not None
+    for data, fmt in [(body, "csv"), (gzip.compress(body), "csv.gz"), (body.replace(b"\n", b"\r\n"), "csv")]:
+        partial, rows = part_partial(data, C, fmt)
+        assert rows == n
+        _assert_same_partial(partial, partial_from_frame(read_part(body, C), C))
+
+
+@needs_native
+def test_parquet_parts_aggregate_on_the_key_column_as_the_frame_path_does() -> None:
+    rng = np.random.default_rng(11)
+    n = 5_000
+    df = _part(
+        value1=np.where(rng.random(n) < 0.2, np.nan, rng.standard_normal(n)),
+        value2=rng.standard_normal(n),
+        value3=np.full(n, 2.5),
+        category=rng.integers(-3, 900, n).astype(np.int32),  # widened to int64
+    )
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    body = memoryview(buf.getvalue())
+    table = parse.read_table(body, C, "parquet")
+    assert parse.table_groups(table, C) is not None
+    partial, rows = part_partial(body, C, "parquet")
+    assert rows == n
+    _assert_same_partial(partial, partial_from_frame(read_part(body, C, "parquet"), C))
+
+
+@needs_native
+def test_quoted_csv_falls_back_to_pyarrow_and_still_aggregates() -> None:
+    body = (HEADER + '0,"1.5",2,3,7\n1,2.5,2,3,7\n').encode()
+    assert csv_groups(body, C) is None
+    partial, rows = part_partial(body, C, "csv")
+    assert rows == 2
+    assert partial["value1__mean"].tolist() == [2.0]
+
+
+@needs_native
+def test_rejected_csv_still_names_its_line_through_part_partial() -> None:
+    body = (HEADER + "0,1,2,3,7\n1,oops,2,3,7\n").encode()
+    with pytest.raises(PartError) as err:
+        part_partial(body, C, "csv")
+    assert (err.value.code, err.value.line) == ("BAD_VALUE", 3)
+    assert "oops" not in str(err.value)
+
+
+@needs_native
+def test_header_errors_are_the_same_on_the_native_path() -> None:
+    body = b"id,value1,value2,category\n0,1,2,7\n"
+    with pytest.raises(PartError) as native_err:
+        csv_groups(body, C)
+    with pytest.raises(PartError) as arrow_err:
+        read_part(body, C)
+    assert (native_err.value.code, str(native_err.value)) == (arrow_err.value.code, str(arrow_err.value))
+
+
+def test_contracts_the_native_csv_path_does_not_cover_are_left_to_pyarrow() -> None:
+    strings = Contract(columns={"region": "string", "x": "float64"}, group_by=("region",), values=("x",))
+    assert csv_groups(b"region,x\nnorth,1\n", strings) is None
+    ints = Contract(columns={"k": "int64", "x": "int64"}, group_by=("k",), values=("x",))
+    assert csv_groups(b"k,x\n1,1\n", ints) is None
+
+
+@needs_native
+def test_a_group_code_out_of_range_is_an_error_not_a_write() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        native.rollup_codes(np.array([0, 3]), 2, [np.array([1.0, 2.0])])
+
+
+# ---- reading a body ---------------------------------------------------------------------
+
+
+def test_read_body_reads_every_byte_across_chunks_and_reuses_its_buffer(monkeypatch) -> None:
+    monkeypatch.setattr(parse, "_READ_CHUNK", 7)
+    monkeypatch.setattr(parse, "_buffers", type(parse._buffers)())
+    data = bytes(range(256)) * 5
+    assert bytes(read_body(io.BytesIO(data))) == data  # no size: grows as it goes
+    first = parse._buffers.buf
+    assert bytes(read_body(io.BytesIO(data[:100]), size=100)) == data[:100]
+    assert parse._buffers.buf is first  # big enough: reused, not reallocated
+    assert bytes(read_body(io.BytesIO(b""), size=0)) == b""
+    bigger = data * 3
+    assert bytes(read_body(io.BytesIO(bigger), size=len(bigger))) == bigger
+    assert parse._buffers.buf is not first
