@@ -73,8 +73,10 @@ def _settings() -> Any:
     return Settings(bucket="bench", kms_key_arn="bench", audit_table="bench", state_table="bench")
 
 
-def _part_partial(path: str) -> dict[str, Any]:
-    """One Dask task: what compute_partial does to one part, minus S3 (bytes from a file)."""
+def _part_partial(path: str, alone: bool = False) -> dict[str, Any]:
+    """One Dask task: what compute_partial does to one part, minus S3 (bytes from a file);
+    ``alone`` as the job sets it for a round's only part."""
+    from s3rollup.config import available_cpus
     from s3rollup.contract import DEFAULT_CONTRACT
     from s3rollup.parse import detect_format, read_body
     from s3rollup.stats import part_partial
@@ -83,7 +85,8 @@ def _part_partial(path: str) -> dict[str, Any]:
     with open(path, "rb") as f:  # as compute_partial reads the S3 object's stream
         body = read_body(f, os.fstat(f.fileno()).st_size)
     t1 = now()
-    partial, rows = part_partial(body, DEFAULT_CONTRACT, detect_format(bytes(body[:8]), path))
+    fmt = detect_format(bytes(body[:8]), path)
+    partial, rows = part_partial(body, DEFAULT_CONTRACT, fmt, available_cpus() if alone else 1)
     t2 = now()
     return {"partial": partial, "read": t1 - t0, "rollup": t2 - t1, "rows": rows}
 
@@ -128,7 +131,7 @@ def _new_partial(path: str, out: str) -> dict[str, Any]:
     """The new part's task: read, parse, aggregate, store the partial (as compute_partial)."""
     import io
 
-    r = _part_partial(path)
+    r = _part_partial(path, alone=True)
     t0 = now()
     buf = io.BytesIO()
     r["partial"].to_parquet(buf, index=False)

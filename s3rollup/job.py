@@ -105,6 +105,9 @@ class PartialTask:
     key: str
     version_id: str
     contract: Contract
+    # The round's only part: parse it on every CPU of the worker it runs on, since no other
+    # part's task competes for them (a lone new part is the incremental case).
+    alone: bool = False
 
 
 def compute_partial(task: PartialTask) -> dict[str, Any]:
@@ -119,7 +122,8 @@ def compute_partial(task: PartialTask) -> dict[str, Any]:
         "sha256": sha256_hex(body),
     }
     try:
-        partial, rows = part_partial(body, task.contract, detect_format(bytes(body[:8]), part.name))
+        fmt = detect_format(bytes(body[:8]), part.name)
+        partial, rows = part_partial(body, task.contract, fmt, available_cpus() if task.alone else 1)
     except PartError as exc:
         result["error"] = {"code": exc.code, "message": exc.message, "line": exc.line}
         return result
@@ -315,6 +319,7 @@ class Job:
                 p.key,
                 p.version_id,
                 contract,
+                alone=len(todo) == 1,
             )
             for p in todo
         ]

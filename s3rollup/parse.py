@@ -14,13 +14,17 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import operator
 import re
 import threading
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -80,21 +84,23 @@ def read_body(stream: Readable, size: int | None = None) -> memoryview:
     """A part's whole body, read straight into this thread's reusable buffer.
 
     A part is tens of MB: reading each into fresh memory costs a page fault per 4 KiB, more
-    than the native parser spends on the bytes. The buffer is reused by the thread's next
-    call, so nothing derived from the view may outlive the caller's use of it (partials are
-    new arrays). ``size`` (the object's Content-Length, when known) sizes the buffer.
+    than the native parser spends on the bytes; a zero-filled buffer (bytearray) costs them
+    twice. The buffer is uninitialised memory, reused by the thread's next call, so nothing
+    derived from the view may outlive the caller's use of it (partials are new arrays).
+    ``size`` (the object's Content-Length, when known) sizes the buffer.
     """
-    buf: bytearray = getattr(_buffers, "buf", None) or bytearray(0)
+    kept: npt.NDArray[np.uint8] | None = getattr(_buffers, "buf", None)
+    buf = np.empty(0, np.uint8) if kept is None else kept
     if size is not None and len(buf) < size + 1:
         # +1: the end of the stream is seen without growing; an eighth more, so that the
         # thread's next, slightly larger part fits too.
-        buf = bytearray(size + size // 8 + 1)
+        buf = np.empty(size + size // 8 + 1, np.uint8)
     view = memoryview(buf)
     pos = 0
     while True:
         if pos == len(buf):
             # A fresh, larger buffer (never resized: a view of the old one may still exist).
-            grown = bytearray(max(2 * len(buf), _READ_CHUNK))
+            grown = np.empty(max(2 * len(buf), _READ_CHUNK), np.uint8)
             grown[:pos] = buf
             buf, view = grown, memoryview(grown)
         n = stream.readinto(view[pos : pos + _READ_CHUNK])
@@ -238,14 +244,16 @@ def csv_text(body: native.Buffer, fmt: str) -> native.Buffer:
     return _gunzip(body) if fmt == "csv.gz" else body
 
 
-def csv_groups(data: native.Buffer, contract: Contract) -> native.Groups | None:
-    """A plain CSV part's per-group moments, parsed and aggregated in one native pass.
+def csv_groups(data: native.Buffer, contract: Contract, pieces: int = 1) -> list[native.Groups] | None:
+    """A plain CSV part's per-group moments, parsed and aggregated natively.
 
     For a contract with one int64 group key and float64 value columns, when the native
     kernels are built. The header is checked exactly as read_part checks it (same errors).
-    None when this path does not apply or the rows are not plain enough for it (quotes,
-    for one): read_part then reads the part and accepts or rejects it, so both paths
-    accept the same parts.
+    With ``pieces`` above 1, a large part is cut at line breaks into up to that many pieces
+    parsed at once on as many threads (the kernels run without the GIL): the moments of each
+    piece come back, to be merged like any partials. None when this path does not apply or
+    the rows are not plain enough for it (quotes, for one): read_part then reads the part
+    and accepts or rejects it, so both paths accept the same parts.
     """
     if native.LIB is None or not _plain_contract(contract):
         return None
@@ -256,7 +264,37 @@ def csv_groups(data: native.Buffer, contract: Contract) -> native.Groups | None:
     key = contract.group_by[0]
     value_index = {v: j for j, v in enumerate(contract.values)}
     roles = [native.ROLE_KEY if n == key else value_index.get(n, native.ROLE_SKIP) for n in names]
-    return native.rollup_csv(data, header_end, roles, len(contract.values))
+
+    def piece(bounds: tuple[int, int]) -> native.Groups | None:
+        start, end = bounds
+        return native.rollup_csv(data[:end], start, roles, len(contract.values))
+
+    ranges = _line_ranges(data, header_end, pieces)
+    if len(ranges) == 1:
+        groups = [piece(ranges[0])]
+    else:
+        with ThreadPoolExecutor(len(ranges), thread_name_prefix="s3rollup-csv") as pool:
+            groups = list(pool.map(piece, ranges))
+    found = [g for g in groups if g is not None]
+    return found if len(found) == len(groups) else None
+
+
+# csv_groups cuts a part into pieces of at least this many bytes.
+_PIECE_BYTES = 8 << 20
+
+
+def _line_ranges(data: native.Buffer, start: int, pieces: int) -> list[tuple[int, int]]:
+    """Up to ``pieces`` (start, end) byte ranges of whole lines that cover data[start:]."""
+    size = len(data) - start
+    count = max(1, min(pieces, size // _PIECE_BYTES))
+    cuts = [start]
+    for i in range(1, count):
+        at = start + size * i // count
+        line_end = bytes(data[at : at + (1 << 16)]).find(b"\n")
+        if line_end != -1:
+            cuts.append(at + line_end + 1)
+    cuts.append(len(data))
+    return list(itertools.pairwise(cuts))
 
 
 def _plain_contract(contract: Contract) -> bool:

@@ -208,10 +208,13 @@ def partial_from_groups(groups: native.Groups, contract: Contract) -> pd.DataFra
     return _partial_from_moments(pd.DataFrame({key: groups.keys[order]}), moments, contract)
 
 
-def part_partial(body: native.Buffer, contract: Contract, fmt: str) -> tuple[pd.DataFrame, int]:
+def part_partial(
+    body: native.Buffer, contract: Contract, fmt: str, threads: int = 1
+) -> tuple[pd.DataFrame, int]:
     """One part's partial and its row count, from its bytes; a PartError when it is rejected.
 
-    A plain CSV part goes through the native single-pass parser. Every other part, and a
+    A plain CSV part goes through the native single-pass parser, on up to ``threads``
+    threads (a part computed alone: see job.PartialTask). Every other part, and a
     CSV part that parser leaves alone, is read by pyarrow (read_table); its moments then
     come from the native kernels on the key column itself (one int64 key, float64 values)
     or from partial_from_frame.
@@ -219,9 +222,11 @@ def part_partial(body: native.Buffer, contract: Contract, fmt: str) -> tuple[pd.
     if fmt in ("csv", "csv.gz"):
         body = parse.csv_text(body, fmt)
         fmt = "csv"
-        groups = parse.csv_groups(body, contract)
-        if groups is not None:
-            return partial_from_groups(groups, contract), groups.records
+        pieces = parse.csv_groups(body, contract, threads)
+        if pieces is not None:
+            partials = [partial_from_groups(g, contract) for g in pieces]
+            merged = partials[0] if len(partials) == 1 else merge_partials(partials, contract)
+            return merged, sum(g.records for g in pieces)
     table = parse.read_table(body, contract, fmt)
     groups = parse.table_groups(table, contract)
     if groups is not None:

@@ -99,8 +99,9 @@ def _numbers(rng: random.Random, n: int) -> list[str]:
 def test_csv_numbers_convert_to_the_correctly_rounded_double() -> None:
     texts = _numbers(random.Random(7), 30_000)
     body = HEADER + "".join(f"{i},{t},{t},{t},{i}\n" for i, t in enumerate(texts))
-    groups = csv_groups(body.encode(), C)
-    assert groups is not None, "the native parser left plain numbers to pyarrow"
+    pieces = csv_groups(body.encode(), C)
+    assert pieces is not None, "the native parser left plain numbers to pyarrow"
+    (groups,) = pieces
     order = np.argsort(groups.keys)
     parsed = groups.min[order, 0]  # a one-row group: its min is the value, -0.0 kept
     wrong = [t for t, got in zip(texts, parsed, strict=True) if _bits(float(got)) != _bits(float(t))]
@@ -250,6 +251,30 @@ def test_parquet_parts_aggregate_on_the_key_column_as_the_frame_path_does() -> N
     partial, rows = part_partial(body, C, "parquet")
     assert rows == n
     _assert_same_partial(partial, partial_from_frame(read_part(body, C, "parquet"), C))
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_part_computed_alone_is_parsed_in_pieces_that_merge_to_the_whole(monkeypatch, threads) -> None:
+    rng = np.random.default_rng(5)
+    n = 30_000
+    lines = [
+        f"{i},{rng.standard_normal()!r},{rng.standard_normal() * 1e3!r},,{rng.integers(0, 40)}"
+        for i in range(n)
+    ]
+    body = (HEADER + "\n".join(lines) + "\n").encode()
+    whole = partial_from_frame(read_part(body, C), C)
+    monkeypatch.setattr(parse, "_PIECE_BYTES", 50_000)
+    pieces = csv_groups(body, C, pieces=threads)
+    assert pieces is not None and len(pieces) == threads
+    assert sum(g.records for g in pieces) == n
+    partial, rows = part_partial(body, C, "csv", threads=threads)
+    assert rows == n
+    _assert_same_partial(partial, whole)
+    # One record the fast parser leaves alone, in the last piece: the whole part falls back.
+    odd = body[:-40] + body[-40:].replace(b",", b", ", 1)
+    assert csv_groups(odd, C, pieces=threads) is None
+    assert part_partial(odd, C, "csv", threads=threads)[1] == n
 
 
 @needs_native
