@@ -3,7 +3,8 @@
  *
  * Three ways in, one per-value update:
  *   sr_codes - rows already mapped to dense group codes (any key types, any format);
- *   sr_keys  - rows with an int64 key column (Parquet), grouped by an open-addressing hash;
+ *   sr_keys  - rows with an int64 key column (as pyarrow read it), grouped by an
+ *              open-addressing hash;
  *   sr_csv   - a plain CSV body parsed natively, for one int64 group key and float64 value
  *              columns. It accepts only the plainest records and answers SR_UNSUPPORTED for
  *              anything else (quotes, stray carriage returns, spaces, "nan", a wrong field
@@ -15,7 +16,8 @@
  * sum (compensation reset when it turns NaN, GH#50367), so the mean is pandas' to the bit,
  * and group_var's Welford update for M2, in row order, NaN skipped. Build with
  * -ffp-contract=off (no fused multiply-add), never -ffast-math. Loaded with ctypes (no
- * Python API), so calls run without the GIL. A context takes one call of sr_codes or sr_csv.
+ * Python API), so calls run without the GIL. A context takes one call of sr_codes, sr_keys or
+ * sr_csv.
  *
  * Numbers are converted exactly as a correctly rounded strtod would: Clinger's exact fast
  * path, then one x87 extended-precision operation whose result is checked to be safely away
@@ -171,7 +173,7 @@ static inline int64_t group_of(sr_ctx *c, int64_t key) {
     return g;
 }
 
-/* Rows keyed by any int64 values (a Parquet part's key column): grouped by hashing. */
+/* Rows keyed by any int64 values (a key column pyarrow read): grouped by hashing. */
 int sr_keys(sr_ctx *c, const int64_t *keys, int64_t n, const double *const *values) {
     if (!c->table && rehash(c, 2048, 64 - 11) != SR_OK) return SR_NOMEM;
     int nv = c->nvalues;
