@@ -75,8 +75,10 @@ class PartError(Exception):
         self.line = line
 
 
-# read_body asks the stream for at most this much at a time.
+# read_body asks the stream for at most this much at a time, and keeps a buffer for the
+# thread's next part only up to _KEEP_BYTES (a long-lived worker does not hold a huge one).
 _READ_CHUNK = 8 << 20
+_KEEP_BYTES = 512 << 20
 _buffers = threading.local()
 
 
@@ -87,7 +89,8 @@ def read_body(stream: Readable, size: int | None = None) -> memoryview:
     than the native parser spends on the bytes; a zero-filled buffer (bytearray) costs them
     twice. The buffer is uninitialised memory, reused by the thread's next call, so nothing
     derived from the view may outlive the caller's use of it (partials are new arrays).
-    ``size`` (the object's Content-Length, when known) sizes the buffer.
+    ``size`` (the object's Content-Length, when known) sizes the buffer. A buffer above
+    512 MiB is not kept: the next part gets a fresh one.
     """
     kept: npt.NDArray[np.uint8] | None = getattr(_buffers, "buf", None)
     buf = np.empty(0, np.uint8) if kept is None else kept
@@ -107,7 +110,7 @@ def read_body(stream: Readable, size: int | None = None) -> memoryview:
         if not n:
             break
         pos += n
-    _buffers.buf = buf
+    _buffers.buf = buf if len(buf) <= _KEEP_BYTES else None
     return view[:pos]
 
 

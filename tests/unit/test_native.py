@@ -333,3 +333,7 @@ def test_read_body_reads_every_byte_across_chunks_and_reuses_its_buffer(monkeypa
     bigger = data * 3
     assert bytes(read_body(io.BytesIO(bigger), size=len(bigger))) == bigger
     assert parse._buffers.buf is not first
+    monkeypatch.setattr(parse, "_KEEP_BYTES", 1000)
+    view = read_body(io.BytesIO(bigger), size=len(bigger))
+    assert parse._buffers.buf is None  # above the cap: not kept for the next part
+    assert bytes(view) == bigger
