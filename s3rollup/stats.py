@@ -154,8 +154,7 @@ def _value_stats(columns: list[FloatArray], codes: Codes, k: int) -> Moments:
     compensated sum over the count, M2 comes from Welford's update.
     """
     if native.LIB is not None:
-        g = native.rollup_codes(codes.astype(np.int64, copy=False), k, columns)
-        _pin_constant_groups(g.mean, g.m2, g.min, g.max)
+        g = native.rollup_codes(codes, k, columns)
         return g.rows, g.count, g.mean, g.m2, g.min, g.max
     if (codes < 0).any():
         keep = codes >= 0
@@ -177,7 +176,6 @@ def _value_stats(columns: list[FloatArray], codes: Codes, k: int) -> Moments:
     else:
         cnt = np.repeat(rows[:, None], x.shape[1], axis=1)
     m2 = var * cnt  # NaN where a group has no value
-    _pin_constant_groups(mean, m2, mn, mx)
     return rows, cnt, mean, m2, mn, mx
 
 
@@ -196,7 +194,6 @@ def partial_from_groups(groups: native.Groups, contract: Contract) -> pd.DataFra
     """The partial of the native kernels' moments by key (one int64 key, any group order)."""
     (key,) = contract.group_by
     order = np.argsort(groups.keys, kind="stable")
-    _pin_constant_groups(groups.mean, groups.m2, groups.min, groups.max)
     moments = (
         groups.rows[order],
         groups.count[order],
@@ -236,7 +233,10 @@ def part_partial(
 
 
 def _partial_from_moments(uniques: pd.DataFrame, moments: Moments, contract: Contract) -> pd.DataFrame:
-    rows, *stats = moments
+    """The partial table from per-group moments, whichever kernels computed them."""
+    rows, cnt, mean, m2, mn, mx = moments
+    _pin_constant_groups(mean, m2, mn, mx)
+    stats = (cnt, mean, m2, mn, mx)
     out: dict[str, object] = {c: uniques[c].to_numpy() for c in contract.group_by}
     out[ROWS] = rows
     for j, v in enumerate(contract.values):

@@ -50,7 +50,6 @@ def _load() -> ctypes.CDLL | None:
         ctypes.c_int64,
         ctypes.POINTER(ctypes.c_int8),
         ctypes.c_int,
-        _I64P,
     ]
     lib.sr_export.restype = None
     lib.sr_export.argtypes = [ctypes.c_void_p, _I64P, _I64P, _I64P, _F64P, _F64P, _F64P, _F64P]
@@ -68,7 +67,7 @@ def kernels() -> str:
 @dataclass(frozen=True)
 class Groups:
     """Per group (rows: code order for rollup_codes, first-seen order otherwise) and value
-    column (columns): the moments; ``records`` is the rows aggregated."""
+    column (columns): the moments."""
 
     keys: npt.NDArray[np.int64]
     rows: npt.NDArray[np.int64]
@@ -77,7 +76,11 @@ class Groups:
     m2: npt.NDArray[np.float64]
     min: npt.NDArray[np.float64]
     max: npt.NDArray[np.float64]
-    records: int
+
+    @property
+    def records(self) -> int:
+        """The rows aggregated."""
+        return int(self.rows.sum())
 
 
 def _i64(a: npt.NDArray[np.int64]) -> ctypes._Pointer[ctypes.c_int64]:
@@ -113,7 +116,7 @@ class _Context:
     def __exit__(self, *exc: object) -> None:
         self.lib.sr_free(self.ptr)
 
-    def export(self, records: int) -> Groups:
+    def export(self) -> Groups:
         k = int(self.lib.sr_groups(self.ptr))
         nv = self.nvalues
         keys = np.empty(k, np.int64)
@@ -123,7 +126,7 @@ class _Context:
         self.lib.sr_export(
             self.ptr, _i64(keys), _i64(rows), _i64(count), _f64(mean), _f64(m2), _f64(mn), _f64(mx)
         )
-        return Groups(keys, rows, count, mean, m2, mn, mx, records)
+        return Groups(keys, rows, count, mean, m2, mn, mx)
 
 
 def _columns(
@@ -143,7 +146,7 @@ def rollup_codes(codes: npt.NDArray[np.int64], k: int, values: Sequence[npt.NDAr
     cols, ptrs = _columns(codes, values)
     with _Context(len(cols)) as ctx:
         _check(ctx.lib.sr_codes(ctx.ptr, _i64(codes), len(codes), k, ptrs))
-        return ctx.export(int((codes >= 0).sum()))
+        return ctx.export()
 
 
 def rollup_keys(keys: npt.NDArray[np.int64], values: Sequence[npt.NDArray[np.float64]]) -> Groups:
@@ -152,7 +155,7 @@ def rollup_keys(keys: npt.NDArray[np.int64], values: Sequence[npt.NDArray[np.flo
     cols, ptrs = _columns(keys, values)
     with _Context(len(cols)) as ctx:
         _check(ctx.lib.sr_keys(ctx.ptr, _i64(keys), len(keys), ptrs))
-        return ctx.export(len(keys))
+        return ctx.export()
 
 
 def rollup_csv(data: Buffer, start: int, roles: Sequence[int], nvalues: int) -> Groups | None:
@@ -162,13 +165,10 @@ def rollup_csv(data: Buffer, start: int, roles: Sequence[int], nvalues: int) -> 
     the body is not plain enough for the fast parser: read it with pyarrow instead.
     """
     role_array = (ctypes.c_int8 * max(1, len(roles)))(*roles)
-    records = ctypes.c_int64(0)
     raw = np.frombuffer(data, dtype=np.uint8)  # no copy; keeps the buffer alive for the call
     with _Context(nvalues) as ctx:
-        status = ctx.lib.sr_csv(
-            ctx.ptr, raw.ctypes.data, len(raw), start, role_array, len(roles), ctypes.byref(records)
-        )
+        status = ctx.lib.sr_csv(ctx.ptr, raw.ctypes.data, len(raw), start, role_array, len(roles))
         _check(status)
         if status == _UNSUPPORTED:
             return None
-        return ctx.export(records.value)
+        return ctx.export()

@@ -359,10 +359,9 @@ static inline int parse_key(const char *p, const char *end, const char **after, 
 /* ---- CSV ----------------------------------------------------------------------------- */
 
 /* Aggregate the records of buf[start:len]. roles[f] says what field f of every record is:
- * ROLE_SKIP, ROLE_KEY or the index of a value column. *records gets the rows aggregated.
- * Blank lines are skipped, as pyarrow does; records end with \n or \r\n. */
-int sr_csv(sr_ctx *c, const char *buf, int64_t len, int64_t start, const int8_t *roles, int nfields,
-           int64_t *records) {
+ * ROLE_SKIP, ROLE_KEY or the index of a value column. Blank lines are skipped, as pyarrow
+ * does; records end with \n or \r\n. */
+int sr_csv(sr_ctx *c, const char *buf, int64_t len, int64_t start, const int8_t *roles, int nfields) {
     int nv = c->nvalues;
     int keys = 0, seen[MAX_VALUES] = {0};
     for (int f = 0; f < nfields; f++) {
@@ -376,7 +375,6 @@ int sr_csv(sr_ctx *c, const char *buf, int64_t len, int64_t start, const int8_t 
     if (!c->table && rehash(c, 2048, 64 - 11) != SR_OK) return SR_NOMEM;
     const char *p = buf + start, *end = buf + len;
     double vals[MAX_VALUES];
-    int64_t n = 0;
     while (p < end) {
         if (*p == '\n') {
             p++;
@@ -420,9 +418,7 @@ int sr_csv(sr_ctx *c, const char *buf, int64_t len, int64_t start, const int8_t 
         c->rows[g] += 1;
         acc_t *a = c->acc + (size_t)g * (size_t)nv;
         for (int j = 0; j < nv; j++) update(a + j, vals[j]);
-        n++;
     }
-    *records = n;
     return SR_OK;
 }
 
