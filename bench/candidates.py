@@ -76,7 +76,6 @@ def _settings() -> Any:
 def _part_partial(path: str, alone: bool = False) -> dict[str, Any]:
     """One Dask task: what compute_partial does to one part, minus S3 (bytes from a file);
     ``alone`` as the job sets it for a round's only part."""
-    from s3rollup.config import available_cpus
     from s3rollup.contract import DEFAULT_CONTRACT
     from s3rollup.parse import detect_format, read_body
     from s3rollup.stats import part_partial
@@ -86,7 +85,7 @@ def _part_partial(path: str, alone: bool = False) -> dict[str, Any]:
         body = read_body(f, os.fstat(f.fileno()).st_size)
     t1 = now()
     fmt = detect_format(bytes(body[:8]), path)
-    partial, rows = part_partial(body, DEFAULT_CONTRACT, fmt, available_cpus() if alone else 1)
+    partial, rows = part_partial(body, DEFAULT_CONTRACT, fmt, alone)
     t2 = now()
     return {"partial": partial, "read": t1 - t0, "rollup": t2 - t1, "rows": rows}
 

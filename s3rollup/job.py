@@ -123,7 +123,7 @@ def compute_partial(task: PartialTask) -> dict[str, Any]:
     }
     try:
         fmt = detect_format(bytes(body[:8]), part.name)
-        partial, rows = part_partial(body, task.contract, fmt, available_cpus() if task.alone else 1)
+        partial, rows = part_partial(body, task.contract, fmt, task.alone)
     except PartError as exc:
         result["error"] = {"code": exc.code, "message": exc.message, "line": exc.line}
         return result

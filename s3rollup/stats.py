@@ -20,6 +20,7 @@ import pandas as pd
 from pandas._libs import groupby as _libgroupby  # type: ignore[attr-defined]  # no stubs
 
 from s3rollup import native, parse
+from s3rollup.config import available_cpus
 from s3rollup.contract import Contract
 
 ROWS = "__rows"
@@ -206,12 +207,13 @@ def partial_from_groups(groups: native.Groups, contract: Contract) -> pd.DataFra
 
 
 def part_partial(
-    body: native.Buffer, contract: Contract, fmt: str, threads: int = 1
+    body: native.Buffer, contract: Contract, fmt: str, alone: bool = False
 ) -> tuple[pd.DataFrame, int]:
     """One part's partial and its row count, from its bytes; a PartError when it is rejected.
 
-    A plain CSV part goes through the native single-pass parser, on up to ``threads``
-    threads (a part computed alone: see job.PartialTask). Every other part, and a
+    A plain CSV part goes through the native single-pass parser, on every CPU when the
+    part is computed ``alone`` (no other part's task competes for them: see
+    job.PartialTask), else on one thread. Every other part, and a
     CSV part that parser leaves alone, is read by pyarrow (read_table); its moments then
     come from the native kernels on the key column itself (one int64 key, float64 values)
     or from partial_from_frame.
@@ -219,7 +221,7 @@ def part_partial(
     if fmt in ("csv", "csv.gz"):
         body = parse.csv_text(body, fmt)
         fmt = "csv"
-        pieces = parse.csv_groups(body, contract, threads)
+        pieces = parse.csv_groups(body, contract, available_cpus() if alone else 1)
         if pieces is not None:
             partials = [partial_from_groups(g, contract) for g in pieces]
             merged = partials[0] if len(partials) == 1 else merge_partials(partials, contract)

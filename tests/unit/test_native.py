@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from s3rollup import native, parse
+from s3rollup import native, parse, stats
 from s3rollup.contract import DEFAULT_CONTRACT, Contract
 from s3rollup.parse import PartError, csv_groups, read_body, read_part
 from s3rollup.stats import part_partial, partial_from_frame
@@ -265,16 +265,17 @@ def test_a_part_computed_alone_is_parsed_in_pieces_that_merge_to_the_whole(monke
     body = (HEADER + "\n".join(lines) + "\n").encode()
     whole = partial_from_frame(read_part(body, C), C)
     monkeypatch.setattr(parse, "_PIECE_BYTES", 50_000)
+    monkeypatch.setattr(stats, "available_cpus", lambda: threads)
     pieces = csv_groups(body, C, pieces=threads)
     assert pieces is not None and len(pieces) == threads
     assert sum(g.records for g in pieces) == n
-    partial, rows = part_partial(body, C, "csv", threads=threads)
+    partial, rows = part_partial(body, C, "csv", alone=True)
     assert rows == n
     _assert_same_partial(partial, whole)
     # One record the fast parser leaves alone, in the last piece: the whole part falls back.
     odd = body[:-40] + body[-40:].replace(b",", b", ", 1)
     assert csv_groups(odd, C, pieces=threads) is None
-    assert part_partial(odd, C, "csv", threads=threads)[1] == n
+    assert part_partial(odd, C, "csv", alone=True)[1] == n
 
 
 @needs_native
