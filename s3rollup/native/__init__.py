@@ -4,6 +4,9 @@
 kernels compute, in one pass and without the GIL, what pandas' groupby kernels compute;
 where the library is not built, or S3ROLLUP_NATIVE=0, ``LIB`` is None and s3rollup uses
 pandas' kernels instead (same results, slower). ``kernels()`` says which are in use.
+
+On a CPU with AVX2 the kernels update a row's values four at a time (``vector()``); else,
+or with ``use_vector`` False, one at a time. Both give the same bits.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ def _load() -> ctypes.CDLL | None:
     lib.sr_new.argtypes = [ctypes.c_int]
     lib.sr_free.restype = None
     lib.sr_free.argtypes = [ctypes.c_void_p]
+    lib.sr_vector.restype = ctypes.c_int
+    lib.sr_vector.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.sr_groups.restype = ctypes.c_int64
     lib.sr_groups.argtypes = [ctypes.c_void_p]
     lib.sr_codes.restype = ctypes.c_int
@@ -62,6 +67,18 @@ LIB = _load()
 def kernels() -> str:
     """'native' when librollup.so is in use, else 'pandas'."""
     return "native" if LIB is not None else "pandas"
+
+
+# False: contexts update rows one value at a time even where AVX2 is available (tests).
+use_vector = True
+
+
+def vector() -> bool:
+    """Whether the native kernels update rows with AVX2 (this CPU has it and use_vector)."""
+    if LIB is None:
+        return False
+    with _Context(0) as ctx:
+        return bool(LIB.sr_vector(ctx.ptr, 1))
 
 
 @dataclass(frozen=True)
@@ -109,6 +126,8 @@ class _Context:
         self.ptr = LIB.sr_new(nvalues)
         if not self.ptr:
             raise MemoryError("native rollup: out of memory")
+        if not use_vector:
+            LIB.sr_vector(self.ptr, 0)
 
     def __enter__(self) -> _Context:
         return self

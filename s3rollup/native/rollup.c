@@ -14,7 +14,9 @@
  *
  * One pass over the rows, pandas' own arithmetic per value: group_mean's Kahan-compensated
  * sum (compensation reset when it turns NaN, GH#50367), so the mean is pandas' to the bit,
- * and group_var's Welford update for M2, in row order, NaN skipped. Build with
+ * and group_var's Welford update for M2, in row order, NaN skipped. On x86-64 CPUs with
+ * AVX2 a row's values are updated four at a time (one vector lane per value column, the same
+ * operations in the same order, so the same bits); elsewhere one at a time. Build with
  * -ffp-contract=off (no fused multiply-add), never -ffast-math. Loaded with ctypes (no
  * Python API), so calls run without the GIL. A context takes one call of sr_codes, sr_keys or
  * sr_csv.
@@ -39,29 +41,59 @@
 #define MAX_VALUES 64
 #define MAX_NUMBER_TEXT 64
 
+/* The moments of up to four value columns of one group, one lane each: a row's values are
+ * updated together in vector registers where the CPU has AVX2, else lane by lane, with the
+ * same arithmetic. nobs is a double (exact to 2^53). Lanes beyond the value columns stay 0. */
+typedef double v4 __attribute__((vector_size(32), aligned(8)));
+typedef int64_t m4 __attribute__((vector_size(32), aligned(8)));
 typedef struct {
-    int64_t nobs;
-    double sum, comp; /* compensated sum (pandas group_mean) */
-    double mean, m2;  /* Welford (pandas group_var) */
-    double min, max;
-} acc_t;
+    v4 nobs;
+    v4 sum, comp; /* compensated sum (pandas group_mean) */
+    v4 mean, m2;  /* Welford (pandas group_var) */
+    v4 min, max;
+} blk_t;
+
+#define BLOCKS(nv) (((nv) + 3) / 4)
 
 typedef struct {
     int nvalues;
+    int vector; /* update rows with AVX2 */
     int64_t ngroups, cap;
     int64_t *keys; /* the group's key (sr_csv) or code (sr_codes) */
     int64_t *rows;
-    acc_t *acc; /* ngroups x nvalues */
+    blk_t *acc; /* ngroups x BLOCKS(nvalues) */
     int64_t *table; /* open addressing: group index + 1, 0 = empty */
     int shift;      /* table size = 2^(64 - shift) */
     int64_t tsize;
 } sr_ctx;
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SR_VECTOR 1
+#define SR_AVX2 __attribute__((target("avx2")))
+static int cpu_has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2");
+}
+#else
+#define SR_VECTOR 0
+static int cpu_has_avx2(void) { return 0; }
+#endif
+
 sr_ctx *sr_new(int nvalues) {
     if (nvalues < 0 || nvalues > MAX_VALUES) return NULL;
     sr_ctx *c = calloc(1, sizeof(sr_ctx));
-    if (c) c->nvalues = nvalues;
+    if (c) {
+        c->nvalues = nvalues;
+        c->vector = cpu_has_avx2();
+    }
     return c;
+}
+
+/* Whether the context updates rows with AVX2; 0 turns that off (the lane-by-lane path gives
+ * the same bits: the tests compare the two). */
+int sr_vector(sr_ctx *c, int on) {
+    if (!on) c->vector = 0;
+    return c->vector;
 }
 
 void sr_free(sr_ctx *c) {
@@ -85,52 +117,128 @@ static int reserve(sr_ctx *c, int64_t need) {
     int64_t *rows = realloc(c->rows, (size_t)cap * sizeof *rows);
     if (!rows) return SR_NOMEM;
     c->rows = rows;
-    size_t per = (size_t)c->nvalues;
-    acc_t *acc = realloc(c->acc, (size_t)cap * per * sizeof *acc + 1);
+    size_t per = (size_t)BLOCKS(c->nvalues);
+    blk_t *acc = realloc(c->acc, (size_t)cap * per * sizeof *acc + 1);
     if (!acc) return SR_NOMEM;
     c->acc = acc;
     memset(c->rows + c->cap, 0, (size_t)(cap - c->cap) * sizeof *rows);
-    memset(c->acc + (size_t)c->cap * per, 0, (size_t)(cap - c->cap) * per * sizeof *acc);
+    const v4 inf = {INFINITY, INFINITY, INFINITY, INFINITY};
+    for (size_t i = (size_t)c->cap * per; i < (size_t)cap * per; i++)
+        acc[i] = (blk_t){.min = inf, .max = -inf};
     c->cap = cap;
     return SR_OK;
 }
 
-/* One value into its group's moments: pandas' arithmetic, NaN skipped. */
-static inline void update(acc_t *a, double v) {
+/* One value into lane l of its group's moments: pandas' arithmetic, NaN skipped. */
+enum { NOBS, SUM, COMP, MEAN, M2, MIN, MAX };
+#define LANE(b, field, l) (((double *)(b))[4 * (field) + (l)])
+static inline void update_lane(blk_t *b, int l, double v) {
     if (v != v) return;
-    a->nobs += 1;
-    double y = v - a->comp;
-    double t = a->sum + y;
-    a->comp = t - a->sum - y;
-    if (a->comp != a->comp) a->comp = 0.0;
-    a->sum = t;
-    double old = a->mean;
-    a->mean += (v - old) / (double)a->nobs;
-    a->m2 += (v - a->mean) * (v - old);
-    if (a->nobs == 1) {
-        a->min = v;
-        a->max = v;
+    double *nobs = &LANE(b, NOBS, l), *sum = &LANE(b, SUM, l), *comp = &LANE(b, COMP, l);
+    double *mean = &LANE(b, MEAN, l), *m2 = &LANE(b, M2, l), *min = &LANE(b, MIN, l), *max = &LANE(b, MAX, l);
+    double n = *nobs + 1.0;
+    *nobs = n;
+    double y = v - *comp;
+    double t = *sum + y;
+    double cmp = t - *sum - y;
+    *comp = cmp != cmp ? 0.0 : cmp;
+    *sum = t;
+    double old = *mean;
+    *mean += (v - old) / n;
+    *m2 += (v - *mean) * (v - old);
+    if (v < *min) *min = v; /* min starts at +inf, max at -inf (reserve) */
+    if (v > *max) *max = v;
+}
+
+/* update_lane on four lanes at once, one value column per lane: the same operations in the
+ * same order, so the same bits (blends stand for its branches). */
+#define SEL(m, a, b) ((v4)(((m) & (m4)(a)) | (~(m) & (m4)(b))))
+static inline __attribute__((always_inline)) void update_vec(blk_t *b, const v4 *value) {
+    v4 v = *value;
+    const v4 zero = {0.0, 0.0, 0.0, 0.0}, one = {1.0, 1.0, 1.0, 1.0};
+    m4 ok = v == v;
+    v4 n = b->nobs + SEL(ok, one, zero);
+    v4 y = v - b->comp;
+    v4 t = b->sum + y;
+    v4 comp = t - b->sum - y;
+    comp = SEL(comp == comp, comp, zero);
+    v4 old = b->mean;
+    v4 mean = old + (v - old) / n;
+    v4 m2 = b->m2 + (v - mean) * (v - old);
+    b->nobs = n;
+    b->comp = SEL(ok, comp, b->comp);
+    b->sum = SEL(ok, t, b->sum);
+    b->mean = SEL(ok, mean, old);
+    b->m2 = SEL(ok, m2, b->m2);
+    b->min = SEL(v < b->min, v, b->min); /* false where v is NaN */
+    b->max = SEL(v > b->max, v, b->max);
+}
+
+/* One row's values into its group's blocks. row[j] for j < nv, NaN after, up to BLOCKS(nv)
+ * whole blocks. vec is a constant where this is inlined. */
+static inline __attribute__((always_inline)) void update_row(blk_t *b, const double *row, int nv, int vec) {
+    if (vec) {
+        for (int k = 0; k < BLOCKS(nv); k++) {
+            v4 v;
+            memcpy(&v, row + 4 * k, sizeof v);
+            update_vec(b + k, &v);
+        }
     } else {
-        if (v < a->min) a->min = v;
-        if (v > a->max) a->max = v;
+        for (int j = 0; j < nv; j++) update_lane(b + (j >> 2), j & 3, row[j]);
+    }
+}
+
+/* Row i of value columns cols[0..nv) into its group's blocks, read straight from the columns
+ * (a row buffer would cost a stalled store-to-load forward per block). */
+static inline __attribute__((always_inline)) void update_columns(blk_t *b, const double *const *cols, int64_t i,
+                                                                 int nv, int vec) {
+    if (!vec) {
+        for (int j = 0; j < nv; j++) update_lane(b + (j >> 2), j & 3, cols[j][i]);
+        return;
+    }
+    for (int k = 0; 4 * k < nv; k++) {
+        const double *const *c = cols + 4 * k;
+        v4 v;
+        switch (nv - 4 * k) {
+        case 1: v = (v4){c[0][i], NAN, NAN, NAN}; break;
+        case 2: v = (v4){c[0][i], c[1][i], NAN, NAN}; break;
+        case 3: v = (v4){c[0][i], c[1][i], c[2][i], NAN}; break;
+        default: v = (v4){c[0][i], c[1][i], c[2][i], c[3][i]}; break;
+        }
+        update_vec(b + k, &v);
     }
 }
 
 /* Rows with dense codes in [0, k); code -1 (a null key) is skipped. */
-int sr_codes(sr_ctx *c, const int64_t *codes, int64_t n, int64_t k, const double *const *values) {
-    if (reserve(c, k) != SR_OK) return SR_NOMEM;
-    for (int64_t g = c->ngroups; g < k; g++) c->keys[g] = g;
-    if (k > c->ngroups) c->ngroups = k;
+static inline __attribute__((always_inline)) int codes_rows(sr_ctx *c, const int64_t *codes, int64_t n, int64_t k,
+                                                            const double *const *values, int vec) {
     int nv = c->nvalues;
     for (int64_t i = 0; i < n; i++) {
         int64_t g = codes[i];
         if (g < 0) continue;
         if (g >= k) return SR_BADARG;
         c->rows[g] += 1;
-        acc_t *a = c->acc + (size_t)g * (size_t)nv;
-        for (int j = 0; j < nv; j++) update(a + j, values[j][i]);
+        update_columns(c->acc + (size_t)g * (size_t)BLOCKS(nv), values, i, nv, vec);
     }
     return SR_OK;
+}
+#if SR_VECTOR
+SR_AVX2 static int codes_avx2(sr_ctx *c, const int64_t *codes, int64_t n, int64_t k, const double *const *values) {
+    return codes_rows(c, codes, n, k, values, 1);
+}
+#endif
+static int codes_lanes(sr_ctx *c, const int64_t *codes, int64_t n, int64_t k, const double *const *values) {
+    return codes_rows(c, codes, n, k, values, 0);
+}
+
+int sr_codes(sr_ctx *c, const int64_t *codes, int64_t n, int64_t k, const double *const *values) {
+    if (reserve(c, k) != SR_OK) return SR_NOMEM;
+    for (int64_t g = c->ngroups; g < k; g++) c->keys[g] = g;
+    if (k > c->ngroups) c->ngroups = k;
+#if SR_VECTOR
+    if (c->vector) return codes_avx2(c, codes, n, k, values);
+#endif
+    return codes_lanes(c, codes, n, k, values);
 }
 
 /* ---- keys -> groups ------------------------------------------------------------------ */
@@ -174,17 +282,32 @@ static inline int64_t group_of(sr_ctx *c, int64_t key) {
 }
 
 /* Rows keyed by any int64 values (a key column pyarrow read): grouped by hashing. */
-int sr_keys(sr_ctx *c, const int64_t *keys, int64_t n, const double *const *values) {
-    if (!c->table && rehash(c, 2048, 64 - 11) != SR_OK) return SR_NOMEM;
+static inline __attribute__((always_inline)) int keys_rows(sr_ctx *c, const int64_t *keys, int64_t n,
+                                                           const double *const *values, int vec) {
     int nv = c->nvalues;
     for (int64_t i = 0; i < n; i++) {
         int64_t g = group_of(c, keys[i]);
         if (g < 0) return SR_NOMEM;
         c->rows[g] += 1;
-        acc_t *a = c->acc + (size_t)g * (size_t)nv;
-        for (int j = 0; j < nv; j++) update(a + j, values[j][i]);
+        update_columns(c->acc + (size_t)g * (size_t)BLOCKS(nv), values, i, nv, vec);
     }
     return SR_OK;
+}
+#if SR_VECTOR
+SR_AVX2 static int keys_avx2(sr_ctx *c, const int64_t *keys, int64_t n, const double *const *values) {
+    return keys_rows(c, keys, n, values, 1);
+}
+#endif
+static int keys_lanes(sr_ctx *c, const int64_t *keys, int64_t n, const double *const *values) {
+    return keys_rows(c, keys, n, values, 0);
+}
+
+int sr_keys(sr_ctx *c, const int64_t *keys, int64_t n, const double *const *values) {
+    if (!c->table && rehash(c, 2048, 64 - 11) != SR_OK) return SR_NOMEM;
+#if SR_VECTOR
+    if (c->vector) return keys_avx2(c, keys, n, values);
+#endif
+    return keys_lanes(c, keys, n, values);
 }
 
 /* ---- numbers ------------------------------------------------------------------------- */
@@ -358,23 +481,13 @@ static inline int parse_key(const char *p, const char *end, const char **after, 
 
 /* ---- CSV ----------------------------------------------------------------------------- */
 
-/* Aggregate the records of buf[start:len]. roles[f] says what field f of every record is:
- * ROLE_SKIP, ROLE_KEY or the index of a value column. Blank lines are skipped, as pyarrow
- * does; records end with \n or \r\n. */
-int sr_csv(sr_ctx *c, const char *buf, int64_t len, int64_t start, const int8_t *roles, int nfields) {
+/* sr_csv's records, once its roles are checked. */
+static inline __attribute__((always_inline)) int csv_rows(sr_ctx *c, const char *buf, int64_t len, int64_t start,
+                                                          const int8_t *roles, int nfields, int vec) {
     int nv = c->nvalues;
-    int keys = 0, seen[MAX_VALUES] = {0};
-    for (int f = 0; f < nfields; f++) {
-        if (roles[f] == ROLE_KEY) keys++;
-        else if (roles[f] >= 0 && roles[f] < nv) seen[roles[f]]++;
-        else if (roles[f] != ROLE_SKIP) return SR_UNSUPPORTED;
-    }
-    if (keys != 1) return SR_UNSUPPORTED;
-    for (int j = 0; j < nv; j++)
-        if (seen[j] != 1) return SR_UNSUPPORTED;
-    if (!c->table && rehash(c, 2048, 64 - 11) != SR_OK) return SR_NOMEM;
     const char *p = buf + start, *end = buf + len;
-    double vals[MAX_VALUES];
+    double vals[MAX_VALUES]; /* NaN beyond the value columns (update_row) */
+    for (int j = 0; j < MAX_VALUES; j++) vals[j] = NAN;
     while (p < end) {
         if (*p == '\n') {
             p++;
@@ -416,10 +529,39 @@ int sr_csv(sr_ctx *c, const char *buf, int64_t len, int64_t start, const int8_t 
         int64_t g = group_of(c, key);
         if (g < 0) return SR_NOMEM;
         c->rows[g] += 1;
-        acc_t *a = c->acc + (size_t)g * (size_t)nv;
-        for (int j = 0; j < nv; j++) update(a + j, vals[j]);
+        update_row(c->acc + (size_t)g * (size_t)BLOCKS(nv), vals, nv, vec);
     }
     return SR_OK;
+}
+#if SR_VECTOR
+SR_AVX2 static int csv_avx2(sr_ctx *c, const char *buf, int64_t len, int64_t start, const int8_t *roles,
+                            int nfields) {
+    return csv_rows(c, buf, len, start, roles, nfields, 1);
+}
+#endif
+static int csv_lanes(sr_ctx *c, const char *buf, int64_t len, int64_t start, const int8_t *roles, int nfields) {
+    return csv_rows(c, buf, len, start, roles, nfields, 0);
+}
+
+/* Aggregate the records of buf[start:len]. roles[f] says what field f of every record is:
+ * ROLE_SKIP, ROLE_KEY or the index of a value column. Blank lines are skipped, as pyarrow
+ * does; records end with \n or \r\n. */
+int sr_csv(sr_ctx *c, const char *buf, int64_t len, int64_t start, const int8_t *roles, int nfields) {
+    int nv = c->nvalues;
+    int keys = 0, seen[MAX_VALUES] = {0};
+    for (int f = 0; f < nfields; f++) {
+        if (roles[f] == ROLE_KEY) keys++;
+        else if (roles[f] >= 0 && roles[f] < nv) seen[roles[f]]++;
+        else if (roles[f] != ROLE_SKIP) return SR_UNSUPPORTED;
+    }
+    if (keys != 1) return SR_UNSUPPORTED;
+    for (int j = 0; j < nv; j++)
+        if (seen[j] != 1) return SR_UNSUPPORTED;
+    if (!c->table && rehash(c, 2048, 64 - 11) != SR_OK) return SR_NOMEM;
+#if SR_VECTOR
+    if (c->vector) return csv_avx2(c, buf, len, start, roles, nfields);
+#endif
+    return csv_lanes(c, buf, len, start, roles, nfields);
 }
 
 /* ---- results ------------------------------------------------------------------------- */
@@ -434,15 +576,17 @@ void sr_export(const sr_ctx *c, int64_t *keys, int64_t *rows, int64_t *count, do
         rows[g] = c->rows[g];
         for (int j = 0; j < nv; j++) {
             size_t i = (size_t)g * (size_t)nv + (size_t)j;
-            const acc_t *a = c->acc + i;
-            count[i] = a->nobs;
-            if (a->nobs == 0) {
+            const blk_t *b = c->acc + (size_t)g * (size_t)BLOCKS(nv) + (size_t)(j >> 2);
+            int l = j & 3;
+            double n = b->nobs[l];
+            count[i] = (int64_t)n;
+            if (n == 0.0) {
                 mean[i] = m2[i] = min[i] = max[i] = NAN;
             } else {
-                mean[i] = a->sum / (double)a->nobs;
-                m2[i] = a->m2;
-                min[i] = a->min;
-                max[i] = a->max;
+                mean[i] = b->sum[l] / n;
+                m2[i] = b->m2[l];
+                min[i] = b->min[l];
+                max[i] = b->max[l];
             }
         }
     }

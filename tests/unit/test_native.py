@@ -313,6 +313,66 @@ def test_contracts_the_native_csv_path_does_not_cover_are_left_to_pyarrow() -> N
     assert csv_groups(b"k,x\n1,1\n", ints) is None
 
 
+def _groups_bits(g: native.Groups) -> list[bytes]:
+    # NaN moments (a group with no value) compare equal as bytes.
+    return [a.tobytes() for a in (g.keys, g.rows, g.count, g.mean, g.m2, g.min, g.max)]
+
+
+def _both_ways(monkeypatch: pytest.MonkeyPatch, rollup) -> native.Groups:
+    """rollup() four values at a time (AVX2, where the CPU has it) and one at a time: the
+    same bits."""
+    vector = rollup()
+    monkeypatch.setattr(native, "use_vector", False)
+    lanes = rollup()
+    monkeypatch.setattr(native, "use_vector", True)
+    assert _groups_bits(vector) == _groups_bits(lanes)
+    return vector
+
+
+@needs_native
+@pytest.mark.parametrize("nvalues", [1, 3, 4, 5, 9])
+def test_rows_updated_four_values_at_a_time_give_the_bits_of_one_at_a_time(monkeypatch, nvalues) -> None:
+    rng = np.random.default_rng(nvalues)
+    n = 20_000
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 5e-324, 1.7976931348623157e308, -1e308])
+    values = []
+    for j in range(nvalues):
+        col = rng.standard_normal(n) * 10.0 ** rng.integers(-5, 12, n)
+        pick = rng.random(n) < 0.05
+        col[pick] = rng.choice(special, pick.sum())
+        if j == 2:
+            col[:] = np.nan  # a column with no value anywhere
+        values.append(col)
+    keys = rng.integers(-50, 400, n) * 7919  # single-row groups too
+    keys[:3] = [2**63 - 1, -(2**63), 0]
+    g = _both_ways(monkeypatch, lambda: native.rollup_keys(keys, values))
+    assert g.records == n
+    assert g.count.sum() == sum(int(np.count_nonzero(~np.isnan(v))) for v in values)
+    codes = rng.integers(-1, 60, n)  # -1: a null key, skipped
+    g = _both_ways(monkeypatch, lambda: native.rollup_codes(codes, 60, values))
+    assert g.records == np.count_nonzero(codes >= 0)
+    # The CSV path: one int64 key and the value columns, in text.
+    names = ["k", *(f"v{j}" for j in range(nvalues))]
+    contract = Contract(
+        columns={"k": "int64", **{f"v{j}": "float64" for j in range(nvalues)}},
+        group_by=("k",),
+        values=tuple(names[1:]),
+    )
+    # The plain grammar has no inf, nan or subnormal: those parts go to pyarrow.
+    normal = [np.isfinite(v) & ((np.abs(v) >= np.finfo(float).tiny) | (v == 0)) for v in values]
+    finite = [np.where(ok, v, 0.5) for v, ok in zip(values, normal, strict=True)]
+    # (from row 3: the parser leaves 19-digit keys to pyarrow)
+    lines = [",".join([str(keys[i]), *(repr(float(v[i])) for v in finite)]) for i in range(3, 2_003)]
+    body = (",".join(names) + "\n" + "\n".join(lines) + "\n").encode()
+
+    def csv() -> native.Groups:
+        pieces = csv_groups(body, contract)
+        assert pieces is not None
+        return pieces[0]
+
+    assert _both_ways(monkeypatch, csv).records == 2_000
+
+
 @needs_native
 def test_a_group_code_out_of_range_is_an_error_not_a_write() -> None:
     with pytest.raises(ValueError, match="out of range"):

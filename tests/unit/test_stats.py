@@ -26,13 +26,16 @@ from s3rollup.stats import (
 C = DEFAULT_CONTRACT
 
 
-@pytest.fixture(autouse=True, params=["native", "pandas"])
+@pytest.fixture(autouse=True, params=["native", "native-lanes", "pandas"])
 def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs on both kernels: the native ones and pandas' (their fallback)."""
+    """Every test here runs on each kernel: the native ones (four values at a time where the
+    CPU has AVX2, and one at a time) and pandas' (their fallback)."""
     if request.param == "pandas":
         monkeypatch.setattr(native, "LIB", None)
     elif native.LIB is None:
         pytest.skip("librollup.so is not loaded")
+    elif request.param == "native-lanes":
+        monkeypatch.setattr(native, "use_vector", False)
     return str(request.param)
 
 
