@@ -3,8 +3,9 @@
  *
  * Three ways in, one per-value update:
  *   sr_codes - rows already mapped to dense group codes (any key types, any format);
- *   sr_keys  - rows with an int64 key column (as pyarrow read it), grouped by an
- *              open-addressing hash;
+ *   sr_keys  - rows with an int64 key column (as pyarrow read it), grouped by a table
+ *              indexed by the key when the keys span fewer than 2^16 values (a category
+ *              column), else by an open-addressing hash;
  *   sr_csv   - a plain CSV body parsed natively, for one int64 group key and float64 value
  *              columns. It accepts only the plainest records and answers SR_UNSUPPORTED for
  *              anything else (quotes, stray carriage returns, spaces, "nan", a wrong field
@@ -65,6 +66,8 @@ typedef struct {
     int64_t *table; /* open addressing: group index + 1, 0 = empty */
     int shift;      /* table size = 2^(64 - shift) */
     int64_t tsize;
+    int32_t *direct; /* sr_keys over a small key range: group index + 1 at key - dmin */
+    int64_t dmin;
 } sr_ctx;
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -102,6 +105,7 @@ void sr_free(sr_ctx *c) {
     free(c->rows);
     free(c->acc);
     free(c->table);
+    free(c->direct);
     free(c);
 }
 
@@ -281,12 +285,25 @@ static inline int64_t group_of(sr_ctx *c, int64_t key) {
     return g;
 }
 
-/* Rows keyed by any int64 values (a key column pyarrow read): grouped by hashing. */
+/* group_of for a key in the direct table's range. */
+static inline int64_t direct_group_of(sr_ctx *c, int64_t key) {
+    int32_t *slot = c->direct + (key - c->dmin);
+    if (*slot) return *slot - 1;
+    int64_t g = c->ngroups;
+    if (reserve(c, g + 1) != SR_OK) return -1;
+    c->keys[g] = key;
+    c->ngroups = g + 1;
+    *slot = (int32_t)(g + 1);
+    return g;
+}
+
+/* Rows keyed by any int64 values (a key column pyarrow read): grouped by hashing, or by
+ * indexing when the keys span a small range (groups in first-seen order either way). */
 static inline __attribute__((always_inline)) int keys_rows(sr_ctx *c, const int64_t *keys, int64_t n,
                                                            const double *const *values, int vec) {
     int nv = c->nvalues;
     for (int64_t i = 0; i < n; i++) {
-        int64_t g = group_of(c, keys[i]);
+        int64_t g = c->direct ? direct_group_of(c, keys[i]) : group_of(c, keys[i]);
         if (g < 0) return SR_NOMEM;
         c->rows[g] += 1;
         update_columns(c->acc + (size_t)g * (size_t)BLOCKS(nv), values, i, nv, vec);
@@ -302,8 +319,23 @@ static int keys_lanes(sr_ctx *c, const int64_t *keys, int64_t n, const double *c
     return keys_rows(c, keys, n, values, 0);
 }
 
+/* Keys spanning at most this many values are grouped through a direct table. */
+#define DIRECT_SPAN (1 << 16)
+
 int sr_keys(sr_ctx *c, const int64_t *keys, int64_t n, const double *const *values) {
-    if (!c->table && rehash(c, 2048, 64 - 11) != SR_OK) return SR_NOMEM;
+    if (c->table || c->direct || c->ngroups) return SR_BADARG; /* one call per context */
+    int64_t lo = n ? keys[0] : 0, hi = lo;
+    for (int64_t i = 1; i < n; i++) {
+        lo = keys[i] < lo ? keys[i] : lo;
+        hi = keys[i] > hi ? keys[i] : hi;
+    }
+    if ((uint64_t)hi - (uint64_t)lo < DIRECT_SPAN) {
+        c->direct = calloc((size_t)((uint64_t)hi - (uint64_t)lo + 1), sizeof *c->direct);
+        if (!c->direct) return SR_NOMEM;
+        c->dmin = lo;
+    } else if (rehash(c, 2048, 64 - 11) != SR_OK) {
+        return SR_NOMEM;
+    }
 #if SR_VECTOR
     if (c->vector) return keys_avx2(c, keys, n, values);
 #endif

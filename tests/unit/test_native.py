@@ -374,6 +374,22 @@ def test_rows_updated_four_values_at_a_time_give_the_bits_of_one_at_a_time(monke
 
 
 @needs_native
+@pytest.mark.parametrize("lo", [-(2**63), -5, 2**63 - 70_000])
+@pytest.mark.parametrize("span", [1, 65_535, 65_536, 2**40])
+def test_keys_group_alike_by_direct_index_or_by_hash(monkeypatch, lo, span) -> None:
+    # Keys within a span below 2**16 are grouped by a direct table, others by hashing: the
+    # groups come in first-seen order either way, extremes of int64 included.
+    hi = min(lo + span, 2**63 - 1)
+    keys = np.array([lo, hi, lo + 1, hi, lo, hi - 1], dtype=np.int64)
+    values = [np.array([1.0, 2.0, 3.0, 4.0, np.nan, 6.0])]
+    g = _both_ways(monkeypatch, lambda: native.rollup_keys(keys, values))
+    first_seen = list(dict.fromkeys(keys.tolist()))
+    assert g.keys.tolist() == first_seen
+    assert g.rows.tolist() == [int((keys == k).sum()) for k in first_seen]
+    assert g.count[:, 0].tolist() == [int(((keys == k) & ~np.isnan(values[0])).sum()) for k in first_seen]
+
+
+@needs_native
 def test_a_group_code_out_of_range_is_an_error_not_a_write() -> None:
     with pytest.raises(ValueError, match="out of range"):
         native.rollup_codes(np.array([0, 3]), 2, [np.array([1.0, 2.0])])
