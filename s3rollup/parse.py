@@ -19,7 +19,7 @@ import operator
 import re
 import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -133,7 +133,8 @@ def read_table(body: native.Buffer, contract: Contract, fmt: str | None = None) 
     """read_part's columns as an Arrow table (no null group key), or a PartError."""
     fmt = fmt or detect_format(bytes(body[:4]), "")
     if fmt == "parquet":
-        return _read_parquet(body, contract)
+        tables = list(parquet_tables(body, contract))
+        return pa.concat_tables(tables) if tables else _empty_table(contract)
     if fmt in ("csv", "csv.gz"):
         # bytes: the CSV error path searches and decodes the text.
         text = body if isinstance(body, bytes) else bytes(body)
@@ -141,14 +142,19 @@ def read_table(body: native.Buffer, contract: Contract, fmt: str | None = None) 
     raise PartError("BAD_FORMAT", f"unknown part format {fmt!r}")
 
 
-def table_groups(table: pa.Table, contract: Contract) -> native.Groups | None:
-    """read_table's per-group moments from the native kernels, hashing the int64 key column
-    directly (no DataFrame, no factorisation). None where csv_groups would not apply."""
+def table_groups(tables: Iterable[pa.Table], contract: Contract) -> native.Groups | None:
+    """The per-group moments of the rows of tables as read_table returns them (one part's,
+    whole or in batches), from the native kernels on the int64 key column itself (no
+    DataFrame, no factorisation). None where csv_groups would not apply; then tables is
+    left unread."""
     if native.LIB is None or not _plain_contract(contract):
         return None
-    keys = table.column(contract.group_by[0]).to_numpy()
-    values = [table.column(v).to_numpy() for v in contract.values]  # nulls come out as NaN
-    return native.rollup_keys(keys, values)
+    (key,) = contract.group_by
+    return native.rollup_key_batches(
+        # nulls come out of to_numpy as NaN
+        ((t.column(key).to_numpy(), [t.column(v).to_numpy() for v in contract.values]) for t in tables),
+        len(contract.values),
+    )
 
 
 # ---- shared -----------------------------------------------------------------------------
@@ -454,7 +460,15 @@ def _describe_arrow_error(exc: BaseException | None, names: list[str]) -> PartEr
 # ---- Parquet ----------------------------------------------------------------------------
 
 
-def _read_parquet(body: native.Buffer, contract: Contract) -> pa.Table:
+# parquet_tables decodes a part this many rows at a time: the decoded columns of a batch
+# (2 MiB for the seed's schema) are reused from batch to batch and from part to part, where a
+# whole part's (32 MiB) would be fresh memory for each of a worker's first parts.
+_PARQUET_BATCH_ROWS = 1 << 16
+
+
+def parquet_tables(body: native.Buffer, contract: Contract) -> Iterator[pa.Table]:
+    """A Parquet part's used columns, typed as the contract says, in tables of at most
+    _PARQUET_BATCH_ROWS rows; a PartError (at the batch where it is found) otherwise."""
     try:
         pf = pq.ParquetFile(pa.BufferReader(body))
         schema = pf.schema_arrow
@@ -462,32 +476,44 @@ def _read_parquet(body: native.Buffer, contract: Contract) -> pa.Table:
         raise PartError("BAD_FORMAT", "not a readable Parquet file") from None
     _check_header(_parquet_columns(schema), contract, line=None)
     used = list(contract.used_columns)
-    try:
-        table = pf.read(columns=used, use_threads=True)
-    except (pa.ArrowException, OSError):
-        raise PartError("BAD_FORMAT", "Parquet data cannot be read") from None
-    arrays = [_cast_parquet_column(table.column(c), c, contract.columns[c]) for c in used]
-    # A fresh table drops the writer's pandas metadata (index, categorical dtypes).
-    out = pa.table(arrays, names=used)
-    null = _first_null_key(out, contract)
-    if null is not None:
-        raise PartError("NULL_GROUP_KEY", f"group key column {null[0]!r} is null in row {null[1] + 1}")
-    return out
+    batches = pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=used, use_threads=False)
+    done = 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError):
+            raise PartError("BAD_FORMAT", "Parquet data cannot be read") from None
+        if batch is None:
+            return
+        arrays = [_cast_parquet_column(batch.column(c), c, contract.columns[c]) for c in used]
+        # A fresh table drops the writer's pandas metadata (index, categorical dtypes).
+        table = pa.table(arrays, names=used)
+        null = _first_null_key(table, contract)
+        if null is not None:
+            column, row = null[0], done + null[1] + 1
+            raise PartError("NULL_GROUP_KEY", f"group key column {column!r} is null in row {row}")
+        done += table.num_rows
+        yield table
 
 
 def _parquet_columns(schema: pa.Schema) -> list[str]:
     # pandas stores an unnamed, non-default index as an extra column and lists it in its
-    # metadata: the writer's bookkeeping, not data. A named index is a real column.
-    meta = schema.pandas_metadata or {}
+    # metadata: the writer's bookkeeping, not data. A named index is a real column. Metadata
+    # that is not readable JSON (or not an object) is no bookkeeping: every column counts.
+    try:
+        meta = schema.pandas_metadata or {}
+    except ValueError:  # undecodable bytes or not JSON
+        meta = {}
+    listed = meta.get("index_columns", []) if isinstance(meta, dict) else []
     index_cols = {
         c
-        for c in meta.get("index_columns", [])
+        for c in (listed if isinstance(listed, list) else [])
         if isinstance(c, str) and re.fullmatch(r"__index_level_\d+__", c)
     }
     return [n for n in schema.names if n not in index_cols]
 
 
-def _cast_parquet_column(arr: pa.ChunkedArray, col: str, typ: str) -> pa.ChunkedArray:
+def _cast_parquet_column(arr: pa.Array, col: str, typ: str) -> pa.Array:
     """The column as the contract's type, if that is lossless; otherwise BAD_VALUE."""
     t = arr.type
     if pa.types.is_dictionary(t):

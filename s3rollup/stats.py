@@ -226,8 +226,12 @@ def part_partial(
             partials = [partial_from_groups(g, contract) for g in pieces]
             merged = partials[0] if len(partials) == 1 else merge_partials(partials, contract)
             return merged, sum(g.records for g in pieces)
+    if fmt == "parquet":
+        groups = parse.table_groups(parse.parquet_tables(body, contract), contract)
+        if groups is not None:
+            return partial_from_groups(groups, contract), groups.records
     table = parse.read_table(body, contract, fmt)
-    groups = parse.table_groups(table, contract)
+    groups = parse.table_groups([table], contract)
     if groups is not None:
         return partial_from_groups(groups, contract), groups.records
     frame = parse.table_frame(table, contract)

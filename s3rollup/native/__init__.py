@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,10 +170,22 @@ def rollup_codes(codes: npt.NDArray[np.int64], k: int, values: Sequence[npt.NDAr
 
 def rollup_keys(keys: npt.NDArray[np.int64], values: Sequence[npt.NDArray[np.float64]]) -> Groups:
     """The moments of rows grouped by an int64 key (no nulls); groups in first-seen order."""
-    keys = np.ascontiguousarray(keys, dtype=np.int64)
-    cols, ptrs = _columns(keys, values)
-    with _Context(len(cols)) as ctx:
-        _check(ctx.lib.sr_keys(ctx.ptr, _i64(keys), len(keys), ptrs))
+    return rollup_key_batches([(keys, values)], len(values))
+
+
+KeyBatch = tuple[npt.NDArray[np.int64], Sequence[npt.NDArray[np.float64]]]
+
+
+def rollup_key_batches(batches: Iterable[KeyBatch], nvalues: int) -> Groups:
+    """rollup_keys over the rows of every (keys, values) batch in turn: one part's rows read
+    a batch at a time, so that its columns never exist whole."""
+    with _Context(nvalues) as ctx:
+        for keys, values in batches:
+            keys = np.ascontiguousarray(keys, dtype=np.int64)
+            cols, ptrs = _columns(keys, values)
+            if len(cols) != nvalues:
+                raise ValueError("a batch has another number of value columns")
+            _check(ctx.lib.sr_keys(ctx.ptr, _i64(keys), len(keys), ptrs))
         return ctx.export()
 
 

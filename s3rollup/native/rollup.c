@@ -19,8 +19,8 @@
  * AVX2 a row's values are updated four at a time (one vector lane per value column, the same
  * operations in the same order, so the same bits); elsewhere one at a time. Build with
  * -ffp-contract=off (no fused multiply-add), never -ffast-math. Loaded with ctypes (no
- * Python API), so calls run without the GIL. A context takes one call of sr_codes, sr_keys or
- * sr_csv.
+ * Python API), so calls run without the GIL. A context takes one call of sr_codes or sr_csv,
+ * or any number of sr_keys calls (one per batch of a part's rows).
  *
  * Numbers are converted exactly as a correctly rounded strtod would: Clinger's exact fast
  * path, then one x87 extended-precision operation whose result is checked to be safely away
@@ -67,7 +67,7 @@ typedef struct {
     int shift;      /* table size = 2^(64 - shift) */
     int64_t tsize;
     int32_t *direct; /* sr_keys over a small key range: group index + 1 at key - dmin */
-    int64_t dmin;
+    int64_t dmin, dmax;
 } sr_ctx;
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -319,23 +319,49 @@ static int keys_lanes(sr_ctx *c, const int64_t *keys, int64_t n, const double *c
     return keys_rows(c, keys, n, values, 0);
 }
 
-/* Keys spanning at most this many values are grouped through a direct table. */
+/* Keys spanning fewer than this many values are grouped through a direct table. */
 #define DIRECT_SPAN (1 << 16)
 
-int sr_keys(sr_ctx *c, const int64_t *keys, int64_t n, const double *const *values) {
-    if (c->table || c->direct || c->ngroups) return SR_BADARG; /* one call per context */
-    int64_t lo = n ? keys[0] : 0, hi = lo;
-    for (int64_t i = 1; i < n; i++) {
-        lo = keys[i] < lo ? keys[i] : lo;
-        hi = keys[i] > hi ? keys[i] : hi;
+/* Ready the lookup for keys in [lo, hi] besides those seen: the direct table, grown to
+ * cover them while the span stays small, else the hash (every group so far moved in). */
+static int prepare_keys(sr_ctx *c, int64_t lo, int64_t hi) {
+    if (c->table) return SR_OK;
+    if (c->direct) {
+        lo = lo < c->dmin ? lo : c->dmin;
+        hi = hi > c->dmax ? hi : c->dmax;
+        if (lo == c->dmin && hi == c->dmax) return SR_OK;
+    } else if (c->ngroups) {
+        return SR_BADARG; /* a context sr_codes filled */
     }
+    free(c->direct);
+    c->direct = NULL;
     if ((uint64_t)hi - (uint64_t)lo < DIRECT_SPAN) {
         c->direct = calloc((size_t)((uint64_t)hi - (uint64_t)lo + 1), sizeof *c->direct);
         if (!c->direct) return SR_NOMEM;
         c->dmin = lo;
-    } else if (rehash(c, 2048, 64 - 11) != SR_OK) {
-        return SR_NOMEM;
+        c->dmax = hi;
+        for (int64_t g = 0; g < c->ngroups; g++) c->direct[c->keys[g] - lo] = (int32_t)(g + 1);
+        return SR_OK;
     }
+    int64_t tsize = 2048;
+    int shift = 64 - 11;
+    while (2 * c->ngroups > tsize) {
+        tsize *= 2;
+        shift--;
+    }
+    return rehash(c, tsize, shift);
+}
+
+/* May be called again on the same context with more rows (a part read in batches). */
+int sr_keys(sr_ctx *c, const int64_t *keys, int64_t n, const double *const *values) {
+    if (n <= 0) return SR_OK;
+    int64_t lo = keys[0], hi = lo;
+    for (int64_t i = 1; i < n; i++) {
+        lo = keys[i] < lo ? keys[i] : lo;
+        hi = keys[i] > hi ? keys[i] : hi;
+    }
+    int status = prepare_keys(c, lo, hi);
+    if (status != SR_OK) return status;
 #if SR_VECTOR
     if (c->vector) return keys_avx2(c, keys, n, values);
 #endif

@@ -234,7 +234,9 @@ def test_a_seed_part_takes_the_native_path_and_equals_the_pyarrow_path() -> None
 
 
 @needs_native
-def test_parquet_parts_aggregate_on_the_key_column_as_the_frame_path_does() -> None:
+@pytest.mark.parametrize("batch_rows", [1 << 16, 999])
+def test_parquet_parts_aggregate_on_the_key_column_as_the_frame_path_does(monkeypatch, batch_rows) -> None:
+    monkeypatch.setattr(parse, "_PARQUET_BATCH_ROWS", batch_rows)  # 999: a part in 6 batches
     rng = np.random.default_rng(11)
     n = 5_000
     df = _part(
@@ -243,14 +245,30 @@ def test_parquet_parts_aggregate_on_the_key_column_as_the_frame_path_does() -> N
         value3=np.full(n, 2.5),
         category=rng.integers(-3, 900, n).astype(np.int32),  # widened to int64
     )
+    df.loc[4_000:, "category"] = 2_000_000_000  # from the fifth batch on, a span for the hash
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     body = memoryview(buf.getvalue())
-    table = parse.read_table(body, C, "parquet")
-    assert parse.table_groups(table, C) is not None
+    batches = list(parse.parquet_tables(body, C))
+    assert [len(t) for t in batches] == [min(batch_rows, n - i) for i in range(0, n, batch_rows)]
+    assert parse.table_groups(batches, C) is not None
     partial, rows = part_partial(body, C, "parquet")
     assert rows == n
     _assert_same_partial(partial, partial_from_frame(read_part(body, C, "parquet"), C))
+
+
+@needs_native
+def test_a_null_parquet_key_is_named_by_its_row_in_the_part_not_in_its_batch(monkeypatch) -> None:
+    monkeypatch.setattr(parse, "_PARQUET_BATCH_ROWS", 100)
+    keys = pd.array(list(range(1_000)), dtype="Int64")
+    keys[733] = pd.NA
+    df = _part(value1=np.ones(1_000), value2=np.ones(1_000), value3=np.ones(1_000), category=keys)
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    with pytest.raises(PartError) as err:
+        part_partial(buf.getvalue(), C, "parquet")
+    assert err.value.code == "NULL_GROUP_KEY"
+    assert "row 734" in str(err.value)
 
 
 @needs_native
@@ -387,6 +405,20 @@ def test_keys_group_alike_by_direct_index_or_by_hash(monkeypatch, lo, span) -> N
     assert g.keys.tolist() == first_seen
     assert g.rows.tolist() == [int((keys == k).sum()) for k in first_seen]
     assert g.count[:, 0].tolist() == [int(((keys == k) & ~np.isnan(values[0])).sum()) for k in first_seen]
+
+
+@needs_native
+def test_key_batches_group_as_one_batch_while_the_key_range_grows_and_then_spills(monkeypatch) -> None:
+    # The direct table grows to the left and right, then keys too far apart move every group
+    # into the hash; groups stay in first-seen order throughout.
+    parts = [[5, 6, 5], [1, 2], [7_000, 3, 6], [10**15, 1, -(10**15)], [2, 10**15]]
+    batches = [(np.array(k), [np.arange(len(k), dtype=float)]) for k in parts]
+    whole = np.concatenate([k for k, _ in batches])
+    values = [np.concatenate([v[0] for _, v in batches])]
+    one = _both_ways(monkeypatch, lambda: native.rollup_keys(whole, values))
+    batched = _both_ways(monkeypatch, lambda: native.rollup_key_batches(batches, 1))
+    assert _groups_bits(batched) == _groups_bits(one)
+    assert batched.keys.tolist() == list(dict.fromkeys(whole.tolist()))
 
 
 @needs_native
