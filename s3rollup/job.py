@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import io
 import json
 import logging
@@ -244,8 +245,15 @@ class Job:
             return 0
         self.audit.append(self.dataset, "JOB_STARTED", self.actor, job_id=self.job_id)
         started = time.monotonic()
+        # Importing distributed takes a few tenths of a second of CPU; reconciling with the
+        # bucket is mostly waiting on S3 and DynamoDB. Do the two at once.
+        importing = ThreadPoolExecutor(1, thread_name_prefix="s3rollup-import")
+        imported = importing.submit(importlib.import_module, "distributed")
+        importing.shutdown(wait=False)
         try:
             todo = self._pending()
+            with contextlib.suppress(Exception):  # dask_client imports it again and says why
+                imported.result()
             with dask_client(self.settings, sum(p.size for p in todo)) as client:
                 while True:
                     lease = LeaseKeeper(self.state, self.dataset, self.job_id, self.settings.lease_seconds)
