@@ -112,7 +112,7 @@ def _check(status: int) -> None:
     if status == _NOMEM:
         raise MemoryError("native rollup: out of memory")
     if status == _BADARG:
-        raise ValueError("native rollup: bad arguments (a group code out of range, or a context used twice)")
+        raise ValueError("native rollup: a group code is out of range, or keys sent to a context of codes")
 
 
 class _Context:
