@@ -16,12 +16,13 @@ import gzip
 import io
 import itertools
 import operator
+import queue
 import re
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -494,6 +495,54 @@ def parquet_tables(body: native.Buffer, contract: Contract) -> Iterator[pa.Table
             raise PartError("NULL_GROUP_KEY", f"group key column {column!r} is null in row {row}")
         done += table.num_rows
         yield table
+
+
+_T = TypeVar("_T")
+
+
+def read_ahead(items: Iterator[_T], depth: int = 2) -> Iterator[_T]:
+    """items in order, produced on a thread of their own up to ``depth`` ahead of the
+    caller, and what producing them raised, where it raised it.
+
+    For a part that has the worker to itself: pyarrow decodes a Parquet batch (without the
+    GIL) while the native kernels take the batch before it, on another CPU. Nothing runs
+    until the first item is asked for; once the caller stops, early or not, the producer
+    is stopped and waited for, so nothing still reads the part's buffer after this returns.
+    """
+    ready: queue.Queue[tuple[bool, Any]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(done: bool, item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put((done, item), timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(False, item):
+                    return
+            put(True, None)
+        except BaseException as exc:  # re-raised in the caller's thread
+            put(True, exc)
+
+    producer = threading.Thread(target=produce, name="s3rollup-read-ahead", daemon=True)
+    producer.start()
+    try:
+        while True:
+            done, item = ready.get()
+            if done:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        producer.join()
 
 
 def _parquet_columns(schema: pa.Schema) -> list[str]:

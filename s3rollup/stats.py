@@ -216,7 +216,8 @@ def part_partial(
     job.PartialTask), else on one thread. Every other part, and a
     CSV part that parser leaves alone, is read by pyarrow (read_table); its moments then
     come from the native kernels on the key column itself (one int64 key, float64 values)
-    or from partial_from_frame.
+    or from partial_from_frame. A Parquet part computed ``alone`` is decoded a batch
+    ahead of those kernels, on a second thread (parse.read_ahead).
     """
     if fmt in ("csv", "csv.gz"):
         body = parse.csv_text(body, fmt)
@@ -227,7 +228,8 @@ def part_partial(
             merged = partials[0] if len(partials) == 1 else merge_partials(partials, contract)
             return merged, sum(g.records for g in pieces)
     if fmt == "parquet":
-        groups = parse.table_groups(parse.parquet_tables(body, contract), contract)
+        tables = parse.parquet_tables(body, contract)
+        groups = parse.table_groups(parse.read_ahead(tables) if alone else tables, contract)
         if groups is not None:
             return partial_from_groups(groups, contract), groups.records
     table = parse.read_table(body, contract, fmt)

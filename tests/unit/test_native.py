@@ -255,10 +255,15 @@ def test_parquet_parts_aggregate_on_the_key_column_as_the_frame_path_does(monkey
     partial, rows = part_partial(body, C, "parquet")
     assert rows == n
     _assert_same_partial(partial, partial_from_frame(read_part(body, C, "parquet"), C))
+    # Alone, the batches are decoded on another thread, in the same order: the same bits.
+    alone, alone_rows = part_partial(body, C, "parquet", alone=True)
+    assert alone_rows == n
+    pd.testing.assert_frame_equal(alone, partial, check_exact=True)
 
 
 @needs_native
-def test_a_null_parquet_key_is_named_by_its_row_in_the_part_not_in_its_batch(monkeypatch) -> None:
+@pytest.mark.parametrize("alone", [False, True])
+def test_a_null_parquet_key_is_named_by_its_row_in_the_part_not_in_its_batch(monkeypatch, alone) -> None:
     monkeypatch.setattr(parse, "_PARQUET_BATCH_ROWS", 100)
     keys = pd.array(list(range(1_000)), dtype="Int64")
     keys[733] = pd.NA
@@ -266,7 +271,7 @@ def test_a_null_parquet_key_is_named_by_its_row_in_the_part_not_in_its_batch(mon
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     with pytest.raises(PartError) as err:
-        part_partial(buf.getvalue(), C, "parquet")
+        part_partial(buf.getvalue(), C, "parquet", alone)
     assert err.value.code == "NULL_GROUP_KEY"
     assert "row 734" in str(err.value)
 

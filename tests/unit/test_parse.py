@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -12,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from s3rollup.contract import DEFAULT_CONTRACT, Contract
-from s3rollup.parse import PartError, detect_format, read_part
+from s3rollup.parse import PartError, detect_format, read_ahead, read_part
 
 C = DEFAULT_CONTRACT
 HEADER = "id,value1,value2,value3,category\n"
@@ -293,3 +295,59 @@ def test_parquet_column_with_no_values_reads_as_nan() -> None:
     table = table.set_column(table.schema.get_field_index("value3"), "value3", pa.nulls(3, pa.null()))
     df = read_part(parquet_bytes(table), C)
     assert df["value3"].dtype == np.float64 and df["value3"].isna().all()
+
+
+# ---- read_ahead -------------------------------------------------------------------------
+
+
+def _read_ahead_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "s3rollup-read-ahead"]
+
+
+def test_read_ahead_yields_every_item_in_order_from_another_thread() -> None:
+    made_on: set[int] = set()
+
+    def items():
+        for i in range(50):
+            made_on.add(threading.get_ident())
+            yield i
+
+    ahead = read_ahead(items())
+    assert not _read_ahead_threads()  # nothing runs before the first item is asked for
+    assert list(ahead) == list(range(50))
+    assert made_on and threading.get_ident() not in made_on
+    assert not _read_ahead_threads()
+
+
+def test_read_ahead_raises_where_the_items_raised() -> None:
+    def items():
+        yield 1
+        yield 2
+        raise PartError("BAD_VALUE", "column 'value1' is bad", line=7)
+
+    got = []
+    with pytest.raises(PartError) as err:
+        for item in read_ahead(items()):
+            got.append(item)
+    assert got == [1, 2]
+    assert (err.value.code, err.value.line) == ("BAD_VALUE", 7)
+    assert not _read_ahead_threads()
+
+
+def test_read_ahead_stops_its_producer_when_the_caller_stops_early() -> None:
+    produced = []
+
+    def items():
+        for i in range(1_000):
+            time.sleep(0.001)
+            produced.append(i)
+            yield i
+
+    ahead = read_ahead(items(), depth=2)
+    assert next(ahead) == 0
+    ahead.close()  # e.g. the kernels raised on the first batch
+    assert not _read_ahead_threads()  # the producer is gone: nothing reads the part anymore
+    stopped_at = len(produced)
+    assert stopped_at <= 5  # the item handed over, two queued, one being made, one checked
+    time.sleep(0.05)
+    assert len(produced) == stopped_at
