@@ -128,25 +128,19 @@ def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]
 
 def _new_partial(path: str, out: str) -> dict[str, Any]:
     """The new part's task: read, parse, aggregate, store the partial (as compute_partial)."""
-    import io
+    from s3rollup.stats import frame_to_parquet
 
     r = _part_partial(path, alone=True)
     t0 = now()
-    buf = io.BytesIO()
-    r["partial"].to_parquet(buf, index=False)
-    Path(out).write_bytes(buf.getvalue())
+    Path(out).write_bytes(frame_to_parquet(r["partial"]))
     return {"read": r["read"], "rollup": r["rollup"], "store": now() - t0}
 
 
 def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
-    import io
-
-    import pandas as pd
-
     _import_distributed()
     from s3rollup.contract import DEFAULT_CONTRACT as C
     from s3rollup.job import dask_client
-    from s3rollup.stats import finalize, merge_partials, to_reference_shape
+    from s3rollup.stats import finalize, frame_from_parquet, merge_partials, to_reference_shape
 
     with tempfile.TemporaryDirectory(dir=spec.get("tmp")) as tmp:
         new_out = str(Path(tmp) / "new-part.parquet")
@@ -160,7 +154,7 @@ def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], 
             for p in [spec["merged"], new_out]:
                 data = Path(p).read_bytes()
                 hashlib.sha256(data).hexdigest()  # the job checks each partial's checksum
-                partials.append(pd.read_parquet(io.BytesIO(data)))
+                partials.append(frame_from_parquet(data))
             t3 = now()
             merged = merge_partials(partials, C)
             t4 = now()

@@ -8,7 +8,6 @@ outputs, so the same commands work against `s3rollup up` and against an AWS acco
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import signal
@@ -59,9 +58,8 @@ def read_result(aws: Aws, bucket: str, dataset: str) -> tuple[dict[str, Any], An
     """The published manifest and the aggregate it names (exact versions, checksum-verified)."""
     import hashlib
 
-    import pandas as pd
-
     from .ops import read_manifest
+    from .stats import frame_from_parquet
 
     manifest = read_manifest(aws, bucket, dataset)
     if manifest is None:
@@ -78,7 +76,7 @@ def read_result(aws: Aws, bucket: str, dataset: str) -> tuple[dict[str, Any], An
             "`s3rollup rebuild`",
             EXIT_MISMATCH,
         )
-    return manifest, pd.read_parquet(io.BytesIO(data))
+    return manifest, frame_from_parquet(data)
 
 
 def render(frame: Any, fmt: str) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
-import io
 import json
 import logging
 import math
@@ -56,7 +55,7 @@ from .ingest import Ingest
 from .logs import configure, exit_process
 from .parse import PartError, detect_format, read_body
 from .state import AGGREGATED, LeaseKeeper, Part, State
-from .stats import finalize, merge_partials, part_partial
+from .stats import finalize, frame_from_parquet, frame_to_parquet, merge_partials, part_partial
 
 log = logging.getLogger("s3rollup.job")
 # Concurrent partial fetches, within the S3 client's connection pool (aws.py).
@@ -74,12 +73,6 @@ def _aws() -> Aws:
 
 
 _PARQUET = "application/vnd.apache.parquet"
-
-
-def _parquet_bytes(frame: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    frame.to_parquet(buf, index=False)
-    return buf.getvalue()
 
 
 def sha256_hex(data: bytes | bytearray | memoryview) -> str:
@@ -128,7 +121,7 @@ def compute_partial(task: PartialTask) -> dict[str, Any]:
     except PartError as exc:
         result["error"] = {"code": exc.code, "message": exc.message, "line": exc.line}
         return result
-    data = _parquet_bytes(partial)
+    data = frame_to_parquet(partial)
     s3.put_object(
         Bucket=task.bucket,
         Key=partial_key(task.dataset, part.part_id),
@@ -435,7 +428,7 @@ class Job:
                     f"partial of a part does not match its registry entry ({p.key!r})",
                     "STALE_PARTIAL",
                 )
-            return pd.read_parquet(io.BytesIO(data))
+            return frame_from_parquet(data)
 
         if len(parts) <= 1:
             return [load(p) for p in parts]
@@ -495,7 +488,7 @@ class Job:
         if sha256_hex(data) != ref["sha256"]:
             # Its manifest's checksum is in the audit chain: this is tampering or corruption.
             raise S3RollupError("the last merged partial does not match its manifest", "STALE_PARTIAL")
-        return pd.read_parquet(io.BytesIO(data)), {q["key"] for q in prev["parts"]}
+        return frame_from_parquet(data), {q["key"] for q in prev["parts"]}
 
     def publish(self, contract: Contract) -> dict[str, Any]:
         """Merge the partials of all current parts and write results/<dataset>/, manifest last."""
@@ -514,8 +507,8 @@ class Job:
             )
             return {"key": key, "version_id": put.get("VersionId", "null"), "sha256": sha256_hex(data)}
 
-        merged_ref = store(merged_partial_key(self.dataset), _parquet_bytes(merged), _PARQUET)
-        parquet = _parquet_bytes(final)
+        merged_ref = store(merged_partial_key(self.dataset), frame_to_parquet(merged), _PARQUET)
+        parquet = frame_to_parquet(final)
         as_json = json.dumps(
             {"dataset": self.dataset, "columns": list(final.columns), "rows": json_rows(final)},
             separators=(",", ":"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import warnings
 
@@ -17,6 +18,8 @@ from s3rollup.reference import complex_operation, reference_for
 from s3rollup.stats import (
     ROWS,
     finalize,
+    frame_from_parquet,
+    frame_to_parquet,
     merge_partials,
     partial_columns,
     partial_from_frame,
@@ -330,6 +333,36 @@ def test_integer_value_columns_keep_integer_min_and_max() -> None:
     got = rollup([df], contract)
     expected = reference_for(df, contract)
     pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-12)
+
+
+def test_partials_and_results_round_trip_through_parquet_exactly() -> None:
+    # GIVEN partials and results with string and integer keys, integer values, NaN cells
+    # (a group whose x is all NaN) and no rows at all
+    contract = Contract(
+        columns={"region": "string", "year": "int64", "x": "float64", "n": "int64"},
+        group_by=("region", "year"),
+        values=("x", "n"),
+    )
+    df = pd.DataFrame(
+        {
+            "region": pd.Series(["north", "Ä", "north", "south"], dtype="str"),
+            "year": [2024, 2025, 2024, 2025],
+            "x": [0.1, np.nan, 1e300, np.nan],
+            "n": [3, 5, 7, -(2**62)],
+        }
+    )
+    partial = partial_from_frame(df, contract)
+    frames = [
+        partial,
+        finalize(partial, contract),
+        partial_from_frame(df.iloc[:0], contract),
+        finalize(partial_from_frame(df.iloc[:0], contract), contract),
+    ]
+    for frame in frames:
+        data = frame_to_parquet(frame)
+        # THEN the job reads back the very frame it wrote, and so does a user's pandas
+        pd.testing.assert_frame_equal(frame_from_parquet(data), frame, check_exact=True)
+        pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(data)), frame, check_exact=True)
 
 
 # ---- finalisation -----------------------------------------------------------------------
