@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,17 +98,31 @@ def _import_distributed() -> None:
 
 def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
     _import_distributed()
+    from distributed import wait
+
     from s3rollup.contract import DEFAULT_CONTRACT as C
     from s3rollup.job import dask_client
     from s3rollup.stats import finalize, merge_partials, to_reference_shape
 
     files = spec["files"]
+    times: list[tuple[float, float]] = []
+
+    def partials(futures: list[Any]) -> Iterator[Any]:
+        # In order, as the job's publish loads them, each let go once taken: the merge
+        # takes them a chunk at a time and never holds them all.
+        futures.reverse()
+        while futures:
+            r = futures.pop().result()
+            times.append((r["read"], r["rollup"]))
+            yield r["partial"]
+
     t0 = now()
     with dask_client(_settings()) as client:
         t1 = now()
-        results = client.gather(client.map(_part_partial, files, pure=False))
+        futures = client.map(_part_partial, files, pure=False)
+        wait(futures)
         t2 = now()
-        merged = merge_partials([r["partial"] for r in results], C)
+        merged = merge_partials(partials(futures), C)
         t3 = now()
         final = finalize(merged, C)
         t4 = now()
@@ -116,8 +130,8 @@ def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]
     stages = {
         "cluster_start": t1 - t0,
         "tasks_wall": t2 - t1,
-        "task_read_sum": sum(r["read"] for r in results),
-        "task_rollup_sum": sum(r["rollup"] for r in results),
+        "task_read_sum": sum(r for r, _ in times),
+        "task_rollup_sum": sum(r for _, r in times),
         "merge": t3 - t2,
         "finalize": t4 - t3,
         "cluster_close": t5 - t4,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -26,8 +27,9 @@ import socket
 import sys
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -58,8 +60,10 @@ from .state import AGGREGATED, LeaseKeeper, Part, State
 from .stats import finalize, frame_from_parquet, frame_to_parquet, merge_partials, part_partial
 
 log = logging.getLogger("s3rollup.job")
-# Concurrent partial fetches, within the S3 client's connection pool (aws.py).
+# Concurrent partial fetches, within the S3 client's connection pool (aws.py), and how many
+# fetched partials may wait for the merge.
 _FETCH_THREADS = 16
+_FETCH_AHEAD = 2 * _FETCH_THREADS
 
 _process_aws: Aws | None = None
 
@@ -409,11 +413,13 @@ class Job:
         with contextlib.suppress(ClientError):
             s3.delete_object(Bucket=bucket, Key=partial_key(self.dataset, pk.part_id))
 
-    def _load_partials(self, parts: list[Part]) -> list[pd.DataFrame]:
-        """Every current part's stored partial, checked against its registry entry.
+    def _load_partials(self, parts: list[Part]) -> Iterator[pd.DataFrame]:
+        """Every current part's stored partial, in order, checked against its registry entry.
 
         Fetched concurrently: one GET per part is the only cost that grows with the
-        number of parts, and it is latency, not work.
+        number of parts, and it is latency, not work. At most _FETCH_AHEAD partials wait
+        for the merge (which takes them a chunk at a time), so the job's memory does not
+        grow with the number of parts.
         """
         s3, bucket = self.aws.s3, self.settings.bucket
 
@@ -431,9 +437,16 @@ class Job:
             return frame_from_parquet(data)
 
         if len(parts) <= 1:
-            return [load(p) for p in parts]
+            yield from map(load, parts)
+            return
         with ThreadPoolExecutor(max_workers=min(_FETCH_THREADS, len(parts))) as pool:
-            return list(pool.map(load, parts))
+            ahead: deque[Future[pd.DataFrame]] = deque()
+            for p in parts:
+                ahead.append(pool.submit(load, p))
+                if len(ahead) > _FETCH_AHEAD:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
 
     def _merge(self, parts: list[Part], contract: Contract) -> pd.DataFrame:
         """The merge of the parts' partials: the last published merge plus the parts added
@@ -447,7 +460,7 @@ class Job:
             "merging onto the last published merge",
             extra={"dataset": self.dataset, "parts": len(covered), "added": len(added)},
         )
-        return merge_partials([frame, *self._load_partials(added)], contract)
+        return merge_partials(itertools.chain([frame], self._load_partials(added)), contract)
 
     def _last_merge(self, parts: list[Part], contract: Contract) -> tuple[pd.DataFrame, set[str]] | None:
         """The previous manifest's merged partial and the keys it covers, if it can be built on.

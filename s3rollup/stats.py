@@ -13,6 +13,7 @@ as Parquet: ``frame_to_parquet`` and ``frame_from_parquet`` turn them into bytes
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -290,10 +291,27 @@ def _partial_table(out: dict[str, object], contract: Contract, uniques: pd.DataF
 # ---- partials -> merged partial ---------------------------------------------------------
 
 
-@np.errstate(invalid="ignore", divide="ignore", over="ignore")
+# merge_partials takes this many partials at a time: its memory is the merge so far plus one
+# chunk, whatever the number of parts (a dataset's partials each hold every group of a part).
+_MERGE_CHUNK = 16
+
+
 def merge_partials(partials: Iterable[pd.DataFrame], contract: Contract) -> pd.DataFrame:
-    """One partial equivalent to the partial of all the parts' rows (Chan et al. combination)."""
-    frames = [p for p in partials]
+    """One partial equivalent to the partial of all the parts' rows (Chan et al. combination).
+
+    partials is consumed _MERGE_CHUNK at a time, each chunk merged onto the merge so far, so
+    a generator of partials is never held whole.
+    """
+    merged: pd.DataFrame | None = None
+    rest = iter(partials)
+    while chunk := list(itertools.islice(rest, _MERGE_CHUNK)):
+        merged = _merge_frames(chunk if merged is None else [merged, *chunk], contract)
+    return _merge_frames([], contract) if merged is None else merged
+
+
+@np.errstate(invalid="ignore", divide="ignore", over="ignore")
+def _merge_frames(frames: list[pd.DataFrame], contract: Contract) -> pd.DataFrame:
+    """merge_partials of these partials, all at once."""
     nonempty = [p for p in frames if len(p)]
     if not nonempty:
         if frames:

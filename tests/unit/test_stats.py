@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from s3rollup import native
+from s3rollup import native, stats
 from s3rollup.contract import DEFAULT_CONTRACT, Contract, parse_derived
 from s3rollup.reference import complex_operation, reference_for
 from s3rollup.stats import (
@@ -242,6 +242,40 @@ def test_merges_of_merges_equal_one_merge() -> None:
     partials = [partial_from_frame(p, C) for p in split(seed_frame(rng, 4_000), rng, 6)]
     nested = merge_partials([merge_partials(partials[:2], C), merge_partials(partials[2:], C)], C)
     pd.testing.assert_frame_equal(nested, merge_partials(partials, C), check_exact=False, rtol=1e-12)
+
+
+def test_many_partials_merge_a_chunk_at_a_time_and_match_the_reference(monkeypatch) -> None:
+    # GIVEN 40 parts (NaN cells, a group in one part only) as a generator of partials
+    rng = np.random.default_rng(41)
+    df = seed_frame(rng, 6_000, groups=60)
+    df.loc[df.index % 11 == 0, "value2"] = np.nan
+    df.loc[df.index[-1], "category"] = 999  # a single-row group, in the last part only
+    parts = split(df, rng, 40)
+    produced = 0
+
+    def partials():
+        nonlocal produced
+        for p in parts:
+            produced += 1
+            yield partial_from_frame(p, C)
+
+    sizes: list[tuple[int, int]] = []
+    merge_frames = stats._merge_frames
+
+    def recording(frames, contract):
+        sizes.append((len(frames), produced))
+        return merge_frames(frames, contract)
+
+    monkeypatch.setattr(stats, "_merge_frames", recording)
+    # WHEN they are merged
+    merged = merge_partials(partials(), C)
+    # THEN no merge holds more than one chunk and the merge so far, the generator is read
+    # only as far as the merge has come, and the result is the reference's
+    chunk = stats._MERGE_CHUNK
+    assert len(sizes) == -(-40 // chunk)
+    assert all(n <= chunk + 1 for n, _ in sizes)
+    assert [seen for _, seen in sizes] == [min(40, chunk * (i + 1)) for i in range(len(sizes))]
+    assert_matches(to_reference_shape(finalize(merged, C), C), complex_operation(df))
 
 
 def test_merge_of_zero_partials_is_an_empty_partial() -> None:
