@@ -157,14 +157,12 @@ class Pool:
         """The partial the job would have stored for part i (from its CSV, as compute_partial)."""
         if self.partial(i).exists():
             return
-        from s3rollup.stats import part_partial
+        from s3rollup.stats import frame_to_parquet, part_partial
 
         self.ensure_part(i)
         partial, _ = part_partial(self.csv(i).read_bytes(), DEFAULT_CONTRACT, "csv")
-        buf = io.BytesIO()
-        partial.to_parquet(buf, index=False)
         self.partials.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.partial(i), buf.getvalue())
+        _write_atomic(self.partial(i), frame_to_parquet(partial))
 
     def reference(self, parts: int, path: Path) -> None:
         """complex_operation over parts 0..parts-1 (pandas, all rows at once), pickled."""
@@ -258,16 +256,13 @@ class Incremental:
             self.pool.ensure_partial(i)
         if not self.merged.exists():
             # What the job kept after publishing the N parts: the merge of their partials.
-            import pandas as pd
-
-            from s3rollup.stats import merge_partials
+            from s3rollup.stats import frame_from_parquet, frame_to_parquet, merge_partials
 
             merged = merge_partials(
-                [pd.read_parquet(self.pool.partial(i)) for i in range(self.n)], DEFAULT_CONTRACT
+                (frame_from_parquet(self.pool.partial(i).read_bytes()) for i in range(self.n)),
+                DEFAULT_CONTRACT,
             )
-            buf = io.BytesIO()
-            merged.to_parquet(buf, index=False)
-            _write_atomic(self.merged, buf.getvalue())
+            _write_atomic(self.merged, frame_to_parquet(merged))
         _link(self.pool.csv(self.n), Path(self.new_part("csv")))
         _link(self.pool.parquet(self.n), Path(self.new_part("parquet")))
 
