@@ -473,6 +473,8 @@ def parquet_tables(body: native.Buffer, contract: Contract) -> Iterator[pa.Table
     try:
         pf = pq.ParquetFile(pa.BufferReader(body))
         schema = pf.schema_arrow
+    except UnicodeDecodeError:  # pyarrow decodes the footer's column names as it opens it
+        raise PartError("BAD_ENCODING", "Parquet column names are not UTF-8") from None
     except (pa.ArrowException, OSError):
         raise PartError("BAD_FORMAT", "not a readable Parquet file") from None
     _check_header(_parquet_columns(schema), contract, line=None)

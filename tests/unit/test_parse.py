@@ -290,6 +290,16 @@ def test_garbage_after_parquet_magic_is_bad_format() -> None:
     assert reject(b"PAR1 not really parquet").code == "BAD_FORMAT"
 
 
+def test_parquet_column_name_that_is_not_utf8_is_bad_encoding() -> None:
+    body = parquet_bytes(pa.Table.from_pandas(seed_frame(), preserve_index=False))
+    # The footer's schema element for "category": its name (thrift compact: 0x18, length 8,
+    # the bytes), then the element's end (0x00).
+    at = body.index(b"\x18\x08category\x00")
+    broken = body[:at] + b"\x18\x08categor\x80" + body[at + 10 :]
+    err = reject(broken)
+    assert (err.code, err.message) == ("BAD_ENCODING", "Parquet column names are not UTF-8")
+
+
 def test_parquet_column_with_no_values_reads_as_nan() -> None:
     table = pa.Table.from_pandas(seed_frame(3), preserve_index=False)
     table = table.set_column(table.schema.get_field_index("value3"), "value3", pa.nulls(3, pa.null()))
