@@ -69,7 +69,8 @@ _process_aws: Aws | None = None
 
 
 def _aws() -> Aws:
-    # One client cache per process: Dask tasks may run in other processes or machines.
+    # One client cache per process: Dask tasks may run in other processes or machines. In
+    # the job's own process (its LocalCluster), main() has put the job's cache here.
     global _process_aws
     if _process_aws is None:
         _process_aws = Aws()
@@ -593,7 +594,11 @@ def main(argv: list[str] | None = None) -> int:
         if not dataset or not job_id:
             print("s3rollup worker: S3ROLLUP_DATASET and S3ROLLUP_JOB_ID must be set", file=sys.stderr)
             return 2
-        return Job(settings, Aws(), dataset, job_id, task_actor()).run()
+        global _process_aws
+        # The tasks of the job's own LocalCluster run in this process: they use the job's
+        # clients rather than build their own (creating an S3 client costs tens of ms).
+        aws = _process_aws = Aws()
+        return Job(settings, aws, dataset, job_id, task_actor()).run()
     except S3RollupError as exc:
         print(f"s3rollup worker: {exc} [{exc.code}]", file=sys.stderr)
         return 2
@@ -605,4 +610,10 @@ def run() -> NoReturn:
 
 
 if __name__ == "__main__":
-    run()
+    # `python -m s3rollup.job` executes this file as __main__. Run the importable module
+    # instead: Dask then pickles compute_partial and PartialTask by reference
+    # (s3rollup.job.*), so a worker imports them rather than receiving a copy of them, and
+    # _aws() in a task of this process reads the same module globals main() set.
+    from s3rollup.job import run as _run
+
+    _run()

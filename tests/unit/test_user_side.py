@@ -242,5 +242,7 @@ def test_the_console_scripts_end_through_the_fast_exit() -> None:
 
     scripts = tomllib.loads(Path("pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"s3rollup": "s3rollup.cli:run"}
-    for module in ("s3rollup/cli.py", "s3rollup/job.py"):
-        assert Path(module).read_text().rstrip().endswith('if __name__ == "__main__":\n    run()')
+    assert Path("s3rollup/cli.py").read_text().rstrip().endswith('if __name__ == "__main__":\n    run()')
+    # `python -m s3rollup.job` runs the importable module's run() (tests/unit/test_job_entry.py)
+    job_end = "from s3rollup.job import run as _run\n\n    _run()"
+    assert Path("s3rollup/job.py").read_text().rstrip().endswith(job_end)
