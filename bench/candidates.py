@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,21 +73,35 @@ def _settings() -> Any:
     return Settings(bucket="bench", kms_key_arn="bench", audit_table="bench", state_table="bench")
 
 
-def _part_partial(path: str, alone: bool = False) -> dict[str, Any]:
-    """One Dask task: what compute_partial does to one part, minus S3 (bytes from a file);
-    ``alone`` as the job sets it for a round's only part."""
+def _part_task(path: str, out: str, alone: bool = False) -> dict[str, Any]:
+    """One Dask task: compute_partial minus S3. job.part_result reads the file (as the S3
+    object's stream: into the thread's buffer, SHA-256 on the way), aggregates and encodes
+    the partial; the partial goes to ``out`` (as the job PUTs it). ``alone`` as the job
+    sets it for a round's only part."""
     from s3rollup.contract import DEFAULT_CONTRACT
-    from s3rollup.parse import detect_format, read_body
-    from s3rollup.stats import part_partial
+    from s3rollup.job import part_result
 
+    with open(path, "rb") as f:
+        result, data = part_result(f, os.fstat(f.fileno()).st_size, path, DEFAULT_CONTRACT, alone)
+    assert data is not None, result.get("error")
     t0 = now()
-    with open(path, "rb") as f:  # as compute_partial reads the S3 object's stream
-        body = read_body(f, os.fstat(f.fileno()).st_size)
-    t1 = now()
-    fmt = detect_format(bytes(body[:8]), path)
-    partial, rows = part_partial(body, DEFAULT_CONTRACT, fmt, alone)
-    t2 = now()
-    return {"partial": partial, "read": t1 - t0, "rollup": t2 - t1, "rows": rows}
+    Path(out).write_bytes(data)
+    result["seconds"]["store"] = now() - t0
+    return {**result, "path": out}
+
+
+def _load_partial(result: dict[str, Any]) -> Any:
+    """A stored partial, checked against its checksum (as the job's publish loads it)."""
+    from s3rollup.stats import frame_from_parquet
+
+    data = Path(result["path"]).read_bytes()
+    if hashlib.sha256(data).hexdigest() != result["partial_sha256"]:
+        raise AssertionError(f"partial {result['path']} changed")
+    return frame_from_parquet(data)
+
+
+def _task_sums(results: list[dict[str, Any]]) -> dict[str, float]:
+    return {f"task_{step}_sum": sum(r["seconds"][step] for r in results) for step in results[0]["seconds"]}
 
 
 def _import_distributed() -> None:
@@ -101,53 +115,36 @@ def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]
     from distributed import wait
 
     from s3rollup.contract import DEFAULT_CONTRACT as C
-    from s3rollup.job import dask_client
+    from s3rollup.job import dask_client, fetch_in_order
     from s3rollup.stats import finalize, merge_partials, to_reference_shape
 
     files = spec["files"]
-    times: list[tuple[float, float]] = []
-
-    def partials(futures: list[Any]) -> Iterator[Any]:
-        # In order, as the job's publish loads them, each let go once taken: the merge
-        # takes them a chunk at a time and never holds them all.
-        futures.reverse()
-        while futures:
-            r = futures.pop().result()
-            times.append((r["read"], r["rollup"]))
-            yield r["partial"]
-
-    t0 = now()
-    with dask_client(_settings()) as client:
-        t1 = now()
-        futures = client.map(_part_partial, files, pure=False)
-        wait(futures)
-        t2 = now()
-        merged = merge_partials(partials(futures), C)
-        t3 = now()
-        final = finalize(merged, C)
-        t4 = now()
-    t5 = now()
+    with tempfile.TemporaryDirectory(dir=spec.get("tmp")) as tmp:
+        outs = [str(Path(tmp) / f"partial-{i:05d}.parquet") for i in range(len(files))]
+        t0 = now()
+        with dask_client(_settings()) as client:
+            t1 = now()
+            futures = client.map(_part_task, files, outs, pure=False)
+            wait(futures)
+            results = client.gather(futures)
+            t2 = now()
+            # As the job's publish: the stored partials in part order, fetched ahead of
+            # the merge, which takes them a chunk at a time.
+            merged = merge_partials(fetch_in_order(_load_partial, results), C)
+            t3 = now()
+            final = finalize(merged, C)
+            t4 = now()
+        t5 = now()
     stages = {
         "cluster_start": t1 - t0,
         "tasks_wall": t2 - t1,
-        "task_read_sum": sum(r for r, _ in times),
-        "task_rollup_sum": sum(r for _, r in times),
-        "merge": t3 - t2,
+        **_task_sums(results),
+        "load_merge": t3 - t2,
         "finalize": t4 - t3,
         "cluster_close": t5 - t4,
         "seconds": t5 - t0,
     }
     return stages, lambda: to_reference_shape(final, C)
-
-
-def _new_partial(path: str, out: str) -> dict[str, Any]:
-    """The new part's task: read, parse, aggregate, store the partial (as compute_partial)."""
-    from s3rollup.stats import frame_to_parquet
-
-    r = _part_partial(path, alone=True)
-    t0 = now()
-    Path(out).write_bytes(frame_to_parquet(r["partial"]))
-    return {"read": r["read"], "rollup": r["rollup"], "store": now() - t0}
 
 
 def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
@@ -161,14 +158,13 @@ def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], 
         t0 = now()
         with dask_client(_settings()) as client:
             t1 = now()
-            task = client.gather(client.submit(_new_partial, spec["new_part"], new_out, pure=False))
+            task = client.gather(client.submit(_part_task, spec["new_part"], new_out, True, pure=False))
             t2 = now()
-            # As the job does: the last published merge of the N parts, plus the new partial.
-            partials = []
-            for p in [spec["merged"], new_out]:
-                data = Path(p).read_bytes()
-                hashlib.sha256(data).hexdigest()  # the job checks each partial's checksum
-                partials.append(frame_from_parquet(data))
+            # As the job does: the last published merge of the N parts (checked against
+            # the checksum its manifest holds), plus the new partial.
+            data = Path(spec["merged"]).read_bytes()
+            hashlib.sha256(data).hexdigest()
+            partials = [frame_from_parquet(data), _load_partial(task)]
             t3 = now()
             merged = merge_partials(partials, C)
             t4 = now()
@@ -178,9 +174,7 @@ def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], 
     stages = {
         "cluster_start": t1 - t0,
         "new_partial": t2 - t1,
-        "task_read_sum": task["read"],
-        "task_rollup_sum": task["rollup"],
-        "store_partial": task["store"],
+        **_task_sums([task]),
         "load_partials": t3 - t2,
         "merge": t4 - t3,
         "finalize": t5 - t4,

@@ -387,7 +387,9 @@ def plan(args: argparse.Namespace, tmp: Path) -> tuple[list[Run], list[str]]:
                 "files": main.files(fmt),
                 "glob": main.glob(fmt),
             }
-            if cand == "dask-seed":
+            if cand == "s3rollup-engine":
+                spec["tmp"] = str(tmp)  # where its tasks store the partials
+            elif cand == "dask-seed":
                 spec.update(n_workers=8, threads_per_worker=2)
             elif cand == "dask-cpus":
                 spec.update(n_workers=cpus, threads_per_worker=1)
@@ -432,7 +434,12 @@ def plan(args: argparse.Namespace, tmp: Path) -> tuple[list[Run], list[str]]:
                 )
                 if args.incremental_full:
                     after = inc.after
-                    spec = {"candidate": "s3rollup-engine", "fmt": fmt, "files": after.files(fmt)}
+                    spec = {
+                        "candidate": "s3rollup-engine",
+                        "fmt": fmt,
+                        "files": after.files(fmt),
+                        "tmp": str(tmp),
+                    }
                     runs.append(
                         Run(
                             f"s3rollup-engine {n + 1} parts",
@@ -537,9 +544,11 @@ def _stage_table(runs: list[Run]) -> list[str]:
         "tasks_wall",
         "new_partial",
         "task_read_sum",
-        "task_rollup_sum",
-        "store_partial",
+        "task_aggregate_sum",
+        "task_encode_sum",
+        "task_store_sum",
         "load_partials",
+        "load_merge",
         "merge",
         "finalize",
         "cluster_close",
@@ -560,9 +569,12 @@ def _stage_table(runs: list[Run]) -> list[str]:
     lines += [
         "",
         "`task_*_sum` add up the per-task times of all the parts' tasks (they run on "
-        f"{available_cpus()} threads at once, so they may exceed `tasks_wall`); `read` is the "
-        "file's bytes into memory, `rollup` is `stats.part_partial` (parse and aggregate; "
-        f"kernels: {native.kernels()}).",
+        f"{available_cpus()} threads at once, so they may exceed `tasks_wall`), the steps of "
+        "`job.part_result`: `read` is the file's bytes into memory with their SHA-256, "
+        "`aggregate` is `stats.part_partial` (parse and aggregate; "
+        f"kernels: {native.kernels()}), `encode` the partial to Parquet and its SHA-256, "
+        "`store` writing it to a file (the job PUTs it). `load_merge`: the stored partials "
+        "read back, checked and merged (`job.fetch_in_order`, `stats.merge_partials`).",
     ]
     return lines
 

@@ -28,11 +28,11 @@ import sys
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import pandas as pd
 from aws_lambda_powertools import Metrics
@@ -55,7 +55,7 @@ from .contract import (
 from .errors import S3RollupError, reason_code
 from .ingest import Ingest
 from .logs import configure, exit_process
-from .parse import PartError, detect_format, read_body
+from .parse import PartError, Readable, detect_format, read_body
 from .state import AGGREGATED, LeaseKeeper, Part, State
 from .stats import finalize, frame_from_parquet, frame_to_parquet, merge_partials, part_partial
 
@@ -109,34 +109,75 @@ class PartialTask:
     alone: bool = False
 
 
+def part_result(
+    stream: Readable, size: int | None, name: str, contract: Contract, alone: bool = False
+) -> tuple[dict[str, Any], bytes | None]:
+    """What a task makes of one part's bytes: the result it reports (the body's SHA-256,
+    then rows, the partial's SHA-256 and the kernels, or the PartError that rejects the
+    part; ``seconds`` spent reading, aggregating and encoding) and the partial as Parquet
+    (None when rejected). compute_partial runs it on the S3 object's stream; the bench on
+    a file, so that it measures what the job does.
+    """
+    started = time.perf_counter()
+    digest = hashlib.sha256()
+    body = read_body(stream, size, digest)
+    read = time.perf_counter()
+    result: dict[str, Any] = {"sha256": digest.hexdigest()}
+    try:
+        fmt = detect_format(bytes(body[:8]), name)
+        partial, rows = part_partial(body, contract, fmt, alone)
+    except PartError as exc:
+        result["error"] = {"code": exc.code, "message": exc.message, "line": exc.line}
+        return result, None
+    aggregated = time.perf_counter()
+    data = frame_to_parquet(partial)
+    result.update(rows=rows, partial_sha256=sha256_hex(data), kernels=native.kernels())
+    result["seconds"] = {
+        "read": read - started,
+        "aggregate": aggregated - read,
+        "encode": time.perf_counter() - aggregated,
+    }
+    return result, data
+
+
 def compute_partial(task: PartialTask) -> dict[str, Any]:
     """Read one part version, aggregate it, store its partial; report rows and checksums."""
     s3 = _aws().s3
     part = parse_part_key(task.key)
     obj = s3.get_object(**object_at(task.bucket, task.key, task.version_id))
-    body = read_body(obj["Body"], obj.get("ContentLength"))
-    result: dict[str, Any] = {
-        "key": task.key,
-        "version_id": task.version_id,
-        "sha256": sha256_hex(body),
-    }
-    try:
-        fmt = detect_format(bytes(body[:8]), part.name)
-        partial, rows = part_partial(body, task.contract, fmt, task.alone)
-    except PartError as exc:
-        result["error"] = {"code": exc.code, "message": exc.message, "line": exc.line}
-        return result
-    data = frame_to_parquet(partial)
-    s3.put_object(
-        Bucket=task.bucket,
-        Key=partial_key(task.dataset, part.part_id),
-        Body=data,
-        ServerSideEncryption="aws:kms",
-        SSEKMSKeyId=task.kms_key_arn,
-        Metadata={"source-version-id": task.version_id, "rows": str(rows)},
-    )
-    result.update(rows=rows, partial_sha256=sha256_hex(data), kernels=native.kernels())
+    result, data = part_result(obj["Body"], obj.get("ContentLength"), part.name, task.contract, task.alone)
+    result = {"key": task.key, "version_id": task.version_id, **result}
+    if data is not None:
+        s3.put_object(
+            Bucket=task.bucket,
+            Key=partial_key(task.dataset, part.part_id),
+            Body=data,
+            ServerSideEncryption="aws:kms",
+            SSEKMSKeyId=task.kms_key_arn,
+            Metadata={"source-version-id": task.version_id, "rows": str(result["rows"])},
+        )
     return result
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def fetch_in_order(load: Callable[[_T], _R], items: Sequence[_T]) -> Iterator[_R]:
+    """load(item) for each item, in order, on up to _FETCH_THREADS threads, with at most
+    _FETCH_AHEAD results waiting for the caller: loads that are latency (S3 GETs) overlap,
+    and what waits does not grow with the number of items."""
+    if len(items) <= 1:
+        yield from map(load, items)
+        return
+    with ThreadPoolExecutor(max_workers=min(_FETCH_THREADS, len(items))) as pool:
+        ahead: deque[Future[_R]] = deque()
+        for item in items:
+            ahead.append(pool.submit(load, item))
+            if len(ahead) > _FETCH_AHEAD:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def fargate_cluster_kwargs(settings: Settings) -> dict[str, Any]:
@@ -232,6 +273,8 @@ class Job:
         self.parts_aggregated = 0
         # "native" or "pandas", as the tasks that computed partials reported (see stats).
         self.kernels: set[str] = set()
+        # The tasks' own time per step, summed over the parts (part_result's "seconds").
+        self.part_seconds: dict[str, float] = {}
 
     def run(self) -> int:
         """Run until no part is waiting; 0 on success (or when another job holds the lease)."""
@@ -301,6 +344,7 @@ class Job:
                 "seconds": round(seconds, 3),
                 "reason": reason,
                 "kernels": sorted(self.kernels),
+                "part_seconds": {step: round(v, 3) for step, v in self.part_seconds.items()},
             },
         )
 
@@ -394,6 +438,8 @@ class Job:
             self.rows_aggregated += int(res["rows"])
             self.parts_aggregated += 1
             self.kernels.add(res["kernels"])
+            for step, seconds in res.get("seconds", {}).items():
+                self.part_seconds[step] = self.part_seconds.get(step, 0.0) + seconds
         except Duplicate:
             log.info("part changed while aggregating", extra={"dataset": self.dataset, "part_id": pid})
 
@@ -437,17 +483,7 @@ class Job:
                 )
             return frame_from_parquet(data)
 
-        if len(parts) <= 1:
-            yield from map(load, parts)
-            return
-        with ThreadPoolExecutor(max_workers=min(_FETCH_THREADS, len(parts))) as pool:
-            ahead: deque[Future[pd.DataFrame]] = deque()
-            for p in parts:
-                ahead.append(pool.submit(load, p))
-                if len(ahead) > _FETCH_AHEAD:
-                    yield ahead.popleft().result()
-            while ahead:
-                yield ahead.popleft().result()
+        return fetch_in_order(load, parts)
 
     def _merge(self, parts: list[Part], contract: Contract) -> pd.DataFrame:
         """The merge of the parts' partials: the last published merge plus the parts added

@@ -99,3 +99,29 @@ def test_a_partial_that_does_not_match_its_registry_entry_stops_the_merge() -> N
     with pytest.raises(S3RollupError) as err:
         next(loading)
     assert err.value.code == "STALE_PARTIAL"
+
+
+def test_part_result_reports_checksums_rows_and_the_partial_it_encoded() -> None:
+    from s3rollup.demo import generate_part, to_csv_bytes
+    from s3rollup.stats import frame_from_parquet
+
+    frame = generate_part(0, 500, 42)
+    body = to_csv_bytes(frame)
+    # WHEN a task makes its result of a part's stream
+    result, data = job_module.part_result(io.BytesIO(body), len(body), "part-0.csv", C)
+    # THEN it reports the body's and the partial's SHA-256, the rows and where its time went
+    assert data is not None
+    assert result["sha256"] == hashlib.sha256(body).hexdigest()
+    assert result["partial_sha256"] == hashlib.sha256(data).hexdigest()
+    assert result["rows"] == 500 and "error" not in result
+    assert set(result["seconds"]) == {"read", "aggregate", "encode"}
+    pd.testing.assert_frame_equal(frame_from_parquet(data), partial_from_frame(frame, C), check_exact=True)
+
+
+def test_part_result_of_a_rejected_part_names_the_problem_and_has_no_partial() -> None:
+    body = b"id,value1,value2,value3,category\n1,2.0,x,4.0,5\n"
+    result, data = job_module.part_result(io.BytesIO(body), len(body), "part-0.csv", C)
+    assert data is None
+    assert result["sha256"] == hashlib.sha256(body).hexdigest()
+    assert (result["error"]["code"], result["error"]["line"]) == ("BAD_VALUE", 2)
+    assert "rows" not in result and "partial_sha256" not in result

@@ -451,3 +451,24 @@ def test_read_body_reads_every_byte_across_chunks_and_reuses_its_buffer(monkeypa
     view = read_body(io.BytesIO(bigger), size=len(bigger))
     assert parse._buffers.buf is None  # above the cap: not kept for the next part
     assert bytes(view) == bigger
+
+
+class ShortReads(io.BytesIO):
+    """A network stream: each readinto returns fewer bytes than asked for."""
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        return super().readinto(buffer[:5])
+
+
+def test_read_body_checksums_the_bytes_as_they_arrive(monkeypatch) -> None:
+    import hashlib
+
+    monkeypatch.setattr(parse, "_READ_CHUNK", 7)
+    monkeypatch.setattr(parse, "_buffers", type(parse._buffers)())
+    data = bytes(range(256)) * 5
+    for stream, size in ((ShortReads(data), len(data)), (io.BytesIO(data), None), (io.BytesIO(b""), 0)):
+        expected = data if size != 0 else b""
+        digest = hashlib.sha256()
+        # short reads, a buffer that grows while reading, an empty body
+        assert bytes(read_body(stream, size=size, digest=digest)) == expected
+        assert digest.hexdigest() == hashlib.sha256(expected).hexdigest()
