@@ -116,7 +116,7 @@ def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]
 
     from s3rollup.contract import DEFAULT_CONTRACT as C
     from s3rollup.job import dask_client, fetch_in_order
-    from s3rollup.stats import finalize, merge_partials, to_reference_shape
+    from s3rollup.stats import finalize, frame_bytes, merge_partials, to_reference_shape
 
     files = spec["files"]
     with tempfile.TemporaryDirectory(dir=spec.get("tmp")) as tmp:
@@ -130,7 +130,7 @@ def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]
             t2 = now()
             # As the job's publish: the stored partials in part order, fetched ahead of
             # the merge, which takes them a chunk at a time.
-            merged = merge_partials(fetch_in_order(_load_partial, results), C)
+            merged = merge_partials(fetch_in_order(_load_partial, results, frame_bytes), C)
             t3 = now()
             final = finalize(merged, C)
             t4 = now()

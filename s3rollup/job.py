@@ -57,13 +57,21 @@ from .ingest import Ingest
 from .logs import configure, exit_process
 from .parse import PartError, Readable, detect_format, read_body
 from .state import AGGREGATED, LeaseKeeper, Part, State
-from .stats import finalize, frame_from_parquet, frame_to_parquet, merge_partials, part_partial
+from .stats import (
+    finalize,
+    frame_bytes,
+    frame_from_parquet,
+    frame_to_parquet,
+    merge_partials,
+    part_partial,
+)
 
 log = logging.getLogger("s3rollup.job")
 # Concurrent partial fetches, within the S3 client's connection pool (aws.py), and how many
-# fetched partials may wait for the merge.
+# fetched partials, and how many bytes of them, may wait for the merge.
 _FETCH_THREADS = 16
 _FETCH_AHEAD = 2 * _FETCH_THREADS
+_FETCH_BYTES = 64 << 20
 
 _process_aws: Aws | None = None
 
@@ -163,21 +171,30 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
-def fetch_in_order(load: Callable[[_T], _R], items: Sequence[_T]) -> Iterator[_R]:
-    """load(item) for each item, in order, on up to _FETCH_THREADS threads, with at most
-    _FETCH_AHEAD results waiting for the caller: loads that are latency (S3 GETs) overlap,
-    and what waits does not grow with the number of items."""
+def fetch_in_order(
+    load: Callable[[_T], _R], items: Sequence[_T], size: Callable[[_R], int] | None = None
+) -> Iterator[_R]:
+    """load(item) for each item, in order, on up to _FETCH_THREADS threads: loads that are
+    latency (S3 GETs) overlap. At most _FETCH_AHEAD results are loaded or loading ahead of
+    the caller; given ``size``, one until the first result's size is known, then only as
+    many as _FETCH_BYTES holds at that size (at least one): what waits grows neither with
+    the number of items nor, past that, with their size."""
     if len(items) <= 1:
         yield from map(load, items)
         return
+    window = _FETCH_AHEAD if size is None else 1
+    rest = iter(items)
     with ThreadPoolExecutor(max_workers=min(_FETCH_THREADS, len(items))) as pool:
         ahead: deque[Future[_R]] = deque()
-        for item in items:
-            ahead.append(pool.submit(load, item))
-            if len(ahead) > _FETCH_AHEAD:
-                yield ahead.popleft().result()
-        while ahead:
-            yield ahead.popleft().result()
+        while True:
+            for item in itertools.islice(rest, max(0, window - len(ahead))):
+                ahead.append(pool.submit(load, item))
+            if not ahead:
+                return
+            result = ahead.popleft().result()
+            if size is not None:
+                window = max(1, min(_FETCH_AHEAD, _FETCH_BYTES // max(1, size(result))))
+            yield result
 
 
 def fargate_cluster_kwargs(settings: Settings) -> dict[str, Any]:
@@ -464,9 +481,9 @@ class Job:
         """Every current part's stored partial, in order, checked against its registry entry.
 
         Fetched concurrently: one GET per part is the only cost that grows with the
-        number of parts, and it is latency, not work. At most _FETCH_AHEAD partials wait
-        for the merge (which takes them a chunk at a time), so the job's memory does not
-        grow with the number of parts.
+        number of parts, and it is latency, not work. At most _FETCH_AHEAD partials, and
+        _FETCH_BYTES of them, wait for the merge (which takes them a chunk at a time), so
+        the job's memory grows neither with the number of parts nor with their groups.
         """
         s3, bucket = self.aws.s3, self.settings.bucket
 
@@ -483,7 +500,7 @@ class Job:
                 )
             return frame_from_parquet(data)
 
-        return fetch_in_order(load, parts)
+        return fetch_in_order(load, parts, frame_bytes)
 
     def _merge(self, parts: list[Part], contract: Contract) -> pd.DataFrame:
         """The merge of the parts' partials: the last published merge plus the parts added

@@ -13,8 +13,7 @@ as Parquet: ``frame_to_parquet`` and ``frame_from_parquet`` turn them into bytes
 from __future__ import annotations
 
 import io
-import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -291,22 +290,43 @@ def _partial_table(out: dict[str, object], contract: Contract, uniques: pd.DataF
 # ---- partials -> merged partial ---------------------------------------------------------
 
 
-# merge_partials takes this many partials at a time: its memory is the merge so far plus one
-# chunk, whatever the number of parts (a dataset's partials each hold every group of a part).
+# merge_partials takes at most this many partials, and this many bytes of them, at a time:
+# its memory is the merge so far plus one chunk, whatever the number of parts (a dataset's
+# partials each hold every group of a part: a few hundred KB for the seed's 1,000 groups,
+# hundreds of MB for a key with millions of values).
 _MERGE_CHUNK = 16
+_MERGE_BYTES = 64 << 20
+
+
+def frame_bytes(frame: pd.DataFrame) -> int:
+    """A frame's size in memory, cheaply (its arrays' buffers, not Python objects')."""
+    return int(frame.memory_usage(index=True, deep=False).sum())
 
 
 def merge_partials(partials: Iterable[pd.DataFrame], contract: Contract) -> pd.DataFrame:
     """One partial equivalent to the partial of all the parts' rows (Chan et al. combination).
 
-    partials is consumed _MERGE_CHUNK at a time, each chunk merged onto the merge so far, so
-    a generator of partials is never held whole.
+    partials is consumed a chunk at a time (up to _MERGE_CHUNK partials and _MERGE_BYTES,
+    at least one), each chunk merged onto the merge so far, so a generator of partials is
+    never held whole.
     """
     merged: pd.DataFrame | None = None
     rest = iter(partials)
-    while chunk := list(itertools.islice(rest, _MERGE_CHUNK)):
+    while chunk := _chunk(rest):
         merged = _merge_frames(chunk if merged is None else [merged, *chunk], contract)
     return _merge_frames([], contract) if merged is None else merged
+
+
+def _chunk(partials: Iterator[pd.DataFrame]) -> list[pd.DataFrame]:
+    chunk: list[pd.DataFrame] = []
+    size = 0
+    while len(chunk) < _MERGE_CHUNK and size < _MERGE_BYTES:
+        frame = next(partials, None)
+        if frame is None:
+            break
+        chunk.append(frame)
+        size += frame_bytes(frame)
+    return chunk
 
 
 @np.errstate(invalid="ignore", divide="ignore", over="ignore")

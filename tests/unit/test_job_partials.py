@@ -19,7 +19,7 @@ from s3rollup.contract import parse_part_key, partial_key
 from s3rollup.errors import S3RollupError
 from s3rollup.job import Job
 from s3rollup.state import AGGREGATED, Part
-from s3rollup.stats import frame_to_parquet, partial_from_frame
+from s3rollup.stats import frame_bytes, frame_to_parquet, partial_from_frame
 
 DATASET = "sales"
 
@@ -125,3 +125,20 @@ def test_part_result_of_a_rejected_part_names_the_problem_and_has_no_partial() -
     assert result["sha256"] == hashlib.sha256(body).hexdigest()
     assert (result["error"]["code"], result["error"]["line"]) == ("BAD_VALUE", 2)
     assert "rows" not in result and "partial_sha256" not in result
+
+
+def test_fetching_ahead_is_bounded_by_bytes_once_the_partials_size_is_known(monkeypatch) -> None:
+    # GIVEN partials far larger than the fetch budget (here: a budget of 1.5 partials)
+    store = PartialStore()
+    parts, frames = _parts(store, 12)
+    monkeypatch.setattr(job_module, "_FETCH_BYTES", frame_bytes(frames[0]) * 3 // 2)
+    loading = _job(store)._load_partials(parts)
+    # WHEN the merge takes them one by one
+    got = []
+    for i in range(12):
+        got.append(next(loading))
+        # THEN no more than one partial beyond the one taken was ever fetched
+        assert store.gets <= i + 2, (i, store.gets)
+    assert list(loading) == [] and store.gets == 12
+    for a, b in zip(got, frames, strict=True):
+        pd.testing.assert_frame_equal(a, b)

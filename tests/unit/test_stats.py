@@ -278,6 +278,26 @@ def test_many_partials_merge_a_chunk_at_a_time_and_match_the_reference(monkeypat
     assert_matches(to_reference_shape(finalize(merged, C), C), complex_operation(df))
 
 
+def test_merge_chunks_are_bounded_by_bytes_too(monkeypatch) -> None:
+    # GIVEN partials each larger than the merge's byte budget
+    df = seed_frame(np.random.default_rng(6), 2_000)
+    parts = [partial_from_frame(df.iloc[i : i + 200], C) for i in range(0, 2_000, 200)]
+    monkeypatch.setattr(stats, "_MERGE_BYTES", stats.frame_bytes(parts[0]) // 2)
+    sizes: list[int] = []
+    merge_frames = stats._merge_frames
+
+    def recording(frames, contract):
+        sizes.append(len(frames))
+        return merge_frames(frames, contract)
+
+    monkeypatch.setattr(stats, "_merge_frames", recording)
+    # WHEN they are merged
+    merged = merge_partials(iter(parts), C)
+    # THEN each merge takes one new partial onto the merge so far, and the result is the reference's
+    assert sizes == [1] + [2] * 9
+    assert_matches(to_reference_shape(finalize(merged, C), C), complex_operation(df))
+
+
 def test_merge_of_zero_partials_is_an_empty_partial() -> None:
     merged = merge_partials([], C)
     assert len(merged) == 0 and list(merged.columns) == partial_columns(C)
