@@ -299,8 +299,10 @@ _MERGE_BYTES = 64 << 20
 
 
 def frame_bytes(frame: pd.DataFrame) -> int:
-    """A frame's size in memory, cheaply (its arrays' buffers, not Python objects')."""
-    return int(frame.memory_usage(index=True, deep=False).sum())
+    """A frame's size in memory, cheaply (its arrays' buffers, not Python objects'): what
+    ``memory_usage(index=True, deep=False).sum()`` says, without building that Series
+    (0.2 ms against 0.5 ms for a seed partial; the job takes it twice per partial)."""
+    return int(frame.index.nbytes + sum(column.array.nbytes for _, column in frame.items()))
 
 
 def merge_partials(partials: Iterable[pd.DataFrame], contract: Contract) -> pd.DataFrame:

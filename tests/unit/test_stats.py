@@ -500,3 +500,10 @@ def test_property_merged_random_parts_finalize_to_reference(
         assert len(got) == 0
         return
     assert_matches(got, expected)
+
+
+def test_frame_bytes_is_what_pandas_memory_usage_says() -> None:
+    numeric = partial_from_frame(seed_frame(np.random.default_rng(7), 300), C)
+    strings = pd.DataFrame({"k": pd.array(["a", "bb", None], dtype="str"), "v": [1.0, 2.0, 3.0]})
+    for frame in (numeric, strings, numeric.iloc[:0]):
+        assert stats.frame_bytes(frame) == int(frame.memory_usage(index=True, deep=False).sum())
