@@ -340,6 +340,7 @@ def _e2e(spec: dict[str, Any]) -> dict[str, Any]:
                 Body=bodies[i],
                 ServerSideEncryption="aws:kms",
                 SSEKMSKeyId=out["DataKeyArn"],
+                ChecksumAlgorithm="SHA256",  # as `s3rollup put` uploads
             )
             return key
 

@@ -91,7 +91,12 @@ def run(args: argparse.Namespace) -> int:
             if interval:  # a bounded producer rate: part n is sent no earlier than n/rate
                 time.sleep(max(0.0, t0 + n * interval - time.perf_counter()))
             resp = s3.put_object(
-                Bucket=bucket, Key=key, Body=bodies[i], ServerSideEncryption="aws:kms", SSEKMSKeyId=key_arn
+                Bucket=bucket,
+                Key=key,
+                Body=bodies[i],
+                ServerSideEncryption="aws:kms",
+                SSEKMSKeyId=key_arn,
+                ChecksumAlgorithm="SHA256",  # as `s3rollup put` uploads
             )
             with lock:
                 uploaded[key] = (resp["VersionId"], time.perf_counter())

@@ -134,6 +134,7 @@ def run(parts: int, rows: int, seed: int, dataset: str, timeout: float, stack_na
                 Body=body,
                 ServerSideEncryption="aws:kms",
                 SSEKMSKeyId=key_arn,
+                ChecksumAlgorithm="SHA256",  # as `s3rollup put` uploads (ops.upload)
             )
             uploading.add(len(body))
             keys.add(key)

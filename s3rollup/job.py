@@ -15,6 +15,7 @@ container overrides of the RunTask request) and the task definition's environmen
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import importlib
@@ -118,19 +119,28 @@ class PartialTask:
 
 
 def part_result(
-    stream: Readable, size: int | None, name: str, contract: Contract, alone: bool = False
+    stream: Readable,
+    size: int | None,
+    name: str,
+    contract: Contract,
+    alone: bool = False,
+    sha256: str | None = None,
 ) -> tuple[dict[str, Any], bytes | None]:
     """What a task makes of one part's bytes: the result it reports (the body's SHA-256,
     then rows, the partial's SHA-256 and the kernels, or the PartError that rejects the
     part; ``seconds`` spent reading, aggregating and encoding) and the partial as Parquet
     (None when rejected). compute_partial runs it on the S3 object's stream; the bench on
     a file, so that it measures what the job does.
+
+    ``sha256``: the body's SHA-256 (hex) when ``stream`` itself checks the bytes against
+    it as they are read, and raises at the end if they differ (an S3 object's full-object
+    checksum: verified_sha256). Otherwise the SHA-256 is taken here, chunk by chunk.
     """
     started = time.perf_counter()
-    digest = hashlib.sha256()
+    digest = hashlib.sha256() if sha256 is None else None
     body = read_body(stream, size, digest)
     read = time.perf_counter()
-    result: dict[str, Any] = {"sha256": digest.hexdigest()}
+    result: dict[str, Any] = {"sha256": sha256 if digest is None else digest.hexdigest()}
     try:
         fmt = detect_format(bytes(body[:8]), name)
         partial, rows = part_partial(body, contract, fmt, alone)
@@ -148,12 +158,47 @@ def part_result(
     return result, data
 
 
+def verified_sha256(obj: dict[str, Any]) -> str | None:
+    """The SHA-256 (hex) of a GetObject response's body when botocore checks the body
+    against it while it is read: the object carries a full-object SHA-256 checksum (its
+    producer uploaded it with ChecksumAlgorithm="SHA256" in one PUT; S3 checked it then)
+    and the body is botocore's checking stream for it, which raises at the end of a body
+    that differs. None otherwise (no checksum, another algorithm, a multipart upload's
+    checksum of checksums, or no check): the caller takes the SHA-256 itself.
+    """
+    from botocore.httpchecksum import Sha256Checksum, StreamingChecksumBody
+
+    value, body = obj.get("ChecksumSHA256"), obj.get("Body")
+    if not isinstance(value, str) or "-" in value or not isinstance(body, StreamingChecksumBody):
+        return None
+    if not isinstance(body.checksum, Sha256Checksum):
+        return None
+    try:
+        digest = base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+    return digest.hex() if len(digest) == 32 else None
+
+
 def compute_partial(task: PartialTask) -> dict[str, Any]:
-    """Read one part version, aggregate it, store its partial; report rows and checksums."""
+    """Read one part version, aggregate it, store its partial; report rows and checksums.
+
+    The GET asks for the object's checksum (ChecksumMode): botocore checks the body against
+    it, whatever the client's response_checksum_validation. When that checksum is the whole
+    body's SHA-256, it is the SHA-256 the audit records, and the body is hashed once, not
+    twice (verified_sha256).
+    """
     s3 = _aws().s3
     part = parse_part_key(task.key)
-    obj = s3.get_object(**object_at(task.bucket, task.key, task.version_id))
-    result, data = part_result(obj["Body"], obj.get("ContentLength"), part.name, task.contract, task.alone)
+    obj = s3.get_object(**object_at(task.bucket, task.key, task.version_id), ChecksumMode="ENABLED")
+    result, data = part_result(
+        obj["Body"],
+        obj.get("ContentLength"),
+        part.name,
+        task.contract,
+        task.alone,
+        sha256=verified_sha256(obj),
+    )
     result = {"key": task.key, "version_id": task.version_id, **result}
     if data is not None:
         s3.put_object(

@@ -124,7 +124,15 @@ def upload_parts(
             str(up.path),
             bucket,
             up.key,
-            ExtraArgs={"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": key_arn},
+            # SHA-256 checksum: S3 checks the bytes on arrival and keeps the checksum, and
+            # the worker's read is checked against it (a one-PUT upload: the audit records
+            # this SHA-256, and the worker hashes the part once). A multipart upload's is a
+            # checksum of checksums: the worker takes its own SHA-256.
+            ExtraArgs={
+                "ServerSideEncryption": "aws:kms",
+                "SSEKMSKeyId": key_arn,
+                "ChecksumAlgorithm": "SHA256",
+            },
             Config=config,
             Callback=progress.add,
         )

@@ -21,10 +21,10 @@ from s3rollup.ops import read_manifest, s3_notification
 from s3rollup.reference import complex_operation
 
 
-def put_part(stack: Any, dataset: str, name: str, body: bytes | pd.DataFrame) -> str:
+def put_part(stack: Any, dataset: str, name: str, body: bytes | pd.DataFrame, **extra: str) -> str:
     """Upload a part as a producer would (SSE-KMS under the stack's key); return its key."""
     key = f"incoming/{dataset}/{name}"
-    put_version(stack, key, body)
+    put_version(stack, key, body, **extra)
     return key
 
 
@@ -162,14 +162,16 @@ def dask_processes(tmp_path: Path, workers: int) -> Iterator[tuple[str, list[sub
             p.wait(timeout=30)
 
 
-def put_version(stack: Any, key: str, body: bytes | pd.DataFrame) -> str:
-    """Upload as a producer does (SSE-KMS under the stack's key); return the new version id."""
+def put_version(stack: Any, key: str, body: bytes | pd.DataFrame, **extra: str) -> str:
+    """Upload as a producer does (SSE-KMS under the stack's key; ``extra``: more PutObject
+    arguments, e.g. ChecksumAlgorithm); return the new version id."""
     put = stack.aws.s3.put_object(
         Bucket=stack.info.outputs["DataBucketName"],
         Key=key,
         Body=to_csv_bytes(body) if isinstance(body, pd.DataFrame) else body,
         ServerSideEncryption="aws:kms",
         SSEKMSKeyId=stack.info.outputs["DataKeyArn"],
+        **extra,
     )
     return str(put["VersionId"])
 

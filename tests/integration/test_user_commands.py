@@ -3,6 +3,8 @@ rebuild | report`, each by subprocess against the session's embedded stack."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -122,7 +124,17 @@ def test_put_uploads_small_and_multipart_parts_quietly_in_a_pipe(
     assert uploaded[f"incoming/{dataset}/small.csv"]["multipart"] is False
     for key in keys:
         _assert_under_stack_key(stack, key)
-    wait_manifest(stack, dataset, keys)
+    # S3 keeps the one-PUT part's SHA-256 (a multipart upload's is a checksum of checksums);
+    # the manifest records each body's SHA-256 either way
+    bucket = stack.info.outputs["DataBucketName"]
+    small_key, large_key = (f"incoming/{dataset}/{n}.csv" for n in ("small", "large"))
+    head = stack.aws.s3.head_object(Bucket=bucket, Key=small_key, ChecksumMode="ENABLED")
+    assert base64.b64decode(head["ChecksumSHA256"]) == hashlib.sha256(to_csv_bytes(small)).digest()
+    manifest = wait_manifest(stack, dataset, keys)
+    assert {p["key"]: p["sha256"] for p in manifest["parts"]} == {
+        small_key: hashlib.sha256(to_csv_bytes(small)).hexdigest(),
+        large_key: hashlib.sha256(to_csv_bytes(large)).hexdigest(),
+    }
     assert_equals_reference(stack, dataset, [small, large])
 
 

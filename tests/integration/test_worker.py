@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import uuid
@@ -46,6 +47,25 @@ def test_csv_gz_and_parquet_parts_roll_up_with_csv(stack: Any, dataset: str) -> 
         put_part(stack, dataset, "c.parquet", _parquet(frames[2])),
     }
     wait_manifest(stack, dataset, keys)
+    assert_equals_reference(stack, dataset, frames)
+
+
+def test_each_part_is_recorded_with_its_bodys_sha256_whether_or_not_s3_keeps_one(
+    stack: Any, dataset: str
+) -> None:
+    # GIVEN a part uploaded with a SHA-256 checksum (S3 keeps it, and the worker's read is
+    # checked against it) and a part uploaded with the SDK's default checksum (CRC32)
+    frames = [generate_part(i, 600, seed=5) for i in range(2)]
+    bodies = [to_csv_bytes(f) for f in frames]
+    keys = [
+        put_part(stack, dataset, "checked.csv", bodies[0], ChecksumAlgorithm="SHA256"),
+        put_part(stack, dataset, "default.csv", bodies[1]),
+    ]
+    # WHEN they are rolled up
+    manifest = wait_manifest(stack, dataset, set(keys))
+    # THEN the manifest names each part with its body's SHA-256, and the result is pandas'
+    recorded = {p["key"]: p["sha256"] for p in manifest["parts"]}
+    assert recorded == {k: hashlib.sha256(b).hexdigest() for k, b in zip(keys, bodies, strict=True)}
     assert_equals_reference(stack, dataset, frames)
 
 

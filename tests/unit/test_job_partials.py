@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import io
 import threading
+import zlib
 from types import SimpleNamespace
 from typing import Any
 
@@ -142,3 +144,104 @@ def test_fetching_ahead_is_bounded_by_bytes_once_the_partials_size_is_known(monk
     assert list(loading) == [] and store.gets == 12
     for a, b in zip(got, frames, strict=True):
         pd.testing.assert_frame_equal(a, b)
+
+
+def _checked_get(body: bytes, checksum: str, algorithm: str = "sha256") -> dict[str, Any]:
+    """A GetObject response as botocore gives it for an object with a full-object checksum
+    (ChecksumMode ENABLED): a body that checks the bytes against ``checksum`` as read."""
+    from botocore.httpchecksum import _CHECKSUM_CLS, StreamingChecksumBody
+
+    stream = StreamingChecksumBody(io.BytesIO(body), len(body), _CHECKSUM_CLS[algorithm](), checksum)
+    return {"Body": stream, "ContentLength": len(body), f"Checksum{algorithm.upper()}": checksum}
+
+
+def _b64_sha256(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def test_a_full_object_sha256_that_botocore_checks_is_the_bodys_sha256() -> None:
+    body = b"id,value1,value2,value3,category\n1,2.0,3.0,4.0,5\n"
+    assert (
+        job_module.verified_sha256(_checked_get(body, _b64_sha256(body))) == hashlib.sha256(body).hexdigest()
+    )
+    # Not the whole body's SHA-256, or nothing checks the bytes against it: None
+    composite = _b64_sha256(body) + "-3"  # a multipart upload's checksum of checksums
+    assert job_module.verified_sha256(_checked_get(body, composite)) is None
+    assert job_module.verified_sha256(_checked_get(body, "AAAAAA==", "crc32")) is None
+    unchecked = {"Body": io.BytesIO(body), "ChecksumSHA256": _b64_sha256(body)}
+    assert job_module.verified_sha256(unchecked) is None
+    assert job_module.verified_sha256({"Body": io.BytesIO(body)}) is None
+
+
+class _PartStore:
+    """get_object over one part version as botocore would return it; records the PUTs."""
+
+    def __init__(self, response: dict[str, Any]) -> None:
+        self.response = response
+        self.gets: list[dict[str, Any]] = []
+        self.puts: list[dict[str, Any]] = []
+
+    def get_object(self, **kwargs: Any) -> dict[str, Any]:
+        self.gets.append(kwargs)
+        return self.response
+
+    def put_object(self, **kwargs: Any) -> dict[str, Any]:
+        self.puts.append(kwargs)
+        return {}
+
+
+def _compute(monkeypatch: pytest.MonkeyPatch, store: _PartStore) -> tuple[dict[str, Any], list[Any]]:
+    """compute_partial of one part version from store; its result and the digests the
+    task's read_body was given (None: the task took no SHA-256 of its own)."""
+    digests: list[Any] = []
+    real_read_body = job_module.read_body
+
+    def read_body(stream: Any, size: Any, digest: Any = None) -> Any:
+        digests.append(digest)
+        return real_read_body(stream, size, digest)
+
+    monkeypatch.setattr(job_module, "_process_aws", SimpleNamespace(s3=store))
+    monkeypatch.setattr(job_module, "read_body", read_body)
+    task = job_module.PartialTask("bucket", "key-arn", DATASET, f"incoming/{DATASET}/part-0.csv", "v1", C)
+    return job_module.compute_partial(task), digests
+
+
+def test_a_part_with_a_checked_sha256_is_hashed_once_and_recorded_with_it(monkeypatch) -> None:
+    from s3rollup.demo import generate_part, to_csv_bytes
+
+    body = to_csv_bytes(generate_part(0, 300, 42))
+    # GIVEN a part whose GET checks the body against its full-object SHA-256
+    store = _PartStore(_checked_get(body, _b64_sha256(body)))
+    result, digests = _compute(monkeypatch, store)
+    # THEN the GET asks for the checksum, botocore's check is the only hash of the body,
+    # and the result and the stored partial are those of the body
+    assert store.gets[0]["ChecksumMode"] == "ENABLED"
+    assert digests == [None]
+    assert result["sha256"] == hashlib.sha256(body).hexdigest()
+    assert result["rows"] == 300 and len(store.puts) == 1
+
+
+def test_a_part_without_a_checked_sha256_is_hashed_by_the_task(monkeypatch) -> None:
+    from s3rollup.demo import generate_part, to_csv_bytes
+
+    body = to_csv_bytes(generate_part(0, 300, 42))
+    crc = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+    # GIVEN a part uploaded with the SDK's default checksum (CRC32), which botocore checks
+    result, digests = _compute(monkeypatch, _PartStore(_checked_get(body, crc, "crc32")))
+    # THEN the task takes the SHA-256 the audit records itself
+    assert digests[0] is not None
+    assert result["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_a_body_that_differs_from_its_sha256_fails_the_task_and_stores_nothing(monkeypatch) -> None:
+    from botocore.exceptions import FlexibleChecksumError
+
+    from s3rollup.demo import generate_part, to_csv_bytes
+
+    body = to_csv_bytes(generate_part(0, 300, 42))
+    # GIVEN bytes that arrive other than S3's SHA-256 of the version says
+    store = _PartStore(_checked_get(body, _b64_sha256(body + b"\n")))
+    # THEN the task fails (the job retries it) and no partial is stored
+    with pytest.raises(FlexibleChecksumError):
+        _compute(monkeypatch, store)
+    assert store.puts == []
