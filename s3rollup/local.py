@@ -578,6 +578,67 @@ def serialize_dynamodb() -> None:
     DynamoHandler.call_action = call_action  # type: ignore[method-assign]
 
 
+_LISTING = threading.local()
+
+
+def light_version_listings() -> None:
+    """Make the embedded S3's ListObjectVersions copy no object bytes.
+
+    moto's copies every version of every key in the bucket (``copy.deepcopy``: bytes and
+    all, whatever the prefix asked for) to mark the latest ones, and its instance tracker
+    keeps each copy for the life of the process. Every job lists its dataset's versions, so
+    the embedded stack's memory grew with parts x listings, and each listing's time with the
+    bytes in the bucket. Here a listing's copies are shallow: each shares its version's
+    attributes and bytes (read-only: a listing reads names, versions, ETags, sizes and
+    dates), is not tracked, and never closes the version's buffer when it is collected.
+    """
+    import moto.s3.models as s3_models
+
+    if isinstance(s3_models.copy, _ListingCopy):
+        return
+    original = s3_models.S3Backend.list_object_versions
+
+    def list_object_versions(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _LISTING.active = True
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _LISTING.active = False
+
+    s3_models.S3Backend.list_object_versions = list_object_versions  # type: ignore[method-assign]
+    s3_models.copy = _ListingCopy(s3_models.copy, s3_models.FakeKey)  # type: ignore[assignment]
+
+
+class _ListingCopy:
+    """moto.s3.models' ``copy`` module, but for a version listing (light_version_listings)."""
+
+    def __init__(self, module: Any, key_class: Any) -> None:
+        self._module, self._key_class = module, key_class
+        self._listed: dict[type, type] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def deepcopy(self, obj: Any, memo: Any = None) -> Any:
+        if not getattr(_LISTING, "active", False) or not isinstance(obj, list):
+            return self._module.deepcopy(obj, memo)
+        return [self._listed_copy(version) for version in obj]
+
+    def _listed_copy(self, version: Any) -> Any:
+        if isinstance(version, self._key_class) and version._etag is None:
+            with version.lock:  # computed once, on the version, as a GET would
+                version.etag  # noqa: B018
+        cls = self._listed.get(type(version))
+        if cls is None:
+            # object.__new__ skips moto's instance tracker; no __del__: the bytes are the
+            # version's, not the copy's.
+            cls = type(f"Listed{type(version).__name__}", (type(version),), {"__del__": lambda self: None})
+            self._listed[type(version)] = cls
+        listed: Any = object.__new__(cls)
+        listed.__dict__.update(version.__dict__)
+        return listed
+
+
 class EmbeddedStack:
     """moto server + provisioned stack + dispatcher, as one context manager."""
 
@@ -608,6 +669,7 @@ class EmbeddedStack:
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
         serialize_dynamodb()
+        light_version_listings()
         # Listen on loopback only: the embedded endpoint is for this machine.
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()
