@@ -82,3 +82,22 @@ def test_local_cluster_listens_on_loopback_only() -> None:
     # THEN the scheduler's and the worker's HTTP servers are there, on 127.0.0.1 only
     assert addresses
     assert all(a.startswith("127.0.0.1:") for a in addresses), addresses
+
+
+def test_local_cluster_sends_each_message_as_it_comes_and_still_delivers_them_all() -> None:
+    # GIVEN the job's default cluster, in this process
+    with dask_client(Settings.from_env(BASE)) as client:
+        cluster = client.cluster
+        streams = [
+            client.scheduler_comm,
+            *cluster.scheduler.client_comms.values(),
+            *cluster.scheduler.stream_comms.values(),
+            *(w.batched_stream for w in cluster.workers.values()),
+        ]
+        # THEN no stream between client, scheduler and worker waits to batch messages
+        assert len(streams) >= 4
+        assert all(stream.interval == 0 for stream in streams)
+        # and many tasks' messages, sent in bursts, all arrive: every result is there
+        futures = client.map(lambda i: i * i, range(500), pure=False)
+        assert client.gather(futures) == [i * i for i in range(500)]
+        assert client.submit(sum, range(10), pure=False).result() == 45
