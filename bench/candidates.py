@@ -106,8 +106,11 @@ def _task_sums(results: list[dict[str, Any]]) -> dict[str, float]:
 
 def _import_distributed() -> None:
     # dask_client imports distributed lazily; import it before the clock, like every other
-    # candidate's libraries (it costs ~1.5 s here: process_s still includes it).
-    import distributed  # noqa: F401
+    # candidate's libraries (it costs ~1.5 s here: process_s still includes it), as the job
+    # does while it reconciles with the bucket (job.prepare_dask).
+    from s3rollup.job import prepare_dask
+
+    prepare_dask()
 
 
 def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import importlib
 import itertools
 import json
 import logging
@@ -271,10 +270,21 @@ def fargate_cluster_kwargs(settings: Settings) -> dict[str, Any]:
     }
 
 
+def prepare_dask() -> None:
+    """What dask_client needs before it starts a cluster, done ahead (the job does it
+    while it reconciles): import distributed, and read the versions of the packages its
+    members compare when a worker registers (distributed.versions: package metadata read
+    from disk, and a `uname -p` process), once per process."""
+    from distributed.versions import get_versions
+
+    get_versions()
+
+
 @contextlib.contextmanager
 def dask_client(settings: Settings, work_bytes: int = 0) -> Iterator[Any]:
     """A Dask client: the configured scheduler; a FargateCluster when the work is larger than
     the threshold; else a LocalCluster sized to this task's CPUs."""
+    import dask
     from distributed import Client, LocalCluster
 
     # distributed sets its own loggers to INFO on import; its chatter is not ours to ship.
@@ -297,6 +307,9 @@ def dask_client(settings: Settings, work_bytes: int = 0) -> Iterator[Any]:
     # Threads in one process: part parsing and aggregation release the GIL, and a process
     # pool would only add start-up time and copies on a small task.
     with (
+        # Nothing is served over HTTP (no dashboard, metrics, info or proxy routes): the
+        # job's own cluster has no other client. distributed still opens its HTTP servers.
+        dask.config.set({"distributed.scheduler.http.routes": [], "distributed.worker.http.routes": []}),
         LocalCluster(
             n_workers=1,
             threads_per_worker=available_cpus(),
@@ -380,7 +393,7 @@ class Job:
         # Importing distributed takes a few tenths of a second of CPU; reconciling with the
         # bucket is mostly waiting on S3 and DynamoDB. Do the two at once.
         importing = ThreadPoolExecutor(1, thread_name_prefix="s3rollup-import")
-        imported = importing.submit(importlib.import_module, "distributed")
+        imported = importing.submit(prepare_dask)
         importing.shutdown(wait=False)
         try:
             todo = self._pending()

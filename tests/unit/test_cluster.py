@@ -84,6 +84,28 @@ def test_local_cluster_listens_on_loopback_only() -> None:
     assert all(a.startswith("127.0.0.1:") for a in addresses), addresses
 
 
+def test_local_cluster_serves_nothing_over_http() -> None:
+    import urllib.error
+    import urllib.request
+
+    # GIVEN the job's default cluster, whose scheduler and worker open HTTP servers
+    with dask_client(Settings.from_env(BASE)) as client:
+        members = [client.cluster.scheduler, *client.cluster.workers.values()]
+        ports = [m.http_server.port for m in members]
+        # WHEN anything asks them for distributed's pages (health, metrics, info, JSON)
+        codes = []
+        for port in ports:
+            for path in ("/health", "/metrics", "/info/main/workers.html", "/json/identity.json"):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                        codes.append(r.status)
+                except urllib.error.HTTPError as e:
+                    codes.append(e.code)
+    # THEN there is no such page: the job's own cluster has no other client
+    assert len(codes) == 4 * len(ports) >= 8
+    assert set(codes) == {404}
+
+
 def test_local_cluster_sends_each_message_as_it_comes_and_still_delivers_them_all() -> None:
     # GIVEN the job's default cluster, in this process
     with dask_client(Settings.from_env(BASE)) as client:
