@@ -22,9 +22,10 @@
  * Python API), so calls run without the GIL. A context takes one call of sr_codes or sr_csv,
  * or any number of sr_keys calls (one per batch of a part's rows).
  *
- * Numbers are converted exactly as a correctly rounded strtod would: Clinger's exact fast
- * path, then one x87 extended-precision operation whose result is checked to be safely away
- * from a double rounding tie, then strtod itself.
+ * Numbers are converted exactly as a correctly rounded strtod would: the Eisel-Lemire
+ * method (a 64 x 128-bit product with a table of powers of five, for decimal exponents
+ * within +-27), then Clinger's exact fast path, then one x87 extended-precision operation
+ * whose result is checked to be safely away from a double rounding tie, then strtod itself.
  */
 #include <float.h>
 #include <math.h>
@@ -379,8 +380,116 @@ static const double POW10[23] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
 static const long double POW10L[28] = {1e0L, 1e1L, 1e2L, 1e3L, 1e4L, 1e5L, 1e6L, 1e7L, 1e8L, 1e9L, 1e10L, 1e11L, 1e12L, 1e13L, 1e14L, 1e15L, 1e16L, 1e17L, 1e18L, 1e19L, 1e20L, 1e21L, 1e22L, 1e23L, 1e24L, 1e25L, 1e26L, 1e27L};
 #endif
 
-/* m x 10^e10 (m < 10^19, m > 0) correctly rounded; text is the field for strtod. */
+/* 5^q for q in [POW5_MIN, POW5_MAX] to 128 bits, {high word, low word}, the top bit set:
+ * for q >= 0, 5^q shifted left (exact); for q < 0, floor(2^b / 5^-q) + 1 with b the
+ * smallest exponent that gives 128 bits (rounded up). Made by:
+ *   for q in range(-27, 28):
+ *       if q >= 0: c = 5**q << (128 - (5**q).bit_length())
+ *       else: z = (5**-q - 1).bit_length(); c = 2**(z + 127) // 5**-q + 1 */
+#define POW5_MIN (-27)
+#define POW5_MAX 27
+static const uint64_t POW5_128[POW5_MAX - POW5_MIN + 1][2] = {
+    {0x9e74d1b791e07e48ull, 0x775ea264cf55347eull}, /* -27 */
+    {0xc612062576589ddaull, 0x95364afe032a819eull}, /* -26 */
+    {0xf79687aed3eec551ull, 0x3a83ddbd83f52205ull}, /* -25 */
+    {0x9abe14cd44753b52ull, 0xc4926a9672793543ull}, /* -24 */
+    {0xc16d9a0095928a27ull, 0x75b7053c0f178294ull}, /* -23 */
+    {0xf1c90080baf72cb1ull, 0x5324c68b12dd6339ull}, /* -22 */
+    {0x971da05074da7beeull, 0xd3f6fc16ebca5e04ull}, /* -21 */
+    {0xbce5086492111aeaull, 0x88f4bb1ca6bcf585ull}, /* -20 */
+    {0xec1e4a7db69561a5ull, 0x2b31e9e3d06c32e6ull}, /* -19 */
+    {0x9392ee8e921d5d07ull, 0x3aff322e62439fd0ull}, /* -18 */
+    {0xb877aa3236a4b449ull, 0x09befeb9fad487c3ull}, /* -17 */
+    {0xe69594bec44de15bull, 0x4c2ebe687989a9b4ull}, /* -16 */
+    {0x901d7cf73ab0acd9ull, 0x0f9d37014bf60a11ull}, /* -15 */
+    {0xb424dc35095cd80full, 0x538484c19ef38c95ull}, /* -14 */
+    {0xe12e13424bb40e13ull, 0x2865a5f206b06fbaull}, /* -13 */
+    {0x8cbccc096f5088cbull, 0xf93f87b7442e45d4ull}, /* -12 */
+    {0xafebff0bcb24aafeull, 0xf78f69a51539d749ull}, /* -11 */
+    {0xdbe6fecebdedd5beull, 0xb573440e5a884d1cull}, /* -10 */
+    {0x89705f4136b4a597ull, 0x31680a88f8953031ull}, /* -9 */
+    {0xabcc77118461cefcull, 0xfdc20d2b36ba7c3eull}, /* -8 */
+    {0xd6bf94d5e57a42bcull, 0x3d32907604691b4dull}, /* -7 */
+    {0x8637bd05af6c69b5ull, 0xa63f9a49c2c1b110ull}, /* -6 */
+    {0xa7c5ac471b478423ull, 0x0fcf80dc33721d54ull}, /* -5 */
+    {0xd1b71758e219652bull, 0xd3c36113404ea4a9ull}, /* -4 */
+    {0x83126e978d4fdf3bull, 0x645a1cac083126eaull}, /* -3 */
+    {0xa3d70a3d70a3d70aull, 0x3d70a3d70a3d70a4ull}, /* -2 */
+    {0xccccccccccccccccull, 0xcccccccccccccccdull}, /* -1 */
+    {0x8000000000000000ull, 0x0000000000000000ull}, /* 0 */
+    {0xa000000000000000ull, 0x0000000000000000ull}, /* 1 */
+    {0xc800000000000000ull, 0x0000000000000000ull}, /* 2 */
+    {0xfa00000000000000ull, 0x0000000000000000ull}, /* 3 */
+    {0x9c40000000000000ull, 0x0000000000000000ull}, /* 4 */
+    {0xc350000000000000ull, 0x0000000000000000ull}, /* 5 */
+    {0xf424000000000000ull, 0x0000000000000000ull}, /* 6 */
+    {0x9896800000000000ull, 0x0000000000000000ull}, /* 7 */
+    {0xbebc200000000000ull, 0x0000000000000000ull}, /* 8 */
+    {0xee6b280000000000ull, 0x0000000000000000ull}, /* 9 */
+    {0x9502f90000000000ull, 0x0000000000000000ull}, /* 10 */
+    {0xba43b74000000000ull, 0x0000000000000000ull}, /* 11 */
+    {0xe8d4a51000000000ull, 0x0000000000000000ull}, /* 12 */
+    {0x9184e72a00000000ull, 0x0000000000000000ull}, /* 13 */
+    {0xb5e620f480000000ull, 0x0000000000000000ull}, /* 14 */
+    {0xe35fa931a0000000ull, 0x0000000000000000ull}, /* 15 */
+    {0x8e1bc9bf04000000ull, 0x0000000000000000ull}, /* 16 */
+    {0xb1a2bc2ec5000000ull, 0x0000000000000000ull}, /* 17 */
+    {0xde0b6b3a76400000ull, 0x0000000000000000ull}, /* 18 */
+    {0x8ac7230489e80000ull, 0x0000000000000000ull}, /* 19 */
+    {0xad78ebc5ac620000ull, 0x0000000000000000ull}, /* 20 */
+    {0xd8d726b7177a8000ull, 0x0000000000000000ull}, /* 21 */
+    {0x878678326eac9000ull, 0x0000000000000000ull}, /* 22 */
+    {0xa968163f0a57b400ull, 0x0000000000000000ull}, /* 23 */
+    {0xd3c21bcecceda100ull, 0x0000000000000000ull}, /* 24 */
+    {0x84595161401484a0ull, 0x0000000000000000ull}, /* 25 */
+    {0xa56fa5b99019a5c8ull, 0x0000000000000000ull}, /* 26 */
+    {0xcecb8f27f4200f3aull, 0x0000000000000000ull}, /* 27 */
+};
+
+/* m x 10^q (0 < m < 2^64) as the nearest double, ties to even, by the Eisel-Lemire method
+ * (as in fast_float): m normalised times 5^q to 128 bits, the power of two from q. 0 and
+ * *out set; -1 where the truncated product cannot decide the rounding, or the result
+ * would not be a normal double: the caller then takes another way. */
+static inline int eisel_lemire(uint64_t m, int q, double *out) {
+    if (q < POW5_MIN || q > POW5_MAX) return -1;
+    int lz = __builtin_clzll(m);
+    uint64_t w = m << lz;
+    const uint64_t *p = POW5_128[q - POW5_MIN];
+    unsigned __int128 first = (unsigned __int128)w * p[0];
+    uint64_t hi = (uint64_t)(first >> 64), lo = (uint64_t)first;
+    if ((hi & 0x1FF) == 0x1FF) { /* the bits below the 55 kept may carry: add the low word's product */
+        uint64_t carry = (uint64_t)(((unsigned __int128)w * p[1]) >> 64);
+        lo += carry;
+        if (lo < carry) hi++;
+        if (lo == UINT64_MAX) return -1;
+    }
+    int upper = (int)(hi >> 63);
+    int shift = upper + 64 - 52 - 3;
+    uint64_t mant = hi >> shift;
+    /* floor(q log2(5)) + q + 63, exact for |q| < 350 */
+    int power2 = ((((152170 + 65536) * q) >> 16) + 63) + upper - lz + 1023;
+    if (power2 <= 0) return -1;
+    /* exactly halfway (only possible for small q): round to even, not up */
+    if (lo <= 1 && q >= -4 && q <= 23 && (mant & 3) == 1 && (mant << shift) == hi) mant &= ~1ull;
+    mant += mant & 1;
+    mant >>= 1;
+    if (mant >= (2ull << 52)) {
+        mant = 1ull << 52;
+        power2++;
+    }
+    if (power2 >= 0x7FF) return -1;
+    uint64_t bits = (mant & ~(1ull << 52)) | ((uint64_t)power2 << 52);
+    memcpy(out, &bits, sizeof bits);
+    return 0;
+}
+
+/* m x 10^e10 (m < 10^19, m > 0) correctly rounded; text is the field for strtod.
+ * Eisel-Lemire first, for every m: one path for numbers of 16 and of 17 digits alike (a
+ * branch between Clinger's and another on m <= 2^53 is a coin toss on data written by
+ * repr, mispredicted on half the values). */
 static double to_double(uint64_t m, int e10, const char *text, size_t len) {
+    double v;
+    if (eisel_lemire(m, e10, &v) == 0) return v;
     if (m <= (1ull << 53) && e10 >= -22 && e10 <= 22)
         return e10 >= 0 ? (double)m * POW10[e10] : (double)m / POW10[-e10];
 #if LDBL_MANT_DIG == 64
