@@ -348,7 +348,7 @@ def _send_at_once(client: Any, cluster: Any) -> None:
         for stream in streams:
             stream.interval = 0
             stream.next_deadline = None
-            stream.waker.set()  # its sender wakes, finds nothing to send and waits for the next
+            stream.waker.set()  # its sender wakes: sends what waits, else waits for the next
 
     sync(client.loop, unbatch)
 
