@@ -31,12 +31,21 @@ class Request:
     path: str
     target: str  # X-Amz-Target (JSON protocols: DynamoDB, ECS, SQS); "" for S3
     body: bytes
+    # The SDK's last try of this call (its amz-sdk-request header: attempt=N; max=N)
+    last_attempt: bool = False
+
+
+def _is_last_attempt(header: str | None) -> bool:
+    fields = dict(part.strip().partition("=")[::2] for part in (header or "").split(";"))
+    return bool(fields.get("attempt")) and fields.get("attempt") == fields.get("max")
 
 
 @dataclass
 class Rule:
     """Answer every ``every``-th matching request (the first ``times`` of those, if set) with
-    status and body, or only delay it."""
+    status and body, or only delay it. A ``transient`` fault spares an SDK call's last try:
+    it can make every call retry, never fail (requests that happen to fall on the fault's
+    turn at each of their tries would otherwise fail a call now and then)."""
 
     name: str
     match: Callable[[Request], bool]
@@ -46,6 +55,7 @@ class Rule:
     delay: float = 0.0
     every: int = 1
     times: int | None = None
+    transient: bool = False
     matched: int = 0
 
 
@@ -79,7 +89,13 @@ class FaultProxy:
 
             def _serve(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                req = Request(self.command, self.path, self.headers.get("X-Amz-Target", ""), body)
+                req = Request(
+                    self.command,
+                    self.path,
+                    self.headers.get("X-Amz-Target", ""),
+                    body,
+                    _is_last_attempt(self.headers.get("amz-sdk-request")),
+                )
                 rule = proxy._pick(req)
                 if rule is not None and rule.delay:
                     time.sleep(rule.delay)
@@ -120,7 +136,7 @@ class FaultProxy:
         with self._lock:
             self.seen.append(req)
             for rule in self.rules:
-                if not rule.match(req):
+                if not rule.match(req) or (rule.transient and rule.status and req.last_attempt):
                     continue
                 rule.matched += 1
                 done = self.injected[rule.name]

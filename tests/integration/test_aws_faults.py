@@ -59,10 +59,12 @@ def test_transient_s3_and_dynamodb_faults_end_in_the_correct_result(
         return r.target.startswith("DynamoDB") and dataset.encode() in r.body
 
     for rule in (
-        Rule("s3 503 SlowDown", s3, 503, s3_error("SlowDown"), XML, every=4),
-        Rule("s3 500 InternalError", s3, 500, s3_error("InternalError"), XML, every=7),
-        Rule("dynamodb 500", ddb, 500, json_error(DDB + "InternalServerError"), every=9),
-        Rule("dynamodb throttled", ddb, 400, json_error(DDB + "ThrottlingException"), every=11),
+        Rule("s3 503 SlowDown", s3, 503, s3_error("SlowDown"), XML, every=4, transient=True),
+        Rule("s3 500 InternalError", s3, 500, s3_error("InternalError"), XML, every=7, transient=True),
+        Rule("dynamodb 500", ddb, 500, json_error(DDB + "InternalServerError"), every=9, transient=True),
+        Rule(
+            "dynamodb throttled", ddb, 400, json_error(DDB + "ThrottlingException"), every=11, transient=True
+        ),
         Rule(
             "transaction cancelled",
             lambda r: ddb(r) and r.target.endswith("TransactWriteItems"),
