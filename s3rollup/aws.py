@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
@@ -16,6 +17,8 @@ import boto3
 from botocore.config import Config
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+# The embedded endpoint's throwaway operator credentials (the account root there).
+LOCAL_OPERATOR = {"AccessKeyId": "s3rollup-local", "SecretAccessKey": "s3rollup-local"}
 _CONFIG = Config(
     retries={"mode": "standard", "max_attempts": 6},
     connect_timeout=5,
@@ -41,8 +44,15 @@ def object_at(bucket: str, key: str, version_id: str | None) -> dict[str, str]:
 class Aws:
     """A thread-safe cache of boto3 clients for one region and endpoint."""
 
-    def __init__(self, region: str | None = None, endpoint_url: str | None = None) -> None:
+    def __init__(
+        self,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        credentials: Mapping[str, str] | None = None,
+    ) -> None:
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        # An identity of its own (e.g. an assumed role's keys), instead of the standard chain.
+        self.credentials = dict(credentials) if credentials else None
         self.region = (
             region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         )
@@ -51,12 +61,19 @@ class Aws:
         self._lock = threading.Lock()
 
     def _new_session(self) -> boto3.session.Session:
+        if self.credentials:
+            return boto3.session.Session(
+                region_name=self.region,
+                aws_access_key_id=self.credentials["AccessKeyId"],
+                aws_secret_access_key=self.credentials["SecretAccessKey"],
+                aws_session_token=self.credentials.get("SessionToken"),
+            )
         session = boto3.session.Session(region_name=self.region)
         if is_local_endpoint(self.endpoint_url) and session.get_credentials() is None:
             session = boto3.session.Session(
                 region_name=self.region,
-                aws_access_key_id="s3rollup-local",
-                aws_secret_access_key="s3rollup-local",  # noqa: S106 - the embedded endpoint's
+                aws_access_key_id=LOCAL_OPERATOR["AccessKeyId"],
+                aws_secret_access_key=LOCAL_OPERATOR["SecretAccessKey"],
             )
         return session
 

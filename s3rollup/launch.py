@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
 
+from .aws import LOCAL_OPERATOR, Aws
 from .config import Settings
 from .errors import LaunchError
 
@@ -99,32 +100,66 @@ class EcsLauncher:
 
 
 class LocalLauncher:
-    """Run the worker task's command on this machine, with the task definition's environment.
+    """Run the worker task on this machine, as ECS would run it.
 
-    The task definition is read back from ECS (the embedded endpoint has it, deployed from
-    template.yaml), so the local worker sees exactly the variables the Fargate task would.
+    RunTask goes to the endpoint under the caller's identity, so the embedded endpoint checks
+    its ``ecs:RunTask`` and ``iam:PassRole`` as AWS does. What ECS does next is done here with
+    the stack operator's credentials (``agent``): read the task definition back (the
+    embedded endpoint has it, deployed from template.yaml, so the worker sees exactly the
+    variables the Fargate task would), take the task role's credentials from STS, and start
+    the container's command as a process with them.
     """
 
-    def __init__(self, settings: Settings, ecs: Any, extra_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        ecs: Any,
+        extra_env: dict[str, str] | None = None,
+        agent: Aws | None = None,
+        attempts: int = 5,
+    ):
         self.settings, self._ecs = settings, ecs
         self.extra_env = dict(extra_env or {})
+        self.agent = agent or Aws(credentials=LOCAL_OPERATOR)
+        self.attempts = attempts
         self.processes: list[subprocess.Popen[bytes]] = []
+
+    def _task_definition(self) -> dict[str, Any]:
+        ecs = self.agent.client("ecs")
+        taskdef: dict[str, Any] = ecs.describe_task_definition(taskDefinition=self.settings.task_definition)
+        return taskdef["taskDefinition"]
 
     def task_environment(self, dataset: str, job_id: str) -> dict[str, str]:
         """The environment the worker container would get for this job."""
         request = run_task_request(self.settings, dataset, job_id)
-        taskdef = self._ecs.describe_task_definition(taskDefinition=request["taskDefinition"])
         env: dict[str, str] = {}
-        for container in taskdef["taskDefinition"]["containerDefinitions"]:
+        for container in self._task_definition()["containerDefinitions"]:
             if container["name"] == self.settings.worker_container:
                 env.update({e["name"]: str(e["value"]) for e in container.get("environment", [])})
         for override in request["overrides"]["containerOverrides"]:
             env.update({e["name"]: e["value"] for e in override["environment"]})
         return env
 
+    def task_credentials(self, job_id: str) -> dict[str, str]:
+        """The task role's credentials, as ECS hands them to a task's SDKs."""
+        role = self._task_definition()["taskRoleArn"]
+        creds = self.agent.client("sts").assume_role(RoleArn=role, RoleSessionName=f"ecs-{job_id}"[:64])
+        c = creds["Credentials"]
+        return {
+            "AWS_ACCESS_KEY_ID": c["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": c["SecretAccessKey"],
+            "AWS_SESSION_TOKEN": c["SessionToken"],
+        }
+
     def launch(self, dataset: str, job_id: str) -> str:
-        """Start `python -m s3rollup.job` in the background; return a local task id."""
-        env = {**os.environ, **self.task_environment(dataset, job_id), **self.extra_env}
+        """RunTask, then start `python -m s3rollup.job` in the background; return a local id."""
+        EcsLauncher(self.settings, self._ecs, attempts=self.attempts).launch(dataset, job_id)
+        env = {
+            **os.environ,
+            **self.task_environment(dataset, job_id),
+            **self.task_credentials(job_id),
+            **self.extra_env,
+        }
         self.processes = [p for p in self.processes if p.poll() is None]
         proc = subprocess.Popen(  # the same entry point as the container's command
             [sys.executable, "-m", "s3rollup.job"], env=env, stdin=subprocess.DEVNULL

@@ -34,7 +34,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .aws import Aws
+from .aws import LOCAL_OPERATOR, Aws
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "template.yaml"
 HANDLER_DIR = ROOT / "functions" / "ingest"
 LOCAL_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "s3rollup-local",
-    "AWS_SECRET_ACCESS_KEY": "s3rollup-local",
+    "AWS_ACCESS_KEY_ID": LOCAL_OPERATOR["AccessKeyId"],
+    "AWS_SECRET_ACCESS_KEY": LOCAL_OPERATOR["SecretAccessKey"],
 }
 BOOTSTRAP_BUCKET = "s3rollup-local-artifacts"
 
@@ -128,6 +128,8 @@ class Resolver:
             return f"arn:aws:kms:{self.aws.region}:{self.account}:key/{pid}"
         if attr == "Arn" and typ == "AWS::S3::Bucket":
             return f"arn:aws:s3:::{pid}"
+        if attr == "Arn" and typ == "AWS::IAM::Role":
+            return f"arn:aws:iam::{self.account}:role/{pid}"
         raise ConfigError(f"template: cannot resolve GetAtt {name}.{attr}")
 
     def resolve(self, node: Any) -> Any:
@@ -187,6 +189,7 @@ class StackInfo:
     batch_size: int = 10
     queue_arn: str = ""
     not_applied: list[str] = field(default_factory=list)
+    function_role_arn: str = ""
 
     def as_json(self) -> dict[str, Any]:
         """What `s3rollup up` prints once it is ready."""
@@ -221,8 +224,12 @@ def _code_zip() -> bytes:
     return buf.getvalue()
 
 
-def provision(aws: Aws, stack_name: str = "s3rollup", template_path: Path = TEMPLATE) -> StackInfo:
-    """Deploy template.yaml to the endpoint's CloudFormation and apply what it skips."""
+def provision(
+    aws: Aws, stack_name: str = "s3rollup", template_path: Path = TEMPLATE, policies: Any = None
+) -> StackInfo:
+    """Deploy template.yaml to the endpoint's CloudFormation and apply what it skips; hand the
+    bucket, queue and key policies, as the template gives them, to the endpoint's IAM
+    (``policies``, a ``local_iam.Policies``)."""
     template = load_template(template_path)
     ec2 = aws.client("ec2")
     vpc = ec2.create_vpc(CidrBlock="10.42.0.0/16")["Vpc"]["VpcId"]
@@ -272,6 +279,13 @@ def provision(aws: Aws, stack_name: str = "s3rollup", template_path: Path = TEMP
     defaults = {k: str(v["Default"]) for k, v in template.get("Parameters", {}).items() if "Default" in v}
     resolver = Resolver(aws, stack_name, {**defaults, **params}, physical, types)
     not_applied = _apply_skipped(aws, cfn, resolver)
+    if policies is not None:
+        for arn, policy in resource_policies(cfn, resolver).items():
+            policies.set_resource_policy(arn, policy)
+        for logical, res in cfn["Resources"].items():
+            if res["Type"] == "AWS::IAM::Role" and res["Properties"].get("ManagedPolicyArns"):
+                arn = f"arn:aws:iam::{resolver.account}:role/{physical[logical]}"
+                policies.managed[arn] = resolver.resolve(res["Properties"]["ManagedPolicyArns"])
     outputs = stack_outputs(aws, stack_name)
 
     fn = aws.client("lambda").get_function_configuration(FunctionName=outputs["IngestFunctionName"])
@@ -286,6 +300,7 @@ def provision(aws: Aws, stack_name: str = "s3rollup", template_path: Path = TEMP
         batch_size=int(mapping.get("BatchSize", 10)),
         queue_arn=str(resolver.resolve(mapping.get("EventSourceArn", ""))),
         not_applied=not_applied,
+        function_role_arn=str(fn["Role"]),
     )
 
 
@@ -401,12 +416,51 @@ def _apply_skipped(aws: Aws, cfn: dict[str, Any], resolver: Resolver) -> list[st
                 Bucket=resolver.physical[logical],
                 NotificationConfiguration={"QueueConfigurations": queues},
             )
+        elif res["Type"] == "AWS::ECS::TaskDefinition":
+            _complete_task_definition(aws.region, resolver.physical[logical], resolver.resolve(props))
         elif res["Type"] == "AWS::SQS::QueuePolicy":
             policy = json.dumps(resolver.resolve(props["PolicyDocument"]))
             for url in resolver.resolve(props["Queues"]):
                 real = sqs.get_queue_url(QueueName=url.rsplit("/", 1)[-1])["QueueUrl"]
                 sqs.set_queue_attributes(QueueUrl=real, Attributes={"Policy": policy})
     return skipped
+
+
+def _complete_task_definition(region: str, arn: str, props: dict[str, Any]) -> None:
+    """moto's CloudFormation registers a task definition with its containers only: give it
+    the roles (RunTask passes them; ECS gives the task role's credentials to the task)."""
+    from moto.ecs.models import ecs_backends
+
+    account = arn.split(":")[4]
+    definition = ecs_backends[account][region].describe_task_definition(arn)
+    definition.task_role_arn = str(props.get("TaskRoleArn", ""))
+    definition.execution_role_arn = str(props.get("ExecutionRoleArn", ""))
+
+
+def resource_policies(cfn: dict[str, Any], resolver: Resolver) -> dict[str, dict[str, Any]]:
+    """Every bucket, queue and key policy of the stack, whole and resolved, by resource ARN."""
+    out: dict[str, dict[str, Any]] = {}
+    for logical, res in cfn["Resources"].items():
+        props = res.get("Properties", {})
+        if res["Type"] == "AWS::S3::BucketPolicy":
+            out[f"arn:aws:s3:::{resolver.resolve(props['Bucket'])}"] = resolver.resolve(
+                props["PolicyDocument"]
+            )
+        elif res["Type"] == "AWS::SQS::QueuePolicy":
+            for url in resolver.resolve(props["Queues"]):
+                arn = f"arn:aws:sqs:{resolver.aws.region}:{resolver.account}:{url.rsplit('/', 1)[-1]}"
+                out[arn] = resolver.resolve(props["PolicyDocument"])
+        elif res["Type"] == "AWS::KMS::Key":
+            out[resolver.get_att(logical, "Arn")] = resolver.resolve(props["KeyPolicy"])
+    return out
+
+
+def assume(aws: Aws, role_arn: str, session: str) -> dict[str, str]:
+    """A role's temporary credentials from the endpoint's STS, as Lambda and ECS take them."""
+    creds: dict[str, str] = aws.client("sts").assume_role(RoleArn=role_arn, RoleSessionName=session)[
+        "Credentials"
+    ]
+    return creds
 
 
 # ---- the dispatcher (Lambda's SQS event source mapping) -------------------------------------
@@ -464,7 +518,14 @@ class Dispatcher:
         for k, v in LOCAL_CREDENTIALS.items():
             env.setdefault(k, os.environ.get(k, v))
         self.env = env
-        self.app = load_handler(env)
+        # The function's execution role: the event source mapping polls the queue with it,
+        # and the handler's clients use it, as Lambda gives a function its role's keys.
+        self.function_aws = Aws(
+            info.region,
+            info.endpoint_url,
+            credentials=assume(aws, info.function_role_arn, info.outputs["IngestFunctionName"]),
+        )
+        self.app = self.container()
         self.queue_url = self.aws.client("sqs").get_queue_url(
             QueueName=info.outputs["IngestQueueUrl"].rsplit("/", 1)[-1]
         )["QueueUrl"]
@@ -472,6 +533,13 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self.invocations = 0
         self.failures = 0
+
+    def container(self) -> ModuleType:
+        """The handler as a new Lambda container loads it: its own globals, the function's
+        environment, the execution role's credentials."""
+        app = load_handler(self.env)
+        app.service(self.function_aws)
+        return app
 
     def event_for(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         """The SQS event Lambda passes for a batch of messages."""
@@ -494,7 +562,7 @@ class Dispatcher:
 
     def poll_once(self, wait_seconds: int = 1) -> int:
         """Receive one batch, invoke the handler, delete what succeeded; return messages seen."""
-        sqs = self.aws.client("sqs")
+        sqs = self.function_aws.client("sqs")
         messages = sqs.receive_message(
             QueueUrl=self.queue_url,
             MaxNumberOfMessages=min(10, self.info.batch_size),
@@ -639,6 +707,30 @@ class _ListingCopy:
         return listed
 
 
+def enforcing_moto_server(policies: Any, ip_address: str, port: int) -> Any:
+    """moto's threaded server, with every request authorized by local_iam first."""
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
+
+    from .local_iam import Enforcer
+
+    class _Server(ThreadedMotoServer):
+        def _server_entry(self) -> None:
+            app = Enforcer(DomainDispatcherApplication(create_backend_app), policies)
+            self._server = make_server(
+                self._ip_address, self._port, app, True, request_handler=MotoRequestHandler
+            )
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    return _Server(ip_address=ip_address, port=port, verbose=False)
+
+
 class EmbeddedStack:
     """moto server + provisioned stack + dispatcher, as one context manager."""
 
@@ -659,7 +751,7 @@ class EmbeddedStack:
         self.aws: Aws | None = None
 
     def __enter__(self) -> EmbeddedStack:
-        from moto.server import ThreadedMotoServer
+        from . import local_iam
 
         # moto reports each resource type its CloudFormation skips, and werkzeug each
         # request: the skipped ones are applied by _apply_skipped, the requests are noise.
@@ -671,7 +763,8 @@ class EmbeddedStack:
         serialize_dynamodb()
         light_version_listings()
         # Listen on loopback only: the embedded endpoint is for this machine.
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.policies = local_iam.Policies(self.region)
+        self.server = enforcing_moto_server(self.policies, ip_address="127.0.0.1", port=self.port)
         self.server.start()
         host, port = self.server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
@@ -680,7 +773,7 @@ class EmbeddedStack:
         os.environ["AWS_ENDPOINT_URL"] = endpoint
         os.environ["AWS_REGION"] = os.environ["AWS_DEFAULT_REGION"] = self.region
         self.aws = Aws(self.region, endpoint)
-        self.info = provision(self.aws, self.stack_name)
+        self.info = provision(self.aws, self.stack_name, policies=self.policies)
         if self.dispatch:
             self.dispatcher = Dispatcher(self.info, self.aws, self.reconcile_every, self.log_level)
             self.dispatcher.start()

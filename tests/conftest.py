@@ -35,9 +35,7 @@ def dataset() -> str:
 def lambda_app(stack: Any) -> Any:
     """The handler module as a second Lambda container would load it (its own globals, so
     calls from a test never share a batch processor with the dispatcher's container)."""
-    from s3rollup.local import load_handler
-
-    return load_handler(stack.dispatcher.env)
+    return stack.dispatcher.container()
 
 
 @pytest.fixture()
@@ -63,7 +61,30 @@ def wait_for(predicate: Any, timeout: float = 120.0, interval: float = 0.25) -> 
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run on any AWS call the embedded endpoint refused that no test expected:
+    a call the code makes that the template's policies (or S3, KMS) would refuse on AWS."""
+    from s3rollup import local_iam
+
+    denied = local_iam.unexpected_denials()
+    if denied and exitstatus == 0:
+        exitstatus = pytest.ExitCode.TESTS_FAILED
+    session.exitstatus = exitstatus
     session.config.stash[_EXIT_STATUS] = int(exitstatus)
+    session.config.stash[_DENIED] = denied
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """The (principal, action) pairs the suite's AWS calls used, and any refused one."""
+    from s3rollup import local_iam
+
+    pairs = local_iam.pairs()
+    if not pairs:
+        return
+    terminalreporter.section("AWS calls by principal (IAM enforced at the embedded endpoint)")
+    for line in local_iam.pairs_table(pairs):
+        terminalreporter.write_line(line)
+    for r in config.stash.get(_DENIED, []):
+        terminalreporter.write_line(f"REFUSED {r.principal} {r.action} {r.resource}: {r.reason}", red=True)
 
 
 @pytest.hookimpl(trylast=True)
@@ -78,3 +99,4 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 _EXIT_STATUS = pytest.StashKey[int]()
+_DENIED = pytest.StashKey[list[Any]]()

@@ -41,12 +41,14 @@ processor = BatchProcessor(event_type=EventType.SQS)
 _ingest: Ingest | None = None
 
 
-def service() -> Ingest:
-    """The ingest service, built once per container from the function's environment."""
+def service(aws: Aws | None = None) -> Ingest:
+    """The ingest service, built once per container from the function's environment (and
+    its execution role's credentials, which Lambda puts there too; the embedded stack's
+    dispatcher passes them as ``aws``)."""
     global _ingest
     if _ingest is None:
         settings = Settings.from_env()
-        aws = Aws()
+        aws = aws or Aws()
         _ingest = Ingest(settings, aws.s3, aws.dynamodb, make_launcher(settings, aws.client("ecs")))
     return _ingest
 
