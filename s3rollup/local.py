@@ -190,6 +190,7 @@ class StackInfo:
     queue_arn: str = ""
     not_applied: list[str] = field(default_factory=list)
     function_role_arn: str = ""
+    persona_roles: dict[str, str] = field(default_factory=dict)  # producer, reader, operator
 
     def as_json(self) -> dict[str, Any]:
         """What `s3rollup up` prints once it is ready."""
@@ -291,6 +292,7 @@ def provision(
     fn = aws.client("lambda").get_function_configuration(FunctionName=outputs["IngestFunctionName"])
     env = {k: str(v) for k, v in fn.get("Environment", {}).get("Variables", {}).items()}
     mapping = next(iter(mappings.values()))["Properties"] if mappings else {}
+    personas = persona_roles(aws, stack_name, outputs)
     return StackInfo(
         endpoint_url=str(aws.endpoint_url),
         region=aws.region,
@@ -301,6 +303,7 @@ def provision(
         queue_arn=str(resolver.resolve(mapping.get("EventSourceArn", ""))),
         not_applied=not_applied,
         function_role_arn=str(fn["Role"]),
+        persona_roles=personas,
     )
 
 
@@ -453,6 +456,40 @@ def resource_policies(cfn: dict[str, Any], resolver: Resolver) -> dict[str, dict
         elif res["Type"] == "AWS::KMS::Key":
             out[resolver.get_att(logical, "Arn")] = resolver.resolve(props["KeyPolicy"])
     return out
+
+
+# The template's user policies, by the persona the embedded stack runs under them.
+PERSONAS = {
+    "producer": ("ProducerPolicyArn",),
+    "reader": ("ReaderPolicyArn",),
+    "operator": ("ReaderPolicyArn", "OperatorPolicyArn"),
+}
+
+
+def persona_roles(aws: Aws, stack_name: str, outputs: dict[str, str]) -> dict[str, str]:
+    """A role per persona with exactly the template's policies for it attached, as an
+    administrator would attach them (named outside the stack's role-name prefix, which the
+    key policy reserves for the stack's own roles); role ARN by persona."""
+    iam = aws.client("iam")
+    account = aws.client("sts").get_caller_identity()["Account"]
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"AWS": f"arn:aws:iam::{account}:root"},
+                "Action": "sts:AssumeRole",
+            }
+        ],
+    }
+    roles = {}
+    for persona, policies in PERSONAS.items():
+        name = f"local-{stack_name}-{persona}"
+        role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+        for output in policies:
+            iam.attach_role_policy(RoleName=name, PolicyArn=outputs[output])
+        roles[persona] = str(role)
+    return roles
 
 
 def assume(aws: Aws, role_arn: str, session: str) -> dict[str, str]:
@@ -778,6 +815,16 @@ class EmbeddedStack:
             self.dispatcher = Dispatcher(self.info, self.aws, self.reconcile_every, self.log_level)
             self.dispatcher.start()
         return self
+
+    def credentials(self, persona: str) -> dict[str, str]:
+        """Environment variables that make a process a producer, reader or operator."""
+        assert self.aws and self.info
+        c = assume(self.aws, self.info.persona_roles[persona], f"local-{persona}")
+        return {
+            "AWS_ACCESS_KEY_ID": c["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": c["SecretAccessKey"],
+            "AWS_SESSION_TOKEN": c["SessionToken"],
+        }
 
     def __exit__(self, *exc: object) -> None:
         if self.dispatcher:

@@ -95,7 +95,10 @@ def pairs() -> dict[tuple[str, str], tuple[int, int]]:
 
 
 def _logical(principal: str) -> str:
-    # role/<stack>-<LogicalId>-<suffix> -> <LogicalId>
+    # role/local-<stack>-<persona> -> <persona>; role/<stack>-<LogicalId>-<suffix> -> <LogicalId>
+    persona = re.fullmatch(r"role/local-.+-(producer|reader|operator)", principal)
+    if persona:
+        return persona[1]
     m = re.fullmatch(r"role/.+?-([A-Za-z0-9]+)-[A-Z0-9]+", principal)
     return m[1] if m else principal
 
@@ -145,6 +148,9 @@ class Policies:
 
             role = iam_backends[ACCOUNT]["aws"].get_role_by_arn(role_arn)
             docs = [_load(doc) for doc in role.policies.values()]
+            for attached in role.managed_policies.values():  # customer managed, attached by API
+                version = next(v for v in attached.versions if v.version_id == attached.default_version_id)
+                docs.append(_load(version.document))
             managed = json.loads(aws_managed_policies_data)
             for arn in self.managed.get(role_arn, []):
                 docs.append(_load(managed[arn.rsplit("/", 1)[-1]]["Document"]))

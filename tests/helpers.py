@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from s3rollup.audit import exactly_once_problems
+from s3rollup.aws import Aws
 from s3rollup.contract import result_key
 from s3rollup.demo import compare, generate_part, to_csv_bytes, wait_for_manifest
 from s3rollup.ops import read_manifest, s3_notification
@@ -72,12 +73,28 @@ def silent(stack: Any) -> Iterator[None]:
         s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration=config)
 
 
-def user_env(stack: Any) -> dict[str, str]:
-    """What a user's other terminal has: only the endpoint (no credentials, no names)."""
+def user_env(stack: Any, persona: str = "operator") -> dict[str, str]:
+    """What a user's other terminal has: the endpoint and the credentials of a role with the
+    template's policies for that persona (producer, reader, operator), no names."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3ROLLUP_"))}
     env["AWS_ENDPOINT_URL"] = stack.info.endpoint_url
     env["S3ROLLUP_STACK"] = stack.info.stack_name
+    env.update(stack.credentials(persona))
     return env
+
+
+def persona_aws(stack: Any, persona: str) -> Aws:
+    """Clients with a persona's credentials (one set per persona and stack)."""
+    cache = stack.__dict__.setdefault("_persona_aws", {})
+    if persona not in cache:
+        env = stack.credentials(persona)
+        creds = {
+            "AccessKeyId": env["AWS_ACCESS_KEY_ID"],
+            "SecretAccessKey": env["AWS_SECRET_ACCESS_KEY"],
+            "SessionToken": env["AWS_SESSION_TOKEN"],
+        }
+        cache[persona] = Aws(stack.info.region, stack.info.endpoint_url, credentials=creds)
+    return cache[persona]
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -165,7 +182,8 @@ def dask_processes(tmp_path: Path, workers: int) -> Iterator[tuple[str, list[sub
 def put_version(stack: Any, key: str, body: bytes | pd.DataFrame, **extra: str) -> str:
     """Upload as a producer does (SSE-KMS under the stack's key; ``extra``: more PutObject
     arguments, e.g. ChecksumAlgorithm); return the new version id."""
-    put = stack.aws.s3.put_object(
+    s3 = persona_aws(stack, "producer").s3 if key.startswith("incoming/") else stack.aws.s3
+    put = s3.put_object(
         Bucket=stack.info.outputs["DataBucketName"],
         Key=key,
         Body=to_csv_bytes(body) if isinstance(body, pd.DataFrame) else body,

@@ -115,14 +115,14 @@ def test_audit_verify_cli_passes_an_intact_pipeline_chain_and_names_a_tampered_r
     wait_manifest(stack, dataset, {key})
     state = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"])
     assert wait_until_idle(state, AuditLog(stack.aws.dynamodb, stack.info.outputs["AuditTableName"]), dataset)
-    ok = run_cli(["audit", "verify", dataset], user_env(stack))
+    ok = run_cli(["audit", "verify", dataset], user_env(stack, "reader"))
     assert ok.returncode == 0 and "intact" in ok.stdout, ok.stderr
-    shown = run_cli(["audit", "show", dataset, "--format", "json"], user_env(stack))
+    shown = run_cli(["audit", "show", dataset, "--format", "json"], user_env(stack, "reader"))
     events = [json.loads(line)["event"] for line in shown.stdout.splitlines()]
     assert events[0] == "PART_ACCEPTED" and "RESULT_WRITTEN" in events and events[-1] == "JOB_FINISHED"
 
     _tamper(stack, dataset, 1, lambda r: r.__setitem__("reason", "EDITED"))
-    bad = run_cli(["audit", "verify", dataset], user_env(stack))
+    bad = run_cli(["audit", "verify", dataset], user_env(stack, "reader"))
     assert bad.returncode == 7 and "record 1" in bad.stderr
 
 

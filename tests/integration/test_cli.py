@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 def test_query_prints_the_published_result_with_only_the_endpoint_set(stack: Any, dataset: str) -> None:
     key = put_part(stack, dataset, "part-0.csv", generate_part(0, 500, seed=3))
     wait_manifest(stack, dataset, {key})
-    done = run_cli(["query", dataset, "--format", "json"], user_env(stack))
+    done = run_cli(["query", dataset, "--format", "json"], user_env(stack, "reader"))
     assert done.returncode == 0, done.stderr
     printed = pd.DataFrame(json.loads(done.stdout))
     expected = result_frame(stack, dataset)
@@ -31,13 +31,13 @@ def test_query_prints_the_published_result_with_only_the_endpoint_set(stack: Any
 
 
 def test_query_of_an_unknown_dataset_is_one_line_and_exit_3(stack: Any) -> None:
-    done = run_cli(["query", "no-such-dataset"], user_env(stack))
+    done = run_cli(["query", "no-such-dataset"], user_env(stack, "reader"))
     assert done.returncode == 3
     assert done.stderr.strip().count("\n") == 0 and "no result" in done.stderr
 
 
 def test_query_of_a_bad_dataset_name_is_a_usage_error(stack: Any) -> None:
-    done = run_cli(["query", "../etc"], user_env(stack))
+    done = run_cli(["query", "../etc"], user_env(stack, "reader"))
     assert done.returncode == 2 and "BAD_DATASET" in done.stderr
 
 

@@ -84,7 +84,7 @@ def test_personal_data_never_reaches_logs_audit_or_errors(stack: Any, capfd: Any
     assert wait_until_idle(state, audit, dataset) and wait_until_idle(state, audit, allowed)
     cli_output = ""
     for args in (["audit", "show", dataset], ["audit", "verify", dataset], ["query", "pii-none"]):
-        done = run_cli(args, user_env(stack))
+        done = run_cli(args, user_env(stack, "reader"))
         cli_output += done.stdout + done.stderr
     reasons = ""
     for key in bad:

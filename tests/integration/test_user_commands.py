@@ -81,12 +81,14 @@ def test_aws_cli_cp_triggers_the_pipeline_as_documented(stack: Any, dataset: str
 
 def test_plain_boto3_put_object_triggers_the_pipeline(stack: Any, dataset: str) -> None:
     frame = generate_part(1, 400, seed=12)
+    creds = stack.credentials("producer")  # a role with the template's ProducerPolicy only
     s3 = boto3.client(
         "s3",
         endpoint_url=stack.info.endpoint_url,
         region_name=stack.info.region,
-        aws_access_key_id="s3rollup-local",
-        aws_secret_access_key="s3rollup-local",
+        aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
+        aws_session_token=creds["AWS_SESSION_TOKEN"],
     )
     key = f"incoming/{dataset}/plain.csv"
     s3.put_object(Bucket=stack.info.outputs["DataBucketName"], Key=key, Body=to_csv_bytes(frame))
@@ -112,7 +114,7 @@ def test_put_uploads_small_and_multipart_parts_quietly_in_a_pipe(
             "--multipart-threshold",
             "5",
         ],
-        user_env(stack),
+        user_env(stack, "producer"),
     )
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr and "[#" not in done.stderr  # no progress bar in a pipe
@@ -141,7 +143,9 @@ def test_put_uploads_small_and_multipart_parts_quietly_in_a_pipe(
 def test_put_of_a_missing_file_uploads_nothing(stack: Any, dataset: str, tmp_path: Path) -> None:
     good = tmp_path / "good.csv"
     good.write_bytes(to_csv_bytes(generate_part(0, 10, seed=1)))
-    done = run_cli(["put", str(good), str(tmp_path / "absent.csv"), "--dataset", dataset], user_env(stack))
+    done = run_cli(
+        ["put", str(good), str(tmp_path / "absent.csv"), "--dataset", dataset], user_env(stack, "producer")
+    )
     assert done.returncode == 3
     assert done.stderr.strip().count("\n") == 0 and "absent.csv" in done.stderr
     listed = stack.aws.s3.list_objects_v2(
@@ -160,7 +164,7 @@ def test_status_counts_parts_names_quarantine_reasons_and_never_a_cell_value(
     wait_manifest(stack, dataset, {good})
     wait_for(lambda: any(r["event"] == "PART_REJECTED" for r in audit_records(stack, dataset)))
     wait_for(lambda: _idle(stack, dataset))
-    done = run_cli(["status", dataset, "--format", "json"], user_env(stack))
+    done = run_cli(["status", dataset, "--format", "json"], user_env(stack, "reader"))
     assert done.returncode == 0, done.stderr
     status = json.loads(done.stdout)
     assert status["parts"] == {"AGGREGATED": 1, "REJECTED": 1}
@@ -169,14 +173,14 @@ def test_status_counts_parts_names_quarantine_reasons_and_never_a_cell_value(
     assert status["last_job"]["event"] in ("JOB_STARTED", "JOB_FINISHED")
     [q] = status["quarantined"]
     assert q["key"] == f"incoming/{dataset}/bad.csv" and re.fullmatch(r"[A-Z_]+", q["reason"])
-    table = run_cli(["status", dataset], user_env(stack))
+    table = run_cli(["status", dataset], user_env(stack, "reader"))
     assert table.returncode == 0 and f"quarantined incoming/{dataset}/bad.csv: {q['reason']}" in table.stdout
     for out in (done.stdout, table.stdout, done.stderr, table.stderr):
         assert "SECRET-CELL-42" not in out
 
 
 def test_status_of_an_unknown_dataset_says_what_to_do(stack: Any) -> None:
-    done = run_cli(["status", "never-seen"], user_env(stack))
+    done = run_cli(["status", "never-seen"], user_env(stack, "reader"))
     assert done.returncode == 3 and "s3rollup put" in done.stderr
     assert done.stderr.strip().count("\n") == 0
 
@@ -188,18 +192,18 @@ def test_query_selects_groups_and_columns(stack: Any, dataset: str) -> None:
     wanted = [str(full["category"].iloc[0]), str(full["category"].iloc[3])]
     done = run_cli(
         ["query", dataset, "--group", *wanted, "--columns", "value1_mean,value2_std", "--format", "json"],
-        user_env(stack),
+        user_env(stack, "reader"),
     )
     assert done.returncode == 0, done.stderr
     got = pd.DataFrame(json.loads(done.stdout))
     assert list(got.columns) == ["category", "value1_mean", "value2_std"]
     expected = full[full["category"].astype(str).isin(wanted)][list(got.columns)].reset_index(drop=True)
     pd.testing.assert_frame_equal(got, expected, check_dtype=False, rtol=1e-12)
-    csv = run_cli(["query", dataset, "--columns", "rows", "--format", "csv"], user_env(stack))
+    csv = run_cli(["query", dataset, "--columns", "rows", "--format", "csv"], user_env(stack, "reader"))
     assert csv.returncode == 0 and csv.stdout.splitlines()[0] == "category,rows"
-    bad = run_cli(["query", dataset, "--columns", "nope"], user_env(stack))
+    bad = run_cli(["query", dataset, "--columns", "nope"], user_env(stack, "reader"))
     assert bad.returncode == 2 and "UNKNOWN_COLUMN" in bad.stderr and "value1_mean" in bad.stderr
-    missing = run_cli(["query", dataset, "--group", "no-such-group"], user_env(stack))
+    missing = run_cli(["query", dataset, "--group", "no-such-group"], user_env(stack, "reader"))
     assert missing.returncode == 2 and "UNKNOWN_GROUP" in missing.stderr
 
 
@@ -230,7 +234,7 @@ def test_rebuild_recomputes_every_partial_and_equals_pandas(stack: Any, dataset:
     events = [r["event"] for r in audit_records(stack, dataset)]
     assert events.count("REBUILD_REQUESTED") == 1
     assert events.count("PART_AGGREGATED") == 6  # each part twice: first run and rebuild
-    verify = run_cli(["audit", "verify", dataset], user_env(stack))
+    verify = run_cli(["audit", "verify", dataset], user_env(stack, "reader"))
     assert verify.returncode == 0, verify.stderr
 
 
@@ -271,7 +275,7 @@ def test_report_is_self_contained_and_renders_in_chromium(stack: Any, dataset: s
     key = put_part(stack, dataset, "p.csv", generate_part(0, 3000, seed=9))
     wait_manifest(stack, dataset, {key})
     out = tmp_path / "report.html"
-    done = run_cli(["report", dataset, "-o", str(out)], user_env(stack))
+    done = run_cli(["report", dataset, "-o", str(out)], user_env(stack, "reader"))
     assert done.returncode == 0, done.stderr
     page = out.read_text()
     # Nothing to fetch: no external references of any kind.
