@@ -59,6 +59,7 @@ class Record:
     resource: str
     allowed: bool
     reason: str
+    context: dict[str, Any] = field(default_factory=dict)  # the condition keys it was decided on
 
 
 # Every decision made in this process (all embedded stacks), for the suite's IAM table.
@@ -724,7 +725,7 @@ class Enforcer:
         reason = decision.reason
         if not decision.allowed and (label, check.action) in _EXPECTED:
             reason = f"expected: {reason}"
-        _record(Record(label, check.action, check.resource, decision.allowed, reason))
+        _record(Record(label, check.action, check.resource, decision.allowed, reason, dict(request.context)))
         return decision
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:

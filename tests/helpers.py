@@ -83,6 +83,17 @@ def user_env(stack: Any, persona: str = "operator") -> dict[str, str]:
     return env
 
 
+def task_aws(stack: Any) -> Aws:
+    """Clients with the worker task role's credentials, as a job on Fargate has them."""
+    from s3rollup.local import assume
+
+    ecs = stack.aws.client("ecs")
+    taskdef = stack.info.function_env["S3ROLLUP_TASK_DEFINITION"]
+    role = ecs.describe_task_definition(taskDefinition=taskdef)["taskDefinition"]["taskRoleArn"]
+    creds = assume(stack.aws, role, "ecs-test")
+    return Aws(stack.info.region, stack.info.endpoint_url, credentials=creds)
+
+
 def persona_aws(stack: Any, persona: str) -> Aws:
     """Clients with a persona's credentials (one set per persona and stack)."""
     cache = stack.__dict__.setdefault("_persona_aws", {})

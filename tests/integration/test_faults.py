@@ -15,7 +15,6 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from s3rollup.aws import Aws
 from s3rollup.config import Settings
 from s3rollup.demo import generate_part
 from s3rollup.job import Job
@@ -31,6 +30,7 @@ from tests.helpers import (
     put_version,
     silent,
     sqs_event,
+    task_aws,
     upload_silently,
 )
 
@@ -167,7 +167,7 @@ def test_a_dask_worker_killed_mid_computation(stack: Any, dataset: str, tmp_path
     final = upload_silently(stack, dataset, 16, 20_000, seed=19)
     with dask_processes(tmp_path, workers=2) as (address, workers):
         settings = Settings.from_env(stack.dispatcher.env).with_(dask_scheduler=address)
-        job = Job(settings, Aws(), dataset, "job-dask-kill", actor="test:dask-kill")
+        job = Job(settings, task_aws(stack), dataset, "job-dask-kill", actor="test:dask-kill")
         outcome: list[int] = []
         runner = threading.Thread(target=lambda: outcome.append(job.run()))
         runner.start()
@@ -193,7 +193,7 @@ def test_a_job_left_without_dask_workers_fails_cleanly_and_is_retried(
             dask_scheduler=address, round_timeout_seconds=3
         )
         # WHEN a job runs there
-        assert Job(settings, Aws(), dataset, "job-no-workers", actor="test").run() == 1
+        assert Job(settings, task_aws(stack), dataset, "job-no-workers", actor="test").run() == 1
     # THEN it fails on the record, gives the lease back and publishes nothing ...
     failed = [r for r in audit_records(stack, dataset) if r["event"] == "JOB_FAILED"]
     assert [(r["job_id"], r["reason"]) for r in failed] == [("job-no-workers", "ROUND_TIMEOUT")]

@@ -7,14 +7,13 @@ from typing import Any
 
 import pytest
 
-from s3rollup.aws import Aws
 from s3rollup.config import Settings
 from s3rollup.demo import generate_part
 from s3rollup.errors import S3RollupError
 from s3rollup.job import Job, dask_client
 from s3rollup.state import LeaseKeeper, State
 from tests.conftest import wait_for
-from tests.helpers import audit_records, manifest, put_part, silent
+from tests.helpers import audit_records, manifest, put_part, silent, task_aws
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +22,7 @@ def test_a_job_past_its_lease_never_takes_it_under_another_id(stack: Any, datase
     settings = Settings.from_env(stack.dispatcher.env)
     with silent(stack):  # GIVEN a part only the job's own reconcile finds
         key = put_part(stack, dataset, "late.csv", generate_part(0, 20, seed=3))
-    job = Job(settings, Aws(), dataset, "job-long", actor="test")
+    job = Job(settings, task_aws(stack), dataset, "job-long", actor="test")
     # WHEN the job's lease has already expired (a job longer than the lease)
     assert job.state.acquire_lease(dataset, job.job_id, -1)
     todo = job._pending()
@@ -48,7 +47,7 @@ def test_a_job_whose_lease_was_taken_fails_and_publishes_nothing(stack: Any, dat
     settings = Settings.from_env(stack.dispatcher.env)
     with silent(stack):
         put_part(stack, dataset, "p.csv", generate_part(0, 30, seed=5))
-    job = Job(settings, Aws(), dataset, "job-a", actor="test")
+    job = Job(settings, task_aws(stack), dataset, "job-a", actor="test")
     assert job.state.acquire_lease(dataset, "job-a", 600)
     todo = job._pending()
 

@@ -13,7 +13,6 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from s3rollup.aws import Aws
 from s3rollup.config import Settings
 from s3rollup.contract import load_contract, merged_partial_key, parse_part_key, partial_key
 from s3rollup.demo import generate_part, to_csv_bytes
@@ -26,6 +25,7 @@ from tests.helpers import (
     put_part,
     result_frame,
     silent,
+    task_aws,
     wait_manifest,
     wait_published,
 )
@@ -120,7 +120,7 @@ def test_a_job_runs_on_an_existing_dask_scheduler(stack: Any, dataset: str, dask
     with silent(stack):  # no event: this job is started by hand, not by ingest
         keys = {put_part(stack, dataset, f"p{i}.csv", f) for i, f in enumerate(frames)}
     env_settings = Settings.from_env(stack.dispatcher.env).with_(dask_scheduler=dask_scheduler)
-    job = Job(env_settings, Aws(), dataset, uuid.uuid4().hex, actor="test:scheduler")
+    job = Job(env_settings, task_aws(stack), dataset, uuid.uuid4().hex, actor="test:scheduler")
     assert job.run() == 0
     manifest = wait_manifest(stack, dataset, keys, timeout=5)
     assert manifest["rows"] == 1500
