@@ -150,10 +150,20 @@ def test_every_bucket_is_encrypted_private_versioned_and_tls_only(name: str) -> 
     assert len(props["PublicAccessBlockConfiguration"]) == 4
     assert props["OwnershipControls"]["Rules"] == [{"ObjectOwnership": "BucketOwnerEnforced"}]
     assert props["VersioningConfiguration"]["Status"] == "Enabled"
-    assert RESOURCES[name]["DeletionPolicy"] == "Retain"
     (policy,) = [p for p in _of_type("AWS::S3::BucketPolicy").values() if p["Bucket"] == {"Ref": name}]
     deny = next(s for s in policy["PolicyDocument"]["Statement"] if s["Sid"] == "DenyInsecureTransport")
     assert deny["Effect"] == "Deny" and deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+
+
+def test_data_and_its_key_outlive_the_stack_but_not_a_failed_first_deploy() -> None:
+    # Kept on stack deletion and replacement; deleted when the create that made them rolls
+    # back, so a retry finds no fixed-name bucket "already exists". The key goes with the
+    # data it protects: a retained bucket or table is unreadable once its key is deleted.
+    kept = [n for n, r in RESOURCES.items() if r["Type"] in ("AWS::S3::Bucket", "AWS::DynamoDB::Table")]
+    assert len(kept) == 5
+    for name in [*kept, "DataKey"]:
+        assert RESOURCES[name]["DeletionPolicy"] == "RetainExceptOnCreate", name
+        assert RESOURCES[name]["UpdateReplacePolicy"] == "Retain", name
 
 
 def test_access_logs_go_to_their_own_bucket_and_only_the_logging_service_writes_them() -> None:
@@ -230,7 +240,6 @@ def test_every_table_queue_topic_and_log_group_uses_the_stack_key() -> None:
             "KMSMasterKeyId": KEY_ARN,
         }, name
         assert props["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
-        assert RESOURCES[name]["DeletionPolicy"] == "Retain"
     for name, props in _of_type("AWS::SQS::Queue").items():
         assert props["KmsMasterKeyId"] == {"Ref": "DataKey"}, name
     for name, props in _of_type("AWS::SNS::Topic").items():
