@@ -258,6 +258,17 @@ def test_the_ingest_queue_outlives_six_function_timeouts_and_redrives() -> None:
     assert TEMPLATE["Globals"]["Function"]["Runtime"] == "python3.12"
 
 
+def test_the_queue_caps_the_function_concurrency_without_reserving_any() -> None:
+    # A reservation fails in accounts with a low concurrency limit; the event source's
+    # maximum concurrency (2 to 1000) bounds the same fan-out without one.
+    assert "ReservedConcurrentExecutions" not in TEMPLATE["Globals"]["Function"]
+    for name, props in _of_type("AWS::Serverless::Function").items():
+        assert "ReservedConcurrentExecutions" not in props, name
+        for event in props["Events"].values():
+            if event["Type"] == "SQS":
+                assert 2 <= event["Properties"]["ScalingConfig"]["MaximumConcurrency"] <= 1000, name
+
+
 def test_the_function_reconciles_every_dataset_on_a_schedule() -> None:
     fn = _of_type("AWS::Serverless::Function")["IngestFunction"]
     schedules = [e["Properties"] for e in fn["Events"].values() if e["Type"] == "Schedule"]
