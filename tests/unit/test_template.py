@@ -213,6 +213,57 @@ def test_lifecycle_never_expires_a_current_raw_part() -> None:
     assert [r["ExpirationInDays"] for r in quarantine] == [{"Ref": "QuarantineDays"}]
 
 
+def _rule_value(node: Any, params: dict[str, str]) -> Any:
+    """Evaluate the rule functions the template uses against parameter values."""
+    if not isinstance(node, dict):
+        return [_rule_value(n, params) for n in node] if isinstance(node, list) else node
+    ((fn, arg),) = node.items()
+    args = _rule_value(arg, params)
+    functions = {
+        "Ref": lambda: params[arg],
+        "Fn::Equals": lambda: str(args[0]) == str(args[1]),
+        "Fn::Contains": lambda: str(args[1]) in [str(v) for v in args[0]],
+        "Fn::Not": lambda: not args[0],
+        "Fn::And": lambda: all(args),
+        "Fn::Or": lambda: any(args),
+    }
+    return functions[fn]()
+
+
+def _rules_accept(params: dict[str, str]) -> bool:
+    """Whether CloudFormation's Rules would let a stack be created with these parameters."""
+    values = {k: str(v["Default"]) for k, v in TEMPLATE["Parameters"].items() if "Default" in v} | params
+    for rule in TEMPLATE.get("Rules", {}).values():
+        if "RuleCondition" in rule and not _rule_value(rule["RuleCondition"], values):
+            continue
+        if not all(_rule_value(a["Assert"], values) for a in rule["Assertions"]):
+            return False
+    return True
+
+
+# The Fargate task sizes, from the ECS Developer Guide ("Task CPU and memory"): CPU units ->
+# the memory range in MiB and its step.
+FARGATE_MEMORY = {
+    1024: (2048, 8192, 1024),
+    2048: (4096, 16384, 1024),
+    4096: (8192, 30720, 1024),
+    8192: (16384, 61440, 4096),
+    16384: (32768, 122880, 8192),
+}
+
+
+def test_only_task_sizes_fargate_offers_pass_the_template_rules() -> None:
+    cpus = TEMPLATE["Parameters"]["WorkerCpu"]["AllowedValues"]
+    assert sorted(int(c) for c in cpus) == sorted(FARGATE_MEMORY)
+    for cpu in cpus:
+        low, high, step = FARGATE_MEMORY[int(cpu)]
+        for memory in range(512, 131072 + 1, 512):
+            offered = low <= memory <= high and (memory - low) % step == 0
+            accepted = _rules_accept({"WorkerCpu": cpu, "WorkerMemory": str(memory)})
+            assert accepted == offered, (cpu, memory)
+    assert _rules_accept({})  # the defaults are a size Fargate offers
+
+
 def test_the_worker_image_must_be_an_ecr_uri() -> None:
     pattern = re.compile(TEMPLATE["Parameters"]["WorkerImageUri"]["AllowedPattern"])
     assert pattern.match("123456789012.dkr.ecr.eu-west-1.amazonaws.com/team/s3rollup-worker:1.2.0")
