@@ -166,6 +166,63 @@ def test_data_and_its_key_outlive_the_stack_but_not_a_failed_first_deploy() -> N
         assert RESOURCES[name]["UpdateReplacePolicy"] == "Retain", name
 
 
+def _condition_holds(operator: str, key: str, expected: Any, request: dict[str, str]) -> bool:
+    """One condition of a statement, as IAM evaluates it, for a request's condition keys.
+
+    A key absent from the request makes a condition false, except that a negated operator
+    (StringNotEquals) or an ...IfExists one is then true (IAM User Guide, "Condition
+    operators"); Null tests presence alone.
+    """
+    wanted = {json.dumps(v, sort_keys=True) for v in _as_list(expected)}
+    value = request.get(key)
+    negated = operator.startswith(("StringNot", "ArnNot"))
+    if operator == "Null":
+        return (value is None) == (wanted == {json.dumps("true")})
+    if value is None:
+        return negated or operator.endswith("IfExists")
+    return (json.dumps(value, sort_keys=True) in wanted) != negated
+
+
+def _bucket_policy_denies_put(bucket: str, request: dict[str, Any]) -> bool:
+    """Whether a Deny statement of the bucket's policy refuses an s3:PutObject request."""
+    (policy,) = [p for p in _of_type("AWS::S3::BucketPolicy").values() if p["Bucket"] == {"Ref": bucket}]
+    denies = [
+        st
+        for st in policy["PolicyDocument"]["Statement"]
+        if st["Effect"] == "Deny" and {"s3:PutObject", "s3:*"} & set(_as_list(st["Action"]))
+    ]
+    return any(
+        all(
+            _condition_holds(op, key, expected, request)
+            for op, keys in st.get("Condition", {}).items()
+            for key, expected in keys.items()
+        )
+        for st in denies
+    )
+
+
+SSE = "s3:x-amz-server-side-encryption"
+
+
+@pytest.mark.parametrize(
+    ("headers", "denied"),
+    [
+        ({}, False),  # `aws s3 cp` without encryption options: the bucket default applies
+        ({SSE: "aws:kms", f"{SSE}-aws-kms-key-id": KEY_ARN}, False),  # what s3rollup sends
+        ({SSE: "AES256"}, True),
+        ({SSE: "aws:kms"}, True),  # S3 would use the AWS managed key aws/s3
+        ({SSE: "aws:kms", f"{SSE}-aws-kms-key-id": "arn:aws:kms:eu-west-1:111122223333:key/other"}, True),
+        ({SSE: "aws:kms:dsse", f"{SSE}-aws-kms-key-id": KEY_ARN}, True),
+        ({f"{SSE}-customer-algorithm": "AES256"}, True),
+    ],
+)
+def test_the_data_bucket_takes_objects_under_the_stack_key_only(
+    headers: dict[str, str], denied: bool
+) -> None:
+    request = {"aws:SecureTransport": "true", **headers}
+    assert _bucket_policy_denies_put("DataBucket", request) is denied
+
+
 def test_access_logs_go_to_their_own_bucket_and_only_the_logging_service_writes_them() -> None:
     log_bucket = _of_type("AWS::S3::Bucket")[ACCESS_LOG_BUCKET]
     assert "LoggingConfiguration" not in log_bucket and "ObjectLockEnabled" not in log_bucket
