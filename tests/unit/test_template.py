@@ -94,13 +94,11 @@ def test_the_key_policy_separates_administration_from_narrowed_use() -> None:
         # Every use is conditioned: on the service it goes through, the encryption context,
         # or the calling resource; never the bare account.
         assert st["Effect"] == "Allow" and st.get("Condition"), sid
-        assert "kms:*" not in _as_list(st["Action"]) and "kms:CreateGrant" not in _as_list(st["Action"]), sid
+        assert "kms:*" not in _as_list(st["Action"]), sid
         conditions = {k for ops in st["Condition"].values() for k in ops}
-        assert conditions & {
-            "kms:ViaService",
-            "kms:EncryptionContext:aws:logs:arn",
-            "aws:SourceArn",
-        }, sid
+        assert {"kms:ViaService", "aws:SourceArn"} & conditions or any(
+            c.startswith("kms:EncryptionContext:") for c in conditions
+        ), sid
         # The key policy never names the stack's roles (their policies name the key: a cycle).
         assert "WorkerTaskRole" not in json.dumps(st) and "IngestFunctionRole" not in json.dumps(st), sid
     roles = statements["StackRolesUseThroughServices"]["Condition"]
@@ -109,6 +107,34 @@ def test_the_key_policy_separates_administration_from_narrowed_use() -> None:
     }
     logs = statements["CloudWatchLogs"]["Condition"]["ArnLike"]["kms:EncryptionContext:aws:logs:arn"]
     assert logs["Fn::Sub"].endswith(":log-group:/s3rollup/${AWS::StackName}/*")
+
+
+def test_only_an_aws_service_can_obtain_a_grant_on_the_key() -> None:
+    # kms:CreateGrant lets its holder hand out use of the key, itself included: never part of
+    # administration, and only for the tables DynamoDB encrypts under the key.
+    key = _of_type("AWS::KMS::Key")["DataKey"]
+    statements = {s["Sid"]: s for s in key["KeyPolicy"]["Statement"]}
+    admin = statements["AccountAdministers"]["Action"]
+    assert not [a for a in admin if "*" in a or a == "kms:CreateGrant"], admin
+    granting = [s for s in statements.values() if "kms:CreateGrant" in _as_list(s["Action"])]
+    assert [s["Sid"] for s in granting] == ["GrantsOnlyForTheTables"]
+    (grants,) = granting
+    assert _as_list(grants["Action"]) == ["kms:CreateGrant"]
+    assert grants["Condition"]["Bool"] == {"kms:GrantIsForAWSResource": "true"}
+    assert grants["Condition"]["StringEquals"] == {
+        "kms:ViaService": {"Fn::Sub": "dynamodb.${AWS::Region}.amazonaws.com"}
+    }
+
+
+def test_s3_uses_the_key_only_for_the_ingest_queue() -> None:
+    # S3 documents its key-policy statement without source conditions (its validation event
+    # included); SQS names the queue in the encryption context, so that is the scope.
+    key = _of_type("AWS::KMS::Key")["DataKey"]
+    (st,) = [s for s in key["KeyPolicy"]["Statement"] if s["Principal"] == {"Service": "s3.amazonaws.com"}]
+    queue_arn = "arn:${AWS::Partition}:sqs:${AWS::Region}:${AWS::AccountId}:${AWS::StackName}-ingest"
+    assert st["Condition"] == {"StringEquals": {"kms:EncryptionContext:aws:sqs:arn": {"Fn::Sub": queue_arn}}}
+    queue = _of_type("AWS::SQS::Queue")["IngestQueue"]
+    assert queue["QueueName"] == {"Fn::Sub": "${AWS::StackName}-ingest"}
 
 
 def test_the_worker_task_is_hardened() -> None:
