@@ -120,6 +120,40 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subpr
     )
 
 
+def queue_like_the_stacks(stack: Any, name: str, max_receives: int) -> str:
+    """A queue of a test's own (1 s visibility timeout, a DLQ, name + "-dlq", after
+    max_receives receives) that the function consumes as it does the ingest queue. Its role
+    names that queue only, so this one admits the role in its own policy."""
+    sqs = stack.aws.client("sqs")
+    dlq = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receives)})
+    queue = sqs.create_queue(QueueName=name, Attributes={"VisibilityTimeout": "1", "RedrivePolicy": redrive})
+    arn = sqs.get_queue_attributes(QueueUrl=queue["QueueUrl"], AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "TheFunctionConsumes",
+                "Effect": "Allow",
+                "Principal": {"AWS": stack.info.function_role_arn},
+                "Action": [
+                    "sqs:ReceiveMessage",
+                    "sqs:DeleteMessage",
+                    "sqs:GetQueueAttributes",
+                    "sqs:ChangeMessageVisibility",
+                ],
+                "Resource": arn,
+            }
+        ],
+    }
+    sqs.set_queue_attributes(QueueUrl=queue["QueueUrl"], Attributes={"Policy": json.dumps(policy)})
+    stack.policies.set_resource_policy(arn, policy)  # the endpoint's IAM reads the template's
+    return str(queue["QueueUrl"])
+
+
 def notification(bucket: str, key: str, event_name: str = "ObjectCreated:Put") -> dict[str, Any]:
     """The S3 notification for one key, as S3 sends it (key URL-encoded, no version id)."""
     body = s3_notification(bucket, key)

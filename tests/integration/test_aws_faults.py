@@ -21,7 +21,13 @@ from s3rollup.local import Dispatcher
 from s3rollup.state import State
 from tests.conftest import wait_for
 from tests.faultproxy import FaultProxy, Request, Rule, json_error, s3_error
-from tests.helpers import assert_result_is, audit_records, notification, upload_silently
+from tests.helpers import (
+    assert_result_is,
+    audit_records,
+    notification,
+    queue_like_the_stacks,
+    upload_silently,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -120,12 +126,8 @@ def test_run_task_capacity_failures_and_throttling_are_retried_with_one_client_t
 
 def _private_queue(stack: Any, name: str) -> tuple[str, str]:
     """A queue like the stack's (DLQ after 3 receives) with a 1 s visibility timeout."""
-    sqs = stack.aws.client("sqs")
-    dlq = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "3"})
-    attrs = {"VisibilityTimeout": "1", "RedrivePolicy": redrive}
-    return sqs.create_queue(QueueName=name, Attributes=attrs)["QueueUrl"], dlq
+    queue = queue_like_the_stacks(stack, name, max_receives=3)
+    return queue, stack.aws.client("sqs").get_queue_url(QueueName=f"{name}-dlq")["QueueUrl"]
 
 
 def _count(sqs: Any, url: str) -> int:

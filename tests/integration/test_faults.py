@@ -28,6 +28,7 @@ from tests.helpers import (
     dask_processes,
     notification,
     put_version,
+    queue_like_the_stacks,
     silent,
     sqs_event,
     task_aws,
@@ -94,12 +95,8 @@ def _drain(dispatcher: Any) -> None:
 def test_a_dispatcher_killed_mid_batch_loses_and_double_counts_nothing(stack: Any, dataset: str) -> None:
     sqs, bucket = stack.aws.client("sqs"), stack.info.outputs["DataBucketName"]
     # A queue of this test's own (1 s visibility timeout, DLQ after 5 receives, as the stack's)
-    dlq = sqs.create_queue(QueueName=f"{dataset}-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
-    queue = sqs.create_queue(
-        QueueName=dataset, Attributes={"VisibilityTimeout": "1", "RedrivePolicy": redrive}
-    )["QueueUrl"]
+    queue = queue_like_the_stacks(stack, dataset, max_receives=5)
+    dlq = sqs.get_queue_url(QueueName=f"{dataset}-dlq")["QueueUrl"]
     final = upload_silently(stack, dataset, 12, 200, seed=13)
     for key in [*final, *final]:  # every event twice
         sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(notification(bucket, key)))

@@ -39,8 +39,9 @@ def _as_list(value: Any) -> list[Any]:
 
 
 # Actions that support no resource-level permission, so Resource "*" is their only form:
-# ECR's login token (the execution role needs it to pull the worker image).
-UNSCOPABLE_ACTIONS = {"ecr:GetAuthorizationToken"}
+# ECR's login token (the execution role needs it to pull the worker image) and X-Ray's
+# trace and telemetry uploads (the function's active tracing).
+UNSCOPABLE_ACTIONS = {"ecr:GetAuthorizationToken", "xray:PutTraceSegments", "xray:PutTelemetryRecords"}
 
 
 def test_no_identity_policy_grants_a_wildcard_action_or_resource() -> None:
@@ -62,11 +63,39 @@ def test_no_role_or_function_attaches_a_managed_policy() -> None:
     for name, props in _of_type("AWS::IAM::Role").items():
         assert "ManagedPolicyArns" not in props, f"{name}: {props['ManagedPolicyArns']}"
         assert props.get("Policies"), f"{name} has no inline policy"
+    roles = _of_type("AWS::IAM::Role")
     for name, props in _of_type("AWS::Serverless::Function").items():
-        assert "Role" not in props, f"{name}: a role defined elsewhere escapes these checks"
-        for policy in props.get("Policies", []):
-            assert isinstance(policy, dict) and "Statement" in policy, f"{name}: managed policy {policy}"
-    assert "Policies" not in TEMPLATE.get("Globals", {}).get("Function", {})
+        # A role of this template, whose inline policies the checks here read: left to SAM,
+        # the function would get a generated role with managed policies on Resource "*"
+        # (AWSLambdaBasicExecutionRole, AWSLambdaSQSQueueExecutionRole, AWSXrayWriteOnlyAccess).
+        role = props["Role"]["Fn::GetAtt"]
+        assert role[1] == "Arn" and role[0] in roles, f"{name}: a role defined elsewhere escapes these checks"
+        assert "Policies" not in props, f"{name}: statements belong in {role[0]}"
+    assert not {"Policies", "Role"} & set(TEMPLATE.get("Globals", {}).get("Function", {}))
+
+
+def test_the_function_role_is_assumed_by_lambda_for_this_account_and_scoped() -> None:
+    role = _of_type("AWS::IAM::Role")["IngestFunctionRole"]
+    (trust,) = role["AssumeRolePolicyDocument"]["Statement"]
+    assert trust["Principal"] == {"Service": "lambda.amazonaws.com"}
+    assert trust["Condition"] == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
+    (policy,) = role["Policies"]
+    by_sid = {s["Sid"]: s for s in policy["PolicyDocument"]["Statement"]}
+    consume = by_sid["ConsumeTheIngestQueue"]
+    assert consume["Resource"] == {"Fn::GetAtt": ["IngestQueue", "Arn"]}
+    assert set(consume["Action"]) == {
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:GetQueueAttributes",
+        "sqs:ChangeMessageVisibility",
+    }
+    assert "${IngestLogGroup}:log-stream:" in by_sid["WriteTheFunctionLogs"]["Resource"]["Fn::Sub"]
+    tag = by_sid["TagTheTasksItRuns"]
+    assert tag["Resource"]["Fn::Sub"].endswith(":task/${WorkerCluster}/*")
+    assert tag["Condition"] == {"StringEquals": {"ecs:CreateAction": "RunTask"}}
+    # Metrics go out as embedded metric format in the log, not through PutMetricData.
+    actions = {a for st in by_sid.values() for a in _as_list(st["Action"])}
+    assert not [a for a in actions if a.startswith(("cloudwatch:", "logs:CreateLogGroup"))]
 
 
 def test_the_execution_role_pulls_only_the_worker_repository_and_writes_only_its_logs() -> None:
