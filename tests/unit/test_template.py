@@ -98,6 +98,20 @@ def test_the_function_role_is_assumed_by_lambda_for_this_account_and_scoped() ->
     assert not [a for a in actions if a.startswith(("cloudwatch:", "logs:CreateLogGroup"))]
 
 
+@pytest.mark.parametrize("name", ["WorkerExecutionRole", "WorkerTaskRole"])
+def test_ecs_assumes_the_worker_roles_only_for_tasks_of_this_account(name: str) -> None:
+    # The trust the ECS Developer Guide recommends against the confused deputy ("Task IAM
+    # role"); aws:SourceArn cannot name one cluster, so it covers the account's tasks here.
+    (trust,) = _of_type("AWS::IAM::Role")[name]["AssumeRolePolicyDocument"]["Statement"]
+    assert trust["Principal"] == {"Service": "ecs-tasks.amazonaws.com"}
+    assert trust["Condition"] == {
+        "ArnLike": {
+            "aws:SourceArn": {"Fn::Sub": "arn:${AWS::Partition}:ecs:${AWS::Region}:${AWS::AccountId}:*"}
+        },
+        "StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}},
+    }
+
+
 def test_the_execution_role_pulls_only_the_worker_repository_and_writes_only_its_logs() -> None:
     (policy,) = _of_type("AWS::IAM::Role")["WorkerExecutionRole"]["Policies"]
     by_sid = {s["Sid"]: s for s in policy["PolicyDocument"]["Statement"]}
