@@ -358,7 +358,11 @@ def _rule_value(node: Any, params: dict[str, str]) -> Any:
 
 def _rules_accept(params: dict[str, str]) -> bool:
     """Whether CloudFormation's Rules would let a stack be created with these parameters."""
-    values = {k: str(v["Default"]) for k, v in TEMPLATE["Parameters"].items() if "Default" in v} | params
+    declared = TEMPLATE["Parameters"]
+    values: dict[str, Any] = {k: str(v["Default"]) for k, v in declared.items() if "Default" in v} | params
+    for name, value in values.items():
+        if declared[name]["Type"] == "CommaDelimitedList" or declared[name]["Type"].startswith("List<"):
+            values[name] = value.split(",")
     for rule in TEMPLATE.get("Rules", {}).values():
         if "RuleCondition" in rule and not _rule_value(rule["RuleCondition"], values):
             continue
@@ -388,6 +392,132 @@ def test_only_task_sizes_fargate_offers_pass_the_template_rules() -> None:
             accepted = _rules_accept({"WorkerCpu": cpu, "WorkerMemory": str(memory)})
             assert accepted == offered, (cpu, memory)
     assert _rules_accept({})  # the defaults are a size Fargate offers
+
+
+ENDPOINT_SERVICES = {
+    "Gateway": {"s3", "dynamodb"},
+    "Interface": {"ecr.api", "ecr.dkr", "logs", "kms", "sts"},
+}
+
+
+def test_vpc_endpoints_come_only_with_the_parameter_and_admit_only_the_workers() -> None:
+    # Off by default (the subnets then need NAT); on, every service the tasks call from
+    # private subnets without a public IP: image pull, logs, data, key, credentials.
+    assert TEMPLATE["Parameters"]["CreateVpcEndpoints"]["Default"] == "false"
+    assert TEMPLATE["Conditions"]["WithVpcEndpoints"] == {
+        "Fn::Equals": [{"Ref": "CreateVpcEndpoints"}, "true"]
+    }
+    endpoints = {n: r for n, r in RESOURCES.items() if r["Type"] == "AWS::EC2::VPCEndpoint"}
+    services: dict[str, set[str]] = {"Gateway": set(), "Interface": set()}
+    for name, res in endpoints.items():
+        props = res["Properties"]
+        assert res["Condition"] == "WithVpcEndpoints", name
+        prefix = "com.amazonaws.${AWS::Region}."
+        assert props["ServiceName"]["Fn::Sub"].startswith(prefix), name
+        services[props["VpcEndpointType"]].add(props["ServiceName"]["Fn::Sub"].removeprefix(prefix))
+        if props["VpcEndpointType"] == "Gateway":
+            assert props["RouteTableIds"] == {"Ref": "PrivateRouteTableIds"}, name
+        else:
+            assert props["PrivateDnsEnabled"] is True and props["SubnetIds"] == {"Ref": "PrivateSubnetIds"}
+            assert props["SecurityGroupIds"] == [{"Ref": "VpcEndpointSecurityGroup"}], name
+        if "PolicyDocument" in props:  # a perimeter: never every action on every resource
+            for st in props["PolicyDocument"]["Statement"]:
+                assert not (st["Action"] in ("*", ["*"]) and st["Resource"] in ("*", ["*"])), name
+    assert services == ENDPOINT_SERVICES
+    group = RESOURCES["VpcEndpointSecurityGroup"]
+    assert group["Condition"] == "WithVpcEndpoints"
+    assert group["Properties"]["SecurityGroupIngress"] == [
+        {
+            "Description": "HTTPS from the worker tasks",
+            "IpProtocol": "tcp",
+            "FromPort": 443,
+            "ToPort": 443,
+            "SourceSecurityGroupId": {"Ref": "WorkerSecurityGroup"},
+        }
+    ]
+    # The gateway endpoints need the subnets' route tables: refused before anything is made.
+    assert not _rules_accept({"CreateVpcEndpoints": "true"})
+    assert _rules_accept({"CreateVpcEndpoints": "true", "PrivateRouteTableIds": "rtb-1,rtb-2"})
+
+
+def _event_matches(pattern: dict[str, Any], event: dict[str, Any]) -> bool:
+    """EventBridge matching for the pattern forms the template uses ($or, anything-but)."""
+    for field, wanted in pattern.items():
+        if field == "$or":
+            if not any(_event_matches(alternative, event) for alternative in wanted):
+                return False
+        elif isinstance(wanted, dict):
+            values = _as_list(event.get(field, []))
+            if not any(isinstance(v, dict) and _event_matches(wanted, v) for v in values):
+                return False
+        else:
+            values = _as_list(event[field]) if field in event else []
+            if not any(
+                (v != rule["anything-but"])
+                if isinstance(rule, dict) and "anything-but" in rule
+                else v == rule
+                for rule in wanted
+                for v in values
+            ):
+                return False
+    return True
+
+
+# ECS's event for a worker task whose job exited with 1 (EventBridge, "ECS Task State Change";
+# the cluster as the template names it). Not in events/: the function never receives it.
+ECS_TASK_STOPPED: dict[str, Any] = {
+    "source": "aws.ecs",
+    "detail-type": "ECS Task State Change",
+    "detail": {
+        "clusterArn": {"Fn::GetAtt": ["WorkerCluster", "Arn"]},
+        "launchType": "FARGATE",
+        "group": "family:s3rollup-worker",
+        "startedBy": "s3rollup-ingest",
+        "desiredStatus": "STOPPED",
+        "lastStatus": "STOPPED",
+        "stopCode": "EssentialContainerExited",
+        "stoppedReason": "Essential container in task exited",
+        "containers": [{"name": "worker", "lastStatus": "STOPPED", "exitCode": 1}],
+    },
+}
+
+
+def test_a_worker_task_that_fails_or_never_starts_raises_the_alarm() -> None:
+    # A task that never starts emits no metric, so ECS's own task event is the alarm.
+    rule = _of_type("AWS::Events::Rule")["WorkerTaskFailedRule"]
+    assert rule["Targets"] == [{"Id": "AlarmTopic", "Arn": {"Ref": "AlarmTopic"}}]
+    pattern = rule["EventPattern"]
+    assert pattern["detail"]["clusterArn"] == [{"Fn::GetAtt": ["WorkerCluster", "Arn"]}]
+    failed = json.loads(json.dumps(ECS_TASK_STOPPED))
+    assert _event_matches(pattern, failed)
+    finished = json.loads(json.dumps(failed))
+    finished["detail"]["containers"][0]["exitCode"] = 0
+    assert not _event_matches(pattern, finished)
+    never_started = json.loads(json.dumps(failed))
+    never_started["detail"] |= {"stopCode": "TaskFailedToStart", "containers": [{"name": "worker"}]}
+    assert _event_matches(pattern, never_started)
+    other_cluster = json.loads(json.dumps(failed))
+    other_cluster["detail"]["clusterArn"] = "arn:aws:ecs:us-east-1:123456789012:cluster/other"
+    assert not _event_matches(pattern, other_cluster)
+    # Only that rule (and the stack's alarms) may publish to the topic; the key lets
+    # EventBridge encrypt for this topic alone: SNS supports no aws:SourceArn or
+    # aws:SourceAccount in a key policy for EventBridge.
+    (policy,) = _of_type("AWS::SNS::TopicPolicy").values()
+    assert policy["Topics"] == [{"Ref": "AlarmTopic"}]
+    publishers = {s["Principal"]["Service"]: s for s in policy["PolicyDocument"]["Statement"]}
+    assert publishers["events.amazonaws.com"]["Condition"] == {
+        "ArnEquals": {"aws:SourceArn": {"Fn::GetAtt": ["WorkerTaskFailedRule", "Arn"]}}
+    }
+    assert "aws:SourceArn" in publishers["cloudwatch.amazonaws.com"]["Condition"]["ArnLike"]
+    key = _of_type("AWS::KMS::Key")["DataKey"]
+    (events,) = [
+        s for s in key["KeyPolicy"]["Statement"] if s["Principal"] == {"Service": "events.amazonaws.com"}
+    ]
+    topic_arn = "arn:${AWS::Partition}:sns:${AWS::Region}:${AWS::AccountId}:${AWS::StackName}-alarms"
+    assert events["Condition"] == {
+        "StringEquals": {"kms:EncryptionContext:aws:sns:topicArn": {"Fn::Sub": topic_arn}}
+    }
+    assert _of_type("AWS::SNS::Topic")["AlarmTopic"]["TopicName"] == {"Fn::Sub": "${AWS::StackName}-alarms"}
 
 
 def test_the_worker_image_must_be_an_ecr_uri() -> None:
