@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import tomllib
 from typing import Any
 
@@ -589,6 +590,56 @@ def test_the_function_reconciles_every_dataset_on_a_schedule() -> None:
     assert TEMPLATE["Parameters"]["ReconcileMinutes"]["MinValue"] >= 2
     sample = json.loads((ROOT / "events" / "scheduled-reconcile.json").read_text())
     assert (sample["source"], sample["detail-type"]) == ("aws.events", "Scheduled Event")
+
+
+def _readme_deploy_overrides(env: str) -> dict[str, str]:
+    """The --parameter-overrides of the README's `sam deploy --config-env <env>` command."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    (line,) = [ln for ln in text.splitlines() if ln.startswith(f"sam deploy --config-env {env} ")]
+    args = shlex.split(line)
+    return dict(kv.split("=", 1) for kv in args[args.index("--parameter-overrides") + 1].split())
+
+
+def test_the_prod_deploy_command_gives_every_parameter_without_a_default() -> None:
+    # samconfig.toml cannot carry an account's VPC, subnets and image; the README's command
+    # gives them, and since a command-line --parameter-overrides replaces the environment's
+    # list (aws-sam-cli#2380), it must repeat prod's settings, value for value.
+    config = tomllib.loads((ROOT / "samconfig.toml").read_text())
+    deploy = config["prod"]["deploy"]["parameters"]
+    prod = dict(kv.split("=", 1) for kv in deploy["parameter_overrides"].split())
+    command = _readme_deploy_overrides("prod")
+    required = {k for k, v in TEMPLATE["Parameters"].items() if "Default" not in v}
+    assert required == {"VpcId", "PrivateSubnetIds", "WorkerImageUri"}
+    assert required <= set(command) and not required & set(prod)
+    assert {k: command[k] for k in prod} == prod
+    assert set(command) <= set(TEMPLATE["Parameters"])
+    assert re.compile(TEMPLATE["Parameters"]["WorkerImageUri"]["AllowedPattern"]).match(
+        command["WorkerImageUri"]
+    )
+    assert _rules_accept(command)
+    assert deploy["s3_prefix"] and deploy["resolve_s3"] is True
+
+
+# The longest stack name s3rollup takes (README, "Deploying to AWS"; samconfig.toml).
+MAX_STACK_NAME = 27
+
+
+def test_a_stack_name_within_the_limit_keeps_every_generated_name_whole() -> None:
+    # Stack names name the buckets, <stack>-anchors-<account>-<region>: S3 takes lower case
+    # only and 63 characters, and region names run to 14 ("ap-southeast-3"). CloudFormation
+    # names a role <stack>-<LogicalId>-<12 characters> and, past IAM's 64, shortens the stack
+    # and logical parts to 25 characters each: the key policy's role/<stack>-* condition would
+    # then match no role. Within the limit, neither happens.
+    assert len(f"{'s' * MAX_STACK_NAME}-anchors-{'0' * 12}-{'x' * 14}") <= 63
+    for logical, props in _of_type("AWS::IAM::Role").items():
+        assert "RoleName" not in props, logical
+        assert len(f"{'s' * MAX_STACK_NAME}-{logical}-{'X' * 12}") <= 64, logical
+    config = tomllib.loads((ROOT / "samconfig.toml").read_text())
+    for env in ("default", "prod"):
+        name = config[env]["global"]["parameters"]["stack_name"]
+        assert re.fullmatch(r"[a-z][a-z0-9-]*", name) and len(name) <= MAX_STACK_NAME, env
+        # Every role's name is generated, so CAPABILITY_IAM is the one acknowledgement needed.
+        assert config[env]["deploy"]["parameters"]["capabilities"] == "CAPABILITY_IAM", env
 
 
 def test_samconfig_has_default_and_prod_overriding_only_template_parameters() -> None:
