@@ -75,11 +75,12 @@ def test_no_role_or_function_attaches_a_managed_policy() -> None:
     assert not {"Policies", "Role"} & set(TEMPLATE.get("Globals", {}).get("Function", {}))
 
 
-def test_the_function_role_is_assumed_by_lambda_for_this_account_and_scoped() -> None:
+def test_the_function_role_is_assumed_by_lambda_and_scoped() -> None:
     role = _of_type("AWS::IAM::Role")["IngestFunctionRole"]
     (trust,) = role["AssumeRolePolicyDocument"]["Statement"]
     assert trust["Principal"] == {"Service": "lambda.amazonaws.com"}
-    assert trust["Condition"] == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
+    # No source condition Lambda is not documented to meet: it would stop the function.
+    assert "Condition" not in trust
     (policy,) = role["Policies"]
     by_sid = {s["Sid"]: s for s in policy["PolicyDocument"]["Statement"]}
     consume = by_sid["ConsumeTheIngestQueue"]
