@@ -309,12 +309,21 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Run the embedded stack in the foreground until interrupted."""
-    from .local import EmbeddedStack
+    from .errors import ConfigError
+    from .local import EmbeddedStack, check_listen_address
 
+    try:
+        check_listen_address(args.host)
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with EmbeddedStack(port=args.port, stack_name=args.stack) as stack:
+    # The stack runs the worker for every RunTask, whoever calls it (SAM's Lambda container).
+    with EmbeddedStack(
+        port=args.port, stack_name=args.stack, host=args.host, dispatch=not args.no_dispatch, run_tasks=True
+    ) as stack:
         assert stack.info is not None
+        print(stack.info.provision_note(), file=sys.stderr, flush=True)
         line = json.dumps(stack.info.as_json())
         print(line, flush=True)
         if args.ready_file:
@@ -374,6 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=4566,
         help="port of the endpoint (default 4566; 0 picks a free one)",
+    )
+    u.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on: a loopback address (default 127.0.0.1) or the Docker bridge's "
+        "gateway (172.31.250.1 with worker/build_local_base.sh's engine), where SAM's Lambda "
+        "containers reach it; never 0.0.0.0",
+    )
+    u.add_argument(
+        "--no-dispatch",
+        action="store_true",
+        help="do not run the ingest function on queued events (nor the periodic reconcile): "
+        "it runs only when invoked, e.g. by `sam local invoke`",
     )
     u.add_argument("--ready-file", help="also write the ready JSON line to this file")
     u.set_defaults(func=cmd_up)
