@@ -41,6 +41,7 @@ from typing import Any
 
 from .aws import Aws
 from .errors import ConfigError
+from .events import records, sqs_record
 
 log = logging.getLogger(__name__)
 
@@ -625,22 +626,21 @@ class Dispatcher:
 
     def event_for(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         """The SQS event Lambda passes for a batch of messages."""
-        return {
-            "Records": [
-                {
-                    "messageId": m["MessageId"],
-                    "receiptHandle": m["ReceiptHandle"],
-                    "body": m["Body"],
-                    "attributes": m.get("Attributes", {}),
-                    "messageAttributes": m.get("MessageAttributes", {}),
-                    "md5OfBody": m.get("MD5OfBody", ""),
-                    "eventSource": "aws:sqs",
-                    "eventSourceARN": self.info.queue_arn,
-                    "awsRegion": self.info.region,
-                }
+        return records(
+            [
+                sqs_record(
+                    m["Body"],
+                    queue_arn=self.info.queue_arn,
+                    region=self.info.region,
+                    message_id=m["MessageId"],
+                    receipt_handle=m["ReceiptHandle"],
+                    attributes=m.get("Attributes", {}),
+                    message_attributes=m.get("MessageAttributes", {}),
+                    md5_of_body=m.get("MD5OfBody", ""),
+                )
                 for m in messages
             ]
-        }
+        )
 
     def poll_once(self, wait_seconds: int = 1) -> int:
         """Receive one batch, invoke the handler, delete what succeeded; return messages seen."""
