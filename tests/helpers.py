@@ -210,3 +210,10 @@ def assert_result_is(
     problems = exactly_once_problems(audit_records(stack, dataset), crashed)
     assert problems == [], problems
     return published
+
+
+def readme_shell_block(marker: str) -> str:
+    """The shell block between the README's <!-- marker --> and <!-- /marker --> comments."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split(f"<!-- {marker} -->", 1)[1].split(f"<!-- /{marker} -->", 1)[0]
+    return block.strip().removeprefix("```sh").removesuffix("```").strip() + "\n"

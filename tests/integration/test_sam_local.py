@@ -28,7 +28,7 @@ import pytest
 from s3rollup.demo import generate_part
 from s3rollup.state import State
 from tests.conftest import ROOT, load_event, retarget, wait_for
-from tests.helpers import assert_equals_reference, audit_records, put_part, wait_manifest
+from tests.helpers import assert_equals_reference, audit_records, put_part, readme_shell_block, wait_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker, pytest.mark.slow]
 
@@ -36,6 +36,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.docker, pytest.mark.slow]
 def _user_env() -> dict[str, str]:
     """A user's shell: no AWS or s3rollup settings (make and s3rollup.samlocal set SAM's)."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3ROLLUP_", "VIRTUAL_ENV"))}
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A command as the user runs it, in cwd (its output captured)."""
+    return subprocess.run(
+        args, cwd=cwd, env=_user_env(), capture_output=True, text=True, timeout=600, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +57,7 @@ def sam_local_invoke(ready: Path, event: dict[str, Any], tmp_path: Path) -> dict
     """`make sam-local EVENT=<event>`: the function's response (the last line SAM prints)."""
     path = tmp_path / f"event-{uuid.uuid4().hex[:8]}.json"
     path.write_text(json.dumps(event))
-    done = subprocess.run(
-        ["make", "-s", "sam-local", f"READY={ready}", f"EVENT={path}"],
-        cwd=ROOT,
-        env=_user_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    done = _run(["make", "-s", "sam-local", f"READY={ready}", f"EVENT={path}"], ROOT)
     assert done.returncode == 0, f"make sam-local failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert "sam local invoke IngestFunction -e" in done.stderr  # the command, as make shows it
     response: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -190,13 +189,6 @@ def test_the_scheduled_event_finds_a_part_whose_event_was_dropped(
     assert_equals_reference(bridge_stack, dataset, [frame])
 
 
-def readme_block(marker: str) -> str:
-    """The shell block between the README's <!-- marker --> comments."""
-    text = (ROOT / "README.md").read_text()
-    block = text.split(f"<!-- {marker} -->", 1)[1].split(f"<!-- /{marker} -->", 1)[0]
-    return block.strip().removeprefix("```sh").removesuffix("```").strip() + "\n"
-
-
 def test_the_readme_sam_local_block_runs_as_written_and_a_repeated_event_registers_once(
     bridge_stack: Any, tmp_path: Path, dataset: str
 ) -> None:
@@ -205,16 +197,8 @@ def test_the_readme_sam_local_block_runs_as_written_and_a_repeated_event_registe
         if entry.name not in {".git", "ready.json"}:
             (tmp_path / entry.name).symlink_to(entry)
     (tmp_path / "ready.json").write_text(json.dumps(bridge_stack.info.as_json()) + "\n")
-    script = re.sub(r"\bsales\b", dataset, readme_block("sam-local"))
-    done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=tmp_path,
-        env=_user_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    script = re.sub(r"\bsales\b", dataset, readme_shell_block("sam-local"))
+    done = _run(["bash", "-euo", "pipefail", "-c", script], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # Each invocation answered with no failed message; the part was registered once, one job ran.
     assert done.stdout.count('{"batchItemFailures": []}') == 2
