@@ -412,7 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=300, help="seconds to wait for the result (default 300)")
     d.set_defaults(func=cmd_demo)
 
-    u = sub.add_parser("up", help="run the embedded stack (moto on 127.0.0.1) in the foreground")
+    u = sub.add_parser(
+        "up",
+        help="run the embedded stack (moto on 127.0.0.1, or the Docker bridge's gateway) in the foreground",
+    )
     u.add_argument(
         "--port",
         type=int,

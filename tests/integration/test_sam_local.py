@@ -136,19 +136,24 @@ def test_the_delete_event_file_drops_the_part_from_the_result(
     assert_equals_reference(bridge_stack, dataset, frames[1:])
 
 
+def _function_records(stack: Any) -> int:
+    """Audit records the function wrote, in every dataset (jobs of other tests write too)."""
+    pages = stack.aws.dynamodb.get_paginator("scan").paginate(TableName=stack.info.outputs["AuditTableName"])
+    return sum(
+        str(item.get("actor", {}).get("S", "")).startswith("lambda:")
+        for page in pages
+        for item in page["Items"]
+    )
+
+
 @pytest.mark.parametrize("name", ["s3-test-event.json", "sqs-s3-test-event.json"])
 def test_s3s_test_event_files_change_nothing(
     bridge_stack: Any, ready: Path, tmp_path: Path, name: str
 ) -> None:
-    before = bridge_stack.aws.dynamodb.scan(
-        TableName=bridge_stack.info.outputs["AuditTableName"], Select="COUNT"
-    )
+    before = _function_records(bridge_stack)
     response = sam_local_invoke(ready, load_event(name), tmp_path)
-    after = bridge_stack.aws.dynamodb.scan(
-        TableName=bridge_stack.info.outputs["AuditTableName"], Select="COUNT"
-    )
     assert response == {"batchItemFailures": []}
-    assert after["Count"] == before["Count"]
+    assert _function_records(bridge_stack) == before
 
 
 def test_a_bad_part_is_quarantined_with_its_reason_through_sam(
