@@ -17,7 +17,8 @@ export SAM_CLI_TELEMETRY := 0
 # its imports from source (s3rollup.job with pandas, pyarrow and distributed: 3.3 s -> 0.9 s).
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: demo test lint typecheck template awscli unit integration lock clean bench bench-quick soak
+.PHONY: demo test lint typecheck template awscli unit integration lock clean bench bench-quick soak \
+        sam-local sam-start-lambda
 
 # The worker's native kernels (s3rollup/native/rollup.c, loaded with ctypes);
 # worker/Dockerfile builds the image's copy with the same script.
@@ -55,14 +56,42 @@ AWS_VENV     := .venv-aws
 	$(BIN)/uv pip sync -q --python $(@D)/bin/python $<
 	@touch $@
 
-# The template validates and lints offline, `sam build` (python3.12 on PATH) produces the
-# function's artifact, and the artifact imports without pandas, numpy, pyarrow or dask.
-template: $(SAM_VENV)/.installed $(CHECKOV_VENV)/.installed
+# `sam build` (python3.12 on PATH) produces the function's artifact, again when its sources change.
+SAM_BUILT := .aws-sam/build/template.yaml
+
+$(SAM_BUILT): template.yaml $(addprefix functions/ingest/,Makefile app.py requirements.txt) \
+              $(wildcard s3rollup/*.py) $(SAM_VENV)/.installed
+	PATH="$(dir $(PYTHON)):$$PATH" $(SAM) build --build-dir .aws-sam/build
+	@touch $@
+
+# The template validates and lints offline, and the artifact imports without pandas, numpy,
+# pyarrow or dask.
+template: $(SAM_VENV)/.installed $(CHECKOV_VENV)/.installed $(SAM_BUILT)
 	$(SAM) validate --lint -t template.yaml
 	$(SAM_VENV)/bin/cfn-lint template.yaml
 	$(CHECKOV) -f template.yaml --framework cloudformation --quiet --compact --skip-download
-	PATH="$(dir $(PYTHON)):$$PATH" $(SAM) build --build-dir .aws-sam/build
 	$(PYTHON) -I -S tests/check_lambda_artifact.py .aws-sam/build/IngestFunction
+
+# The built function in SAM's Lambda emulator, in the local Lambda runtime image
+# (functions/runtime/), against a stack started with
+#   .venv/bin/s3rollup up --host 172.31.250.1 --no-dispatch --ready-file ready.json
+# `make sam-local EVENT=F` invokes it once with the event in F; `make sam-start-lambda` serves
+# the Lambda Invoke API on 127.0.0.1:$(LAMBDA_PORT) for boto3's lambda.invoke. Needs a Docker
+# engine (worker/build_local_base.sh, root, prepares one) and s3rollup.samlocal's environment:
+# the image for the stack's endpoint, the --env-vars file and the credentials.
+READY       ?= ready.json
+EVENT       ?= events/sqs-s3-put.json
+LAMBDA_PORT ?= 3001
+SAM_ENV      = sam_env="$$($(BIN)/python -m s3rollup.samlocal $(READY) $(PYTHON))" && eval "$$sam_env"
+SAM_RUNTIME  = -t $(SAM_BUILT) --invoke-image "$$S3ROLLUP_SAM_IMAGE" --skip-pull-image \
+               --env-vars "$$S3ROLLUP_SAM_ENV_VARS"
+
+sam-local: $(SAM_BUILT)
+	@$(SAM_ENV) && set -x && $(SAM) local invoke IngestFunction -e $(EVENT) $(SAM_RUNTIME)
+
+sam-start-lambda: $(SAM_BUILT)
+	@$(SAM_ENV) && set -x && $(SAM) local start-lambda --host 127.0.0.1 --port $(LAMBDA_PORT) \
+	    --warm-containers LAZY $(SAM_RUNTIME)
 
 # The tests upload with `aws s3 cp` exactly as the README tells users to.
 awscli: $(AWS_VENV)/.installed

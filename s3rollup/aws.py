@@ -97,3 +97,20 @@ class Aws:
     def dynamodb(self) -> Any:
         """DynamoDB client."""
         return self.client("dynamodb")
+
+
+def assume_role(aws: Aws, role_arn: str, session: str) -> dict[str, str]:
+    """A role's temporary credentials from STS (as Lambda and ECS take their roles')."""
+    creds: dict[str, str] = aws.client("sts").assume_role(RoleArn=role_arn, RoleSessionName=session[:64])[
+        "Credentials"
+    ]
+    return creds
+
+
+def credentials_env(creds: Mapping[str, str]) -> dict[str, str]:
+    """Temporary credentials as the environment variables every SDK reads."""
+    return {
+        "AWS_ACCESS_KEY_ID": creds["AccessKeyId"],
+        "AWS_SECRET_ACCESS_KEY": creds["SecretAccessKey"],
+        "AWS_SESSION_TOKEN": creds["SessionToken"],
+    }

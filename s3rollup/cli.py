@@ -114,8 +114,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_put(args: argparse.Namespace) -> int:
-    """Upload part files to incoming/<dataset>/ (SSE-KMS under the stack key)."""
+def _upload(args: argparse.Namespace) -> tuple[Aws, dict[str, str], list[dict[str, Any]]]:
+    """Upload args.files to incoming/<args.dataset>/ as `s3rollup put` does; every file is
+    checked first. Returns the clients, the stack outputs and one line per uploaded part."""
     from .ops import MIB, plan_uploads, upload_parts
 
     aws = Aws()
@@ -134,12 +135,33 @@ def cmd_put(args: argparse.Namespace) -> int:
         plan,
         multipart_threshold=args.multipart_threshold * MIB,
     )
-    for d in done:
-        print(json.dumps(d, sort_keys=True))
     print(
         f"uploaded {len(done)} part(s) to incoming/{dataset}/; `s3rollup status {dataset}` shows progress",
         file=sys.stderr,
     )
+    return aws, outputs, done
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    """Upload part files to incoming/<dataset>/ (SSE-KMS under the stack key)."""
+    for d in _upload(args)[2]:
+        print(json.dumps(d, sort_keys=True))
+    return 0
+
+
+def cmd_event_put(args: argparse.Namespace) -> int:
+    """Upload part files as `put` does and print the S3 and SQS events AWS would deliver."""
+    from .ops import part_events
+
+    for path in (args.s3_file, args.sqs_file):
+        if path and not Path(path).parent.is_dir():
+            raise CliError(f"{Path(path).parent}: no such directory for the event", EXIT_NOT_FOUND)
+    aws, outputs, done = _upload(args)
+    events = part_events(aws, outputs["DataBucketName"], outputs["IngestQueueUrl"], done)
+    for event, path in zip(events, (args.s3_file, args.sqs_file), strict=True):
+        print(json.dumps(event))
+        if path:
+            Path(path).write_text(json.dumps(event, indent=2) + "\n")
     return 0
 
 
@@ -309,12 +331,21 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Run the embedded stack in the foreground until interrupted."""
-    from .local import EmbeddedStack
+    from .errors import ConfigError
+    from .local import EmbeddedStack, check_listen_address
 
+    try:
+        check_listen_address(args.host)
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with EmbeddedStack(port=args.port, stack_name=args.stack) as stack:
+    # The stack runs the worker for every RunTask, whoever calls it (SAM's Lambda container).
+    with EmbeddedStack(
+        port=args.port, stack_name=args.stack, host=args.host, dispatch=not args.no_dispatch, run_tasks=True
+    ) as stack:
         assert stack.info is not None
+        print(stack.info.provision_note(), file=sys.stderr, flush=True)
         line = json.dumps(stack.info.as_json())
         print(line, flush=True)
         if args.ready_file:
@@ -346,6 +377,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _upload_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of the commands that upload parts (`put`, `event put`)."""
+    p.add_argument("files", nargs="+", metavar="FILE", help="CSV, CSV.gz or Parquet part files")
+    p.add_argument("--dataset", required=True, help="dataset to add the parts to")
+    p.add_argument(
+        "--multipart-threshold",
+        type=int,
+        default=64,
+        metavar="MIB",
+        help="upload files larger than this many MiB in parts (default 64, at least 5)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `s3rollup`."""
     p = argparse.ArgumentParser(
@@ -368,12 +412,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=300, help="seconds to wait for the result (default 300)")
     d.set_defaults(func=cmd_demo)
 
-    u = sub.add_parser("up", help="run the embedded stack (moto on 127.0.0.1) in the foreground")
+    u = sub.add_parser(
+        "up",
+        help="run the embedded stack (moto on 127.0.0.1, or the Docker bridge's gateway) in the foreground",
+    )
     u.add_argument(
         "--port",
         type=int,
         default=4566,
         help="port of the endpoint (default 4566; 0 picks a free one)",
+    )
+    u.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on: a loopback address (default 127.0.0.1) or the Docker bridge's "
+        "gateway (172.31.250.1 with worker/build_local_base.sh's engine), where SAM's Lambda "
+        "containers reach it; never 0.0.0.0",
+    )
+    u.add_argument(
+        "--no-dispatch",
+        action="store_true",
+        help="do not run the ingest function on queued events (nor the periodic reconcile): "
+        "it runs only when invoked, e.g. by `sam local invoke`",
     )
     u.add_argument("--ready-file", help="also write the ready JSON line to this file")
     u.set_defaults(func=cmd_up)
@@ -400,16 +460,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_query)
 
     put = sub.add_parser("put", help="upload part files to incoming/<dataset>/ (SSE-KMS under the stack key)")
-    put.add_argument("files", nargs="+", metavar="FILE", help="CSV, CSV.gz or Parquet part files")
-    put.add_argument("--dataset", required=True, help="dataset to add the parts to")
-    put.add_argument(
-        "--multipart-threshold",
-        type=int,
-        default=64,
-        metavar="MIB",
-        help="upload files larger than this many MiB in parts (default 64, at least 5)",
-    )
+    _upload_arguments(put)
     put.set_defaults(func=cmd_put)
+
+    ev = sub.add_parser("event", help="upload parts and print the events the ingest function gets for them")
+    evsub = ev.add_subparsers(dest="event_command", required=True, metavar="ACTION")
+    evput_help = (
+        "upload part files as `put` does; print the S3 notification for them (line 1, as "
+        "`sam local generate-event s3 put` makes it) and Lambda's SQS event from the ingest queue "
+        "(line 2, as `sam local generate-event sqs receive-message` makes it), for `sam local invoke -e`"
+    )
+    evput = evsub.add_parser("put", help=evput_help, description=evput_help)
+    _upload_arguments(evput)
+    evput.add_argument("--s3-file", metavar="FILE", help="also write the S3 notification to this file")
+    evput.add_argument("--sqs-file", metavar="FILE", help="also write the SQS event to this file")
+    evput.set_defaults(func=cmd_event_put)
 
     st = sub.add_parser("status", help="parts by state, last job, lag, quarantined parts with reasons")
     st.add_argument("dataset")

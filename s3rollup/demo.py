@@ -111,6 +111,7 @@ def run(parts: int, rows: int, seed: int, dataset: str, timeout: float, stack_na
         aws, info = stack.aws, stack.info
         bucket, key_arn = info.outputs["DataBucketName"], info.outputs["DataKeyArn"]
         t_stack = time.perf_counter()
+        say(info.provision_note())
         say(f"stack ready in {t_stack - t0:.1f}s at {info.endpoint_url}")
         say(f"generating {parts} parts x {rows:,} rows")
         generating = Progress("generate", parts, unit="parts")

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
 
-from .aws import LOCAL_OPERATOR, Aws
+from .aws import LOCAL_OPERATOR, Aws, assume_role, credentials_env
 from .config import Settings
 from .errors import LaunchError
 
@@ -100,28 +100,22 @@ class EcsLauncher:
 
 
 class LocalLauncher:
-    """Run the worker task on this machine, as ECS would run it.
+    """Run the worker task on this machine, as Fargate would run it: the embedded stack's ECS
+    hands it each RunTask of the worker's task definition (local.TaskRunner), and tests start
+    jobs with it directly.
 
-    RunTask goes to the endpoint under the caller's identity, so the embedded endpoint checks
-    its ``ecs:RunTask`` and ``iam:PassRole`` as AWS does. What ECS does next is done here with
-    the stack operator's credentials (``agent``): read the task definition back (the
-    embedded endpoint has it, deployed from template.yaml, so the worker sees exactly the
-    variables the Fargate task would), take the task role's credentials from STS, and start
-    the container's command as a process with them.
+    What ECS does is done here with the stack operator's credentials (``agent``): read the
+    task definition back (the embedded endpoint has it, deployed from template.yaml, so the
+    worker sees exactly the variables the Fargate task would), take the task role's
+    credentials from STS, and start the container's command as a process with them.
     """
 
     def __init__(
-        self,
-        settings: Settings,
-        ecs: Any,
-        extra_env: dict[str, str] | None = None,
-        agent: Aws | None = None,
-        attempts: int = 5,
+        self, settings: Settings, ecs: Any, extra_env: dict[str, str] | None = None, agent: Aws | None = None
     ):
         self.settings, self._ecs = settings, ecs
         self.extra_env = dict(extra_env or {})
         self.agent = agent or Aws(credentials=LOCAL_OPERATOR)
-        self.attempts = attempts
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def _task_definition(self) -> dict[str, Any]:
@@ -143,17 +137,10 @@ class LocalLauncher:
     def task_credentials(self, job_id: str) -> dict[str, str]:
         """The task role's credentials, as ECS hands them to a task's SDKs."""
         role = self._task_definition()["taskRoleArn"]
-        creds = self.agent.client("sts").assume_role(RoleArn=role, RoleSessionName=f"ecs-{job_id}"[:64])
-        c = creds["Credentials"]
-        return {
-            "AWS_ACCESS_KEY_ID": c["AccessKeyId"],
-            "AWS_SECRET_ACCESS_KEY": c["SecretAccessKey"],
-            "AWS_SESSION_TOKEN": c["SessionToken"],
-        }
+        return credentials_env(assume_role(self.agent, role, f"ecs-{job_id}"))
 
     def launch(self, dataset: str, job_id: str) -> str:
-        """RunTask, then start `python -m s3rollup.job` in the background; return a local id."""
-        EcsLauncher(self.settings, self._ecs, attempts=self.attempts).launch(dataset, job_id)
+        """Start `python -m s3rollup.job` in the background; return a local task id."""
         env = {
             **os.environ,
             **self.task_environment(dataset, job_id),

@@ -1,6 +1,7 @@
 """The embedded default: the whole stack on this machine, built from template.yaml.
 
-- a moto server on 127.0.0.1 is the AWS endpoint;
+- a moto server on 127.0.0.1 is the AWS endpoint, and every request to it is authorized as
+  IAM would authorize it (local_iam: the roles', bucket, queue and key policies);
 - template.yaml is translated by aws-sam-translator and deployed to moto's CloudFormation,
   so every name, prefix, key and setting comes from the template;
 - what moto's CloudFormation skips (bucket notification, versioning, lifecycle, access
@@ -9,9 +10,12 @@
 - the dispatcher stands in for Lambda's SQS event source mapping: it polls the ingest
   queue with the mapping's batch size and calls the real handler with the event Lambda
   would pass, deleting only the messages the handler did not report as failed;
-- the function's environment is read back from the deployed function, with the launcher
-  switched to ``local`` (the worker runs as a process instead of a Fargate task);
-- a periodic reconcile finds parts whose events never came (moto sends no delete events).
+- the function's environment is read back from the deployed function, and the handler runs
+  with its execution role's credentials;
+- a periodic reconcile finds parts whose events never came (moto sends no delete events);
+- the embedded ECS plays Fargate (``run_tasks``, on by default): the function launches jobs
+  with RunTask, as on AWS, and a RunTask of the worker's task definition starts the worker as
+  a process here with the task role's credentials; so does one from SAM's Lambda container.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import hashlib
 import importlib.util
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -29,13 +34,15 @@ import time
 import uuid
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .aws import LOCAL_OPERATOR, Aws
+from .aws import LOCAL_OPERATOR, Aws, assume_role, credentials_env
 from .errors import ConfigError
+from .events import records, sqs_record
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,61 @@ LOCAL_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": LOCAL_OPERATOR["SecretAccessKey"],
 }
 BOOTSTRAP_BUCKET = "s3rollup-local-artifacts"
+# Docker's default bridge: SAM's Lambda containers and the worker's container reach this
+# machine at its address (worker/build_local_base.sh fixes it at 172.31.250.1).
+DOCKER_BRIDGE = "docker0"
+
+
+def component_credentials(aws: Aws, stack_name: str, component: str) -> dict[str, str]:
+    """The credentials a component started outside this process uses against the embedded
+    stack, as AWS hands them out: ``function`` (SAM's Lambda container) its execution role's,
+    ``worker`` (a container the tests run as Fargate would) the task role's; taken from the
+    endpoint's STS with the operator's ``aws``."""
+    outputs = stack_outputs(aws, stack_name)
+    if component == "function":
+        role = function_role(aws, outputs["IngestFunctionName"])
+    elif component == "worker":
+        ecs = aws.client("ecs")
+        taskdef = ecs.describe_task_definition(taskDefinition=outputs["WorkerTaskDefinitionArn"])
+        role = str(taskdef["taskDefinition"]["taskRoleArn"])
+    else:
+        raise ConfigError(f"no component {component!r}: function or worker")
+    return credentials_env(assume_role(aws, role, f"s3rollup-{component}"))
+
+
+def docker_bridge_address() -> str | None:
+    """The IPv4 address of Docker's default bridge on this machine (its containers' gateway),
+    or None without one."""
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            # SIOCGIFADDR: the interface's address, as `ip addr show docker0` prints it.
+            packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", DOCKER_BRIDGE.encode()))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def check_listen_address(host: str) -> str:
+    """host, if the embedded stack may listen there: a loopback address, or the Docker bridge's
+    gateway (reachable from this machine's containers only). Never 0.0.0.0 or a public one."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        raise ConfigError(
+            f"--host {host}: give an IP address, a loopback one or Docker's bridge gateway"
+        ) from None
+    bridge = docker_bridge_address()
+    if loopback or host == bridge:
+        return host
+    where = f"Docker's bridge gateway {bridge}" if bridge else "Docker's bridge gateway (no docker0 here)"
+    raise ConfigError(
+        f"--host {host}: the embedded stack listens only on a loopback address or on {where}, "
+        "never on an address other machines reach"
+    )
 
 
 # ---- template ---------------------------------------------------------------------------------
@@ -188,7 +250,11 @@ class StackInfo:
     function_env: dict[str, str] = field(default_factory=dict)
     batch_size: int = 10
     queue_arn: str = ""
+    # What moto's CloudFormation skips: applied from the template by the embedded stack
+    # (descriptions), and left out wholly or in part (logical ids).
+    applied: list[str] = field(default_factory=list)
     not_applied: list[str] = field(default_factory=list)
+    not_applied_note: str = ""
     function_role_arn: str = ""
     persona_roles: dict[str, str] = field(default_factory=dict)  # producer, reader, operator
 
@@ -208,11 +274,30 @@ class StackInfo:
             "audit_anchor_bucket": o["AuditAnchorBucketName"],
         }
 
+    def provision_note(self) -> str:
+        """One line: what the embedded stack applied itself where moto's CloudFormation stops,
+        and what it could not apply."""
+        return (
+            f"embedded stack: applied what moto's CloudFormation skips ({'; '.join(self.applied)}); "
+            f"not applied: {self.not_applied_note or 'nothing'}"
+        )
+
 
 def stack_outputs(aws: Aws, stack_name: str) -> dict[str, str]:
     """A deployed stack's outputs (the way every command finds the bucket and tables)."""
     stacks = aws.client("cloudformation").describe_stacks(StackName=stack_name)["Stacks"]
     return {o["OutputKey"]: o["OutputValue"] for o in stacks[0].get("Outputs", [])}
+
+
+def function_role(aws: Aws, function_name: str) -> str:
+    """A deployed function's execution role ARN."""
+    return str(aws.client("lambda").get_function_configuration(FunctionName=function_name)["Role"])
+
+
+def function_environment(aws: Aws, function_name: str) -> dict[str, str]:
+    """A deployed function's environment variables (the dispatcher's and SAM's source)."""
+    fn = aws.client("lambda").get_function_configuration(FunctionName=function_name)
+    return {k: str(v) for k, v in fn.get("Environment", {}).get("Variables", {}).items()}
 
 
 def _code_zip() -> bytes:
@@ -258,6 +343,8 @@ def provision(
         "WorkerImageUri": f"{account}.dkr.ecr.{aws.region}.amazonaws.com/s3rollup-worker:local",
     }
     cf = aws.client("cloudformation")
+    unsupported = _moto_unsupported()
+    unsupported.types.clear()
     cf.create_stack(
         StackName=stack_name,
         TemplateBody=json.dumps(cfn),
@@ -279,7 +366,7 @@ def provision(
     types = {k: v["Type"] for k, v in cfn["Resources"].items()}
     defaults = {k: str(v["Default"]) for k, v in template.get("Parameters", {}).items() if "Default" in v}
     resolver = Resolver(aws, stack_name, {**defaults, **params}, physical, types)
-    not_applied = _apply_skipped(aws, cfn, resolver)
+    skipped = _apply_skipped(aws, cfn, resolver, set(unsupported.types))
     if policies is not None:
         for arn, policy in resource_policies(cfn, resolver).items():
             policies.set_resource_policy(arn, policy)
@@ -289,8 +376,7 @@ def provision(
                 policies.managed[arn] = resolver.resolve(res["Properties"]["ManagedPolicyArns"])
     outputs = stack_outputs(aws, stack_name)
 
-    fn = aws.client("lambda").get_function_configuration(FunctionName=outputs["IngestFunctionName"])
-    env = {k: str(v) for k, v in fn.get("Environment", {}).get("Variables", {}).items()}
+    env = function_environment(aws, outputs["IngestFunctionName"])
     mapping = next(iter(mappings.values()))["Properties"] if mappings else {}
     personas = persona_roles(aws, stack_name, outputs)
     return StackInfo(
@@ -301,8 +387,10 @@ def provision(
         function_env=env,
         batch_size=int(mapping.get("BatchSize", 10)),
         queue_arn=str(resolver.resolve(mapping.get("EventSourceArn", ""))),
-        not_applied=not_applied,
-        function_role_arn=str(fn["Role"]),
+        applied=skipped.applied,
+        not_applied=skipped.not_applied,
+        not_applied_note=skipped.note,
+        function_role_arn=function_role(aws, outputs["IngestFunctionName"]),
         persona_roles=personas,
     )
 
@@ -381,10 +469,66 @@ def _apply_bucket_properties(s3: Any, bucket: str, props: dict[str, Any]) -> Non
         )
 
 
-def _apply_skipped(aws: Aws, cfn: dict[str, Any], resolver: Resolver) -> list[str]:
-    """Apply the resources and properties moto's CloudFormation does not; return those left out."""
+@dataclass
+class Skipped:
+    """What moto's CloudFormation skipped, and what became of it."""
+
+    applied: list[str]  # descriptions, for the one line `up` and the demo print
+    not_applied: list[str]  # logical ids of resources left out wholly or in part
+    note: str  # the resources left out, by type
+
+
+# Bucket properties moto's CloudFormation leaves out, applied by _apply_bucket_properties.
+_BUCKET_PROPERTIES = {
+    "NotificationConfiguration": "notification",
+    "VersioningConfiguration": "versioning",
+    "PublicAccessBlockConfiguration": "public access block",
+    "ObjectLockConfiguration": "Object Lock",
+    "OwnershipControls": "ownership",
+    "LifecycleConfiguration": "lifecycle",
+    "LoggingConfiguration": "access logging",
+}
+# Resource types the embedded stack applies through the service APIs itself.
+_APPLIED_TYPES = {"AWS::S3::BucketPolicy", "AWS::SQS::QueuePolicy"}
+
+
+class _UnsupportedTypes(logging.Filter):
+    """Takes moto's "No Moto CloudFormation support for <type>" (logged per resource, twice
+    over) off its log and keeps the types: provision() says in one line what it applied
+    instead and what it could not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.types: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("No Moto CloudFormation support") and record.args:
+            self.types.add(str(record.args[0] if isinstance(record.args, tuple) else record.args))
+            return False
+        return True
+
+
+def _moto_unsupported() -> _UnsupportedTypes:
+    """The filter on moto's log that collects the resource types its CloudFormation skips."""
+    moto_log = logging.getLogger("moto")
+    for f in moto_log.filters:
+        if isinstance(f, _UnsupportedTypes):
+            return f
+    found = _UnsupportedTypes()
+    moto_log.addFilter(found)
+    return found
+
+
+def _apply_skipped(aws: Aws, cfn: dict[str, Any], resolver: Resolver, types: set[str]) -> Skipped:
+    """Apply the resources and properties moto's CloudFormation does not (of its unsupported
+    resource types, types); say what was left out."""
     s3, sqs = aws.s3, aws.client("sqs")
     skipped: list[str] = []
+    unsupported: dict[str, list[str]] = {}
+    for logical, res in cfn["Resources"].items():
+        if res["Type"] in types:
+            unsupported.setdefault(res["Type"], []).append(logical)
+    partly = 0
     # Bucket policies first: access logging needs its destination's grant in place.
     for logical, res in cfn["Resources"].items():
         if res["Type"] == "AWS::S3::BucketPolicy":
@@ -401,6 +545,7 @@ def _apply_skipped(aws: Aws, cfn: dict[str, Any], resolver: Resolver) -> list[st
                 )
             if len(allows) < len(policy["Statement"]):
                 skipped.append(logical)
+                partly += 1
     for logical, res in cfn["Resources"].items():
         props = res.get("Properties", {})
         if res["Type"] == "AWS::S3::Bucket":
@@ -426,7 +571,26 @@ def _apply_skipped(aws: Aws, cfn: dict[str, Any], resolver: Resolver) -> list[st
             for url in resolver.resolve(props["Queues"]):
                 real = sqs.get_queue_url(QueueName=url.rsplit("/", 1)[-1])["QueueUrl"]
                 sqs.set_queue_attributes(QueueUrl=real, Attributes={"Policy": policy})
-    return skipped
+    labels = sorted(
+        {
+            label
+            for res in cfn["Resources"].values()
+            if res["Type"] == "AWS::S3::Bucket"
+            for prop, label in _BUCKET_PROPERTIES.items()
+            if prop in res.get("Properties", {})
+        }
+    )
+    applied = [
+        f"{len(unsupported[t])} {t}" + (" (Allow statements)" if t == "AWS::S3::BucketPolicy" else "")
+        for t in sorted(_APPLIED_TYPES & set(unsupported))
+    ]
+    if labels:
+        applied.append(f"bucket {', '.join(labels)}")
+    left = {t: ids for t, ids in sorted(unsupported.items()) if t not in _APPLIED_TYPES}
+    skipped += [logical for ids in left.values() for logical in ids]
+    note = [f"the Deny statements of {partly} bucket policies"] if partly else []
+    note += [f"{len(ids)} {t}" for t, ids in left.items()]
+    return Skipped(applied, skipped, ", ".join(note))
 
 
 def _complete_task_definition(region: str, arn: str, props: dict[str, Any]) -> None:
@@ -494,10 +658,7 @@ def persona_roles(aws: Aws, stack_name: str, outputs: dict[str, str]) -> dict[st
 
 def assume(aws: Aws, role_arn: str, session: str) -> dict[str, str]:
     """A role's temporary credentials from the endpoint's STS, as Lambda and ECS take them."""
-    creds: dict[str, str] = aws.client("sts").assume_role(RoleArn=role_arn, RoleSessionName=session)[
-        "Credentials"
-    ]
-    return creds
+    return assume_role(aws, role_arn, session)
 
 
 # ---- the dispatcher (Lambda's SQS event source mapping) -------------------------------------
@@ -545,7 +706,6 @@ class Dispatcher:
         if log_level:
             env["POWERTOOLS_LOG_LEVEL"] = log_level
         env.update(
-            S3ROLLUP_LAUNCHER="local",
             POWERTOOLS_TRACE_DISABLED="true",
             POWERTOOLS_METRICS_DISABLED="true",
             AWS_ENDPOINT_URL=info.endpoint_url,
@@ -580,22 +740,21 @@ class Dispatcher:
 
     def event_for(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         """The SQS event Lambda passes for a batch of messages."""
-        return {
-            "Records": [
-                {
-                    "messageId": m["MessageId"],
-                    "receiptHandle": m["ReceiptHandle"],
-                    "body": m["Body"],
-                    "attributes": m.get("Attributes", {}),
-                    "messageAttributes": m.get("MessageAttributes", {}),
-                    "md5OfBody": m.get("MD5OfBody", ""),
-                    "eventSource": "aws:sqs",
-                    "eventSourceARN": self.info.queue_arn,
-                    "awsRegion": self.info.region,
-                }
+        return records(
+            [
+                sqs_record(
+                    m["Body"],
+                    queue_arn=self.info.queue_arn,
+                    region=self.info.region,
+                    message_id=m["MessageId"],
+                    receipt_handle=m["ReceiptHandle"],
+                    attributes=m.get("Attributes", {}),
+                    message_attributes=m.get("MessageAttributes", {}),
+                    md5_of_body=m.get("MD5OfBody", ""),
+                )
                 for m in messages
             ]
-        }
+        )
 
     def poll_once(self, wait_seconds: int = 1) -> int:
         """Receive one batch, invoke the handler, delete what succeeded; return messages seen."""
@@ -768,6 +927,74 @@ def enforcing_moto_server(policies: Any, ip_address: str, port: int) -> Any:
     return _Server(ip_address=ip_address, port=port, verbose=False)
 
 
+_TASK_RUNNERS: dict[str, Callable[[dict[str, str]], None]] = {}  # by cluster ARN
+
+
+def run_ecs_tasks() -> None:
+    """Make the embedded ECS hand each RunTask to the runner of its cluster's stack, if the
+    stack has one (EmbeddedStack(run_tasks=True)); moto itself only records the task."""
+    from moto.ecs.models import EC2ContainerServiceBackend
+
+    if getattr(EC2ContainerServiceBackend.run_task, "_s3rollup_runs", False):
+        return
+    original = EC2ContainerServiceBackend.run_task
+
+    def run_task(self: Any, cluster: str, taskdef: str, count: int, overrides: Any, *a: Any, **k: Any) -> Any:
+        tasks = original(self, cluster, taskdef, count, overrides, *a, **k)
+        env = {
+            e["name"]: str(e["value"])
+            for container in (overrides or {}).get("containerOverrides", [])
+            for e in container.get("environment", [])
+        }
+        for task in tasks:
+            runner = _TASK_RUNNERS.get(task.cluster_arn)
+            if runner is not None:  # off the request's thread: the worker starts in the background
+                threading.Thread(target=runner, args=(env,), name="s3rollup-task", daemon=True).start()
+        return tasks
+
+    run_task._s3rollup_runs = True  # type: ignore[attr-defined]
+    EC2ContainerServiceBackend.run_task = run_task  # type: ignore[method-assign,assignment]
+
+
+class TaskRunner:
+    """Plays Fargate for one stack: a RunTask of its worker task definition starts the worker
+    as a process on this machine (LocalLauncher), with the task definition's environment,
+    the request's overrides and this stack's endpoint."""
+
+    def __init__(self, info: StackInfo, aws: Aws) -> None:
+        from .config import Settings
+        from .launch import LocalLauncher
+
+        self.settings = Settings.from_env(info.function_env)
+        env = {
+            "AWS_ENDPOINT_URL": info.endpoint_url,
+            "AWS_REGION": info.region,
+            "AWS_DEFAULT_REGION": info.region,
+        }
+        # The launcher gives each worker the task role's credentials, as ECS does.
+        self.launcher = LocalLauncher(self.settings, aws.client("ecs"), extra_env=env, agent=aws)
+        self.started: list[str] = []
+
+    def __call__(self, overrides: dict[str, str]) -> None:
+        """Run the task RunTask asked for (its overrides name the dataset and job)."""
+        dataset, job_id = overrides.get("S3ROLLUP_DATASET"), overrides.get("S3ROLLUP_JOB_ID")
+        if not (dataset and job_id):
+            log.error("RunTask without a dataset and job id: no worker started")
+            return
+        self.started.append(job_id)
+        self.launcher.launch(dataset, job_id)
+
+    def register(self) -> None:
+        """Receive the RunTask requests of this stack's cluster."""
+        run_ecs_tasks()
+        _TASK_RUNNERS[self.settings.ecs_cluster] = self
+
+    def stop(self, timeout: float = 60) -> None:
+        """Receive no more requests; wait for the workers started."""
+        _TASK_RUNNERS.pop(self.settings.ecs_cluster, None)
+        self.launcher.wait(timeout=timeout)
+
+
 class EmbeddedStack:
     """moto server + provisioned stack + dispatcher, as one context manager."""
 
@@ -779,13 +1006,18 @@ class EmbeddedStack:
         dispatch: bool = True,
         reconcile_every: float = 5.0,
         log_level: str | None = None,
+        host: str = "127.0.0.1",
+        run_tasks: bool = True,
     ) -> None:
         self.port, self.stack_name, self.region = port, stack_name, region
         self.dispatch, self.reconcile_every, self.log_level = dispatch, reconcile_every, log_level
+        self.host, self.run_tasks = check_listen_address(host), run_tasks
         self.server: Any = None
         self.info: StackInfo | None = None
         self.dispatcher: Dispatcher | None = None
+        self.tasks: TaskRunner | None = None
         self.aws: Aws | None = None
+        self._saved_env: dict[str, str | None] = {}
 
     def __enter__(self) -> EmbeddedStack:
         from . import local_iam
@@ -799,18 +1031,24 @@ class EmbeddedStack:
 
         serialize_dynamodb()
         light_version_listings()
-        # Listen on loopback only: the embedded endpoint is for this machine.
+        # Loopback, or the Docker bridge's gateway: the embedded endpoint is for this machine
+        # and its containers (check_listen_address).
         self.policies = local_iam.Policies(self.region)
-        self.server = enforcing_moto_server(self.policies, ip_address="127.0.0.1", port=self.port)
+        self.server = enforcing_moto_server(self.policies, ip_address=self.host, port=self.port)
         self.server.start()
         host, port = self.server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
+        names = [*LOCAL_CREDENTIALS, "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"]
+        self._saved_env = {k: os.environ.get(k) for k in names}
         for k, v in LOCAL_CREDENTIALS.items():
             os.environ.setdefault(k, v)
         os.environ["AWS_ENDPOINT_URL"] = endpoint
         os.environ["AWS_REGION"] = os.environ["AWS_DEFAULT_REGION"] = self.region
         self.aws = Aws(self.region, endpoint)
         self.info = provision(self.aws, self.stack_name, policies=self.policies)
+        if self.run_tasks:
+            self.tasks = TaskRunner(self.info, self.aws)
+            self.tasks.register()
         if self.dispatch:
             self.dispatcher = Dispatcher(self.info, self.aws, self.reconcile_every, self.log_level)
             self.dispatcher.start()
@@ -819,15 +1057,18 @@ class EmbeddedStack:
     def credentials(self, persona: str) -> dict[str, str]:
         """Environment variables that make a process a producer, reader or operator."""
         assert self.aws and self.info
-        c = assume(self.aws, self.info.persona_roles[persona], f"local-{persona}")
-        return {
-            "AWS_ACCESS_KEY_ID": c["AccessKeyId"],
-            "AWS_SECRET_ACCESS_KEY": c["SecretAccessKey"],
-            "AWS_SESSION_TOKEN": c["SessionToken"],
-        }
+        return credentials_env(assume(self.aws, self.info.persona_roles[persona], f"local-{persona}"))
 
     def __exit__(self, *exc: object) -> None:
         if self.dispatcher:
             self.dispatcher.stop()
+        if self.tasks:
+            self.tasks.stop()
         if self.server:
             self.server.stop()
+        # The process's environment as it was: another stack may still be serving it.
+        for k, v in self._saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -8,16 +8,16 @@ import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import quote_plus
 
 from botocore.exceptions import ClientError
 
 from .aws import Aws
 from .contract import ContractError, parse_part_key, result_key
 from .errors import S3RollupError
+from .events import records, s3_record, sqs_record
 from .progress import Progress, Waiting
 from .state import AGGREGATED, PENDING, REJECTED, Part, State
 
@@ -308,19 +308,35 @@ def mark_stale(state: State, audit: Any, dataset: str, actor: str, attempts: int
     )
 
 
-def s3_notification(bucket: str, key: str) -> dict[str, Any]:
+def s3_notification(bucket: str, key: str, region: str = "us-east-1") -> dict[str, Any]:
     """The S3 notification body S3 sends for a new object (the function HEADs the key itself)."""
-    return {
-        "Records": [
-            {
-                "eventVersion": "2.1",
-                "eventSource": "aws:s3",
-                "eventName": "ObjectCreated:Put",
-                "eventTime": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                "s3": {"bucket": {"name": bucket}, "object": {"key": quote_plus(key, safe="/")}},
-            }
-        ]
-    }
+    return records([s3_record(bucket, key, region=region)])
+
+
+def part_events(
+    aws: Aws, bucket: str, queue_url: str, uploaded: Sequence[dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The events AWS would deliver for parts upload_parts uploaded: the S3 notification (one
+    record per part) and Lambda's SQS event from the ingest queue (one message per part,
+    each a notification, as S3 sends them)."""
+    sqs = aws.client("sqs")
+    url = sqs.get_queue_url(QueueName=queue_url.rsplit("/", 1)[-1])["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    notified = [
+        s3_record(
+            bucket,
+            part["key"],
+            region=aws.region,
+            size=part["bytes"],
+            etag=part["etag"],
+            version_id=part["version_id"],
+        )
+        for part in uploaded
+    ]
+    messages = [
+        sqs_record(json.dumps(records([r])), queue_arn=queue_arn, region=aws.region) for r in notified
+    ]
+    return records(notified), records(messages)
 
 
 def trigger_ingest(aws: Aws, queue_url: str, bucket: str, key: str) -> None:
@@ -328,7 +344,7 @@ def trigger_ingest(aws: Aws, queue_url: str, bucket: str, key: str) -> None:
     sqs = aws.client("sqs")
     # The output names the queue; its URL is resolved on this endpoint (the embedded one too).
     url = sqs.get_queue_url(QueueName=queue_url.rsplit("/", 1)[-1])["QueueUrl"]
-    sqs.send_message(QueueUrl=url, MessageBody=json.dumps(s3_notification(bucket, key)))
+    sqs.send_message(QueueUrl=url, MessageBody=json.dumps(s3_notification(bucket, key, aws.region)))
 
 
 def wait_for_rebuild(

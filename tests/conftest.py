@@ -4,8 +4,11 @@ template.yaml) for the whole session; every test works in its own dataset."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,59 @@ def stack() -> Iterator[Any]:
     from s3rollup.local import EmbeddedStack
 
     with EmbeddedStack(port=0, stack_name="s3rollup-test", reconcile_every=0) as s:
+        yield s
+
+
+def no_docker(reason: str) -> None:
+    """Skip a Docker test, saying why, or fail it where an engine is required (CI)."""
+    message = f"Docker test NOT RUN: {reason}"
+    if os.environ.get("S3ROLLUP_REQUIRE_DOCKER") == "1":
+        pytest.fail(message)
+    warnings.warn(message, stacklevel=2)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def docker_base() -> str:
+    """A Docker engine with its default bridge, and the locally made Debian base image (by
+    worker/build_local_base.sh, as CI prepares them); skips loudly without an engine."""
+    prepared = subprocess.run(
+        [str(ROOT / "worker" / "build_local_base.sh")], capture_output=True, text=True, check=False
+    )
+    if prepared.returncode != 0:
+        no_docker(f"no Docker engine or base image could be prepared:\n{prepared.stderr[-2000:]}")
+    return prepared.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def bridge_gateway(docker_base: str) -> str:
+    """The address of this machine on Docker's default bridge (what its containers reach)."""
+    gateway = subprocess.run(
+        ["docker", "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if not gateway:
+        no_docker("the Docker engine has no default bridge (worker/build_local_base.sh starts one)")
+    return gateway
+
+
+@pytest.fixture(scope="session")
+def bridge_stack(bridge_gateway: str) -> Iterator[Any]:
+    """A second embedded stack, named as `s3rollup up` names it (the events/ files name its
+    bucket), listening on the bridge gateway as `s3rollup up --host 172.31.250.1 --no-dispatch`
+    does: containers reach it, no dispatcher runs the function, RunTask starts the worker."""
+    from s3rollup.local import EmbeddedStack
+
+    saved = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    with EmbeddedStack(
+        port=0, host=bridge_gateway, stack_name="s3rollup", dispatch=False, reconcile_every=0, run_tasks=True
+    ) as s:
+        # This process's own clients keep talking to the session's stack.
+        for k in [k for k in os.environ if k.startswith("AWS_")]:
+            del os.environ[k]
+        os.environ.update(saved)
         yield s
 
 
@@ -47,6 +103,16 @@ def outputs(stack: Any) -> dict[str, str]:
 def load_event(name: str) -> dict[str, Any]:
     """An event file from events/."""
     return json.loads((EVENTS / name).read_text())
+
+
+def retarget(event: dict[str, Any], bucket: str, dataset: str) -> dict[str, Any]:
+    """An events/ file pointed at a stack's bucket and a fresh dataset."""
+    text = json.dumps(event).replace("s3rollup-data-123456789012-us-east-1", bucket)
+    return json.loads(
+        text.replace("incoming/sales/", f"incoming/{dataset}/").replace(
+            "incoming%2Fsales%2F", f"incoming%2F{dataset}%2F"
+        )
+    )
 
 
 def wait_for(predicate: Any, timeout: float = 120.0, interval: float = 0.25) -> Any:

@@ -18,6 +18,7 @@ from s3rollup.audit import exactly_once_problems
 from s3rollup.aws import Aws
 from s3rollup.contract import result_key
 from s3rollup.demo import compare, generate_part, to_csv_bytes, wait_for_manifest
+from s3rollup.events import records, sqs_record
 from s3rollup.ops import read_manifest, s3_notification
 from s3rollup.reference import complex_operation
 
@@ -163,22 +164,20 @@ def notification(bucket: str, key: str, event_name: str = "ObjectCreated:Put") -
 
 def sqs_event(bodies: list[dict[str, Any]]) -> dict[str, Any]:
     """The SQS event Lambda passes for a batch of message bodies."""
-    return {
-        "Records": [
-            {
-                "messageId": f"m-{i}",
-                "receiptHandle": f"r-{i}",
-                "body": json.dumps(b),
-                "attributes": {"ApproximateReceiveCount": "1"},
-                "messageAttributes": {},
-                "md5OfBody": "",
-                "eventSource": "aws:sqs",
-                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:q",
-                "awsRegion": "us-east-1",
-            }
+    return records(
+        [
+            sqs_record(
+                json.dumps(b),
+                queue_arn="arn:aws:sqs:us-east-1:123456789012:q",
+                region="us-east-1",
+                message_id=f"m-{i}",
+                receipt_handle=f"r-{i}",
+                attributes={"ApproximateReceiveCount": "1"},
+                md5_of_body="",
+            )
             for i, b in enumerate(bodies)
         ]
-    }
+    )
 
 
 def wait_published(
@@ -274,3 +273,10 @@ def assert_result_is(
     problems = exactly_once_problems(audit_records(stack, dataset), crashed)
     assert problems == [], problems
     return published
+
+
+def readme_shell_block(marker: str) -> str:
+    """The shell block between the README's <!-- marker --> and <!-- /marker --> comments."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split(f"<!-- {marker} -->", 1)[1].split(f"<!-- /{marker} -->", 1)[0]
+    return block.strip().removeprefix("```sh").removesuffix("```").strip() + "\n"

@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Prepares, idempotently, what building and running the worker image needs where no image
 # registry is reachable:
-#   1. a Docker engine: Debian's docker.io, started with host networking only
-#      (dockerd --bridge=none --iptables=false) when none answers;
+#   1. a Docker engine: Debian's docker.io, started when none answers with its default bridge
+#      on a fixed address ($S3ROLLUP_DOCKER_BRIDGE, 172.31.250.1/24), no iptables rules (so
+#      nothing of this machine's firewall changes; published ports go through docker-proxy) and
+#      published ports on 127.0.0.1 unless a run names another address. Containers on the
+#      bridge reach a server this machine binds on the gateway address, 172.31.250.1, as SAM's
+#      Lambda containers and the worker's test reach the embedded stack. An engine that an
+#      earlier version of this script started without a bridge (--bridge=none) is restarted,
+#      unless containers are running on it;
 #   2. a base image made locally: `debootstrap --variant=minbase trixie`, imported with
 #      `docker import` as $S3ROLLUP_BASE_IMAGE. The rootfs tarball is cached in
 #      $S3ROLLUP_DOCKER_CACHE (outside the repository), so a second run only re-imports it.
@@ -15,6 +21,7 @@ CACHE="${S3ROLLUP_DOCKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/s3rollup-docker}
 BASE_IMAGE="${S3ROLLUP_BASE_IMAGE:-s3rollup-base:trixie}"
 SUITE="${S3ROLLUP_BASE_SUITE:-trixie}"
 MIRROR="${S3ROLLUP_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+BRIDGE="${S3ROLLUP_DOCKER_BRIDGE:-172.31.250.1/24}"
 TARBALL="$CACHE/$SUITE-minbase.tar"
 mkdir -p "$CACHE"
 
@@ -30,10 +37,27 @@ if ((${#need_packages[@]})); then
         || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_packages[@]}" >&2; }
 fi
 
+if docker info >/dev/null 2>&1 && ! docker network inspect bridge >/dev/null 2>&1; then
+    pid="$(cat /var/run/docker.pid 2>/dev/null || true)"
+    if [ -n "$(docker ps -q)" ] || [ -z "$pid" ] || ! tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- '--bridge=none'; then
+        say "the running Docker engine has no default bridge and was not started by this script, or runs"
+        say "containers: stop it (or its containers), then run this script again"
+        exit 1
+    fi
+    say "restarting dockerd (pid $pid): it runs without the default bridge (--bridge=none)"
+    kill "$pid"
+    for _ in $(seq 1 60); do
+        [ -d "/proc/$pid" ] || break
+        sleep 0.5
+    done
+    [ ! -d "/proc/$pid" ] || { say "dockerd (pid $pid) did not stop within 30s"; exit 1; }
+fi
+
 if ! docker info >/dev/null 2>&1; then
-    say "starting dockerd (host networking only), log in $CACHE/dockerd.log"
+    say "starting dockerd (default bridge $BRIDGE, no iptables), log in $CACHE/dockerd.log"
     # setsid: the engine outlives this script (and the test that called it).
-    setsid dockerd --bridge=none --iptables=false >"$CACHE/dockerd.log" 2>&1 </dev/null &
+    setsid dockerd --bip "$BRIDGE" --iptables=false --ip6tables=false --ip 127.0.0.1 \
+        >"$CACHE/dockerd.log" 2>&1 </dev/null &
     for _ in $(seq 1 120); do
         docker info >/dev/null 2>&1 && break
         sleep 0.5

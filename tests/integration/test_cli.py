@@ -47,6 +47,10 @@ def test_demo_small_run_agrees_with_pandas() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "OK: every aggregate equals pandas complex_operation" in done.stdout
     assert "parts: 3" in done.stdout
+    # moto's warning per skipped resource type is replaced by one line saying what was done.
+    assert "No Moto CloudFormation support" not in done.stderr
+    (note,) = [line for line in done.stderr.splitlines() if line.startswith("embedded stack: applied")]
+    assert "1 AWS::SQS::QueuePolicy" in note and "not applied: the Deny statements of 3 bucket" in note
 
 
 def test_up_prints_its_endpoint_and_stops_cleanly(tmp_path: Path) -> None:
@@ -70,3 +74,12 @@ def test_up_prints_its_endpoint_and_stops_cleanly(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     assert proc.returncode == 0
+    assert "No Moto CloudFormation support" not in proc.stderr.read()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "example.org"])  # noqa: S104
+def test_up_listens_on_no_address_other_machines_reach(host: str) -> None:
+    done = run_cli(["up", "--port", "0", "--host", host], dict(os.environ), timeout=60)
+    # The message says where it may listen: exit 2 before anything starts.
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"s3rollup: --host {host}") and "loopback" in done.stderr

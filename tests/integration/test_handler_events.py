@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -10,22 +9,12 @@ import pytest
 
 from s3rollup.local import FakeContext
 from s3rollup.state import PENDING, State
-from tests.conftest import load_event
+from tests.conftest import load_event, retarget
 from tests.helpers import audit_records, put_part, silent
 
 pytestmark = pytest.mark.integration
 
 GOOD = b"id,value1,value2,value3,category\n1,0.5,1.5,2.5,3\n"
-
-
-def _retarget(event: dict[str, Any], bucket: str, dataset: str) -> dict[str, Any]:
-    """Point an events/ file at the test stack's bucket and a fresh dataset."""
-    text = json.dumps(event).replace("s3rollup-data-123456789012-us-east-1", bucket)
-    return json.loads(
-        text.replace("incoming/sales/", f"incoming/{dataset}/").replace(
-            "incoming%2Fsales%2F", f"incoming%2F{dataset}%2F"
-        )
-    )
 
 
 def _no_job(stack: Any, dataset: str) -> None:
@@ -40,7 +29,7 @@ def test_bare_s3_put_event_registers_the_part_once(stack: Any, lambda_app: Any, 
     bucket = stack.info.outputs["DataBucketName"]
     with silent(stack):
         key = put_part(stack, dataset, "part-00000.csv", GOOD)
-    event = _retarget(load_event("s3-put.json"), bucket, dataset)
+    event = retarget(load_event("s3-put.json"), bucket, dataset)
     app = lambda_app
     for _ in range(3):  # the same event delivered three times
         assert app.handler(event, FakeContext("IngestFunction")) == {"batchItemFailures": []}
@@ -57,7 +46,7 @@ def test_sqs_batch_with_encoded_keys_and_test_event(stack: Any, lambda_app: Any,
         k1 = put_part(stack, dataset, "part-00000.csv", GOOD)
     with silent(stack):
         k2 = put_part(stack, dataset, "café part +1 100%.csv", GOOD)
-    event = _retarget(load_event("sqs-s3-batch.json"), bucket, dataset)
+    event = retarget(load_event("sqs-s3-batch.json"), bucket, dataset)
     response = lambda_app.handler(event, FakeContext("IngestFunction"))
     assert response == {"batchItemFailures": []}
     keys = sorted(r["key"] for r in audit_records(stack, dataset) if r["event"] == "PART_ACCEPTED")
@@ -74,7 +63,7 @@ def test_poison_record_is_reported_alone(stack: Any, lambda_app: Any, dataset: s
     bucket = stack.info.outputs["DataBucketName"]
     with silent(stack):
         put_part(stack, dataset, "part-00000.csv", GOOD)
-    event = _retarget(load_event("sqs-s3-batch.json"), bucket, dataset)
+    event = retarget(load_event("sqs-s3-batch.json"), bucket, dataset)
     event["Records"][1]["body"] = "{not json"
     response = lambda_app.handler(event, FakeContext("IngestFunction"))
     assert response == {"batchItemFailures": [{"itemIdentifier": event["Records"][1]["messageId"]}]}
@@ -86,9 +75,9 @@ def test_delete_event_removes_a_registered_part(stack: Any, lambda_app: Any, dat
     with silent(stack):
         key = put_part(stack, dataset, "part-00000.csv", GOOD)
     app = lambda_app
-    app.handler(_retarget(load_event("s3-put.json"), bucket, dataset), FakeContext("IngestFunction"))
+    app.handler(retarget(load_event("s3-put.json"), bucket, dataset), FakeContext("IngestFunction"))
     stack.aws.s3.delete_object(Bucket=bucket, Key=key)
-    app.handler(_retarget(load_event("s3-delete.json"), bucket, dataset), FakeContext("IngestFunction"))
+    app.handler(retarget(load_event("s3-delete.json"), bucket, dataset), FakeContext("IngestFunction"))
     part = State(stack.aws.dynamodb, stack.info.outputs["StateTableName"]).get_part(dataset, key)
     assert part is not None and part.status == "REMOVED"
     events = [r["event"] for r in audit_records(stack, dataset)]

@@ -16,16 +16,9 @@ import pytest
 
 from s3rollup.demo import generate_part
 from tests.conftest import ROOT
-from tests.helpers import put_part, result_frame, wait_manifest
+from tests.helpers import put_part, readme_shell_block, result_frame, wait_manifest
 
 pytestmark = pytest.mark.integration
-
-
-def tour_script() -> str:
-    """The shell block between the README's tour markers."""
-    text = (ROOT / "README.md").read_text()
-    block = text.split("<!-- tour -->", 1)[1].split("<!-- /tour -->", 1)[0]
-    return block.strip().removeprefix("```sh").removesuffix("```").strip() + "\n"
 
 
 def test_the_readme_tour_runs_as_written(stack: Any, dataset: str, tmp_path: Path) -> None:
@@ -35,7 +28,7 @@ def test_the_readme_tour_runs_as_written(stack: Any, dataset: str, tmp_path: Pat
         (tmp_path / venv).symlink_to(ROOT / venv)
     (tmp_path / "ready.json").write_text(json.dumps(stack.info.as_json()) + "\n")
     # A fresh dataset name in the shared session stack; the stack's name, as `up` would have it.
-    script = re.sub(r"\bsales\b", dataset, tour_script())
+    script = re.sub(r"\bsales\b", dataset, readme_shell_block("tour"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3ROLLUP_", "VIRTUAL_ENV"))}
     env["S3ROLLUP_STACK"] = stack.info.stack_name
     done = subprocess.run(
@@ -52,6 +45,11 @@ def test_the_readme_tour_runs_as_written(stack: Any, dataset: str, tmp_path: Pat
         done.stdout
     )
     assert f'"key": "incoming/{dataset}/part-2.csv"' in done.stdout
+    (message,) = json.loads((tmp_path / "sqs-event.json").read_text())["Records"]
+    assert (
+        json.loads(message["body"])["Records"][0]["s3"]["object"]["key"] == f"incoming/{dataset}/part-3.csv"
+    )
+    assert message["body"] in done.stdout.splitlines()  # the S3 notification, printed first
     assert "lag: up to date" in done.stdout
     query = [line.split() for line in done.stdout.splitlines()]
     assert ["category", "value1_mean", "value1_std"] in query

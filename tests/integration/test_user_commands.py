@@ -140,6 +140,74 @@ def test_put_uploads_small_and_multipart_parts_quietly_in_a_pipe(
     assert_equals_reference(stack, dataset, [small, large])
 
 
+def _shape(node: Any) -> Any:
+    """The keys of a JSON document, recursively (values left out)."""
+    if isinstance(node, dict):
+        return {k: _shape(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_shape(v) for v in node[:1]]
+    return None
+
+
+def _sam_event_template(name: str) -> dict[str, Any]:
+    found = sorted(
+        (ROOT / ".venv-sam").glob(
+            f"lib/python*/site-packages/samcli/lib/generated_sample_events/events/{name}"
+        )
+    )
+    if not found:
+        pytest.skip(
+            f"SAM CLI's event templates are not installed (`make template` installs .venv-sam): {name}"
+        )
+    # SAM's templates are mustache: the placeholders are values, the keys are what matter here.
+    return dict(json.loads(found[0].read_text()))
+
+
+def test_event_put_uploads_and_prints_the_events_sam_would_generate(
+    stack: Any, lambda_app: Any, dataset: str, tmp_path: Path
+) -> None:
+    from s3rollup.local import FakeContext
+
+    frame = generate_part(0, 400, seed=9)
+    (tmp_path / "a part+1.csv").write_bytes(to_csv_bytes(frame))
+    s3_file, sqs_file = tmp_path / "s3.json", tmp_path / "sqs.json"
+    args = ["event", "put", str(tmp_path / "a part+1.csv"), "--dataset", dataset]
+    done = run_cli([*args, "--s3-file", str(s3_file), "--sqs-file", str(sqs_file)], user_env(stack))
+    assert done.returncode == 0, done.stderr
+    s3_event, sqs_event = map(json.loads, done.stdout.splitlines())
+    assert (s3_event, sqs_event) == (json.loads(s3_file.read_text()), json.loads(sqs_file.read_text()))
+    # THEN both are shaped as `sam local generate-event s3 put` / `sqs receive-message` make them
+    s3_template = _sam_event_template("s3/S3Put.json")
+    # (S3 names the version in a versioned bucket; SAM's template leaves it out)
+    assert _without_version(_shape(s3_event)) == _shape(s3_template)
+    assert _shape(sqs_event) == _shape(_sam_event_template("sqs/Sqs.json"))
+    # ... and name the uploaded part and the stack's queue as S3 and Lambda would
+    key = f"incoming/{dataset}/a part+1.csv"
+    head = stack.aws.s3.head_object(Bucket=stack.info.outputs["DataBucketName"], Key=key)
+    (record,) = s3_event["Records"]
+    assert record["s3"]["bucket"]["name"] == stack.info.outputs["DataBucketName"]
+    assert record["s3"]["object"]["key"] == f"incoming/{dataset}/a+part%2B1.csv"
+    assert record["s3"]["object"]["versionId"] == head["VersionId"]
+    assert record["s3"]["object"]["size"] == head["ContentLength"]
+    (message,) = sqs_event["Records"]
+    assert message["eventSourceARN"] == stack.info.queue_arn
+    assert json.loads(message["body"]) == {"Records": [record]}
+    assert message["md5OfBody"] == hashlib.md5(message["body"].encode()).hexdigest()  # noqa: S324
+    # WHEN the function gets the SQS event (S3's own notification reached the dispatcher too)
+    response = lambda_app.handler(sqs_event, FakeContext("IngestFunction"))
+    # THEN the part is accepted once and the result published
+    assert response == {"batchItemFailures": []}
+    wait_manifest(stack, dataset, {key})
+    accepted = [r for r in audit_records(stack, dataset) if r["event"] == "PART_ACCEPTED"]
+    assert [r["key"] for r in accepted] == [key]
+    assert_equals_reference(stack, dataset, [frame])
+
+
+def _without_version(shape: Any) -> Any:
+    shape["Records"][0]["s3"]["object"].pop("versionId", None)
+    return shape
+
+
 def test_put_of_a_missing_file_uploads_nothing(stack: Any, dataset: str, tmp_path: Path) -> None:
     good = tmp_path / "good.csv"
     good.write_bytes(to_csv_bytes(generate_part(0, 10, seed=1)))

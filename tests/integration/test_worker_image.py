@@ -1,7 +1,8 @@
 """The worker image (worker/Dockerfile) built and run as Fargate runs it: read-only root
-filesystem, a writable /tmp only, uid 1000, the task definition's environment.
+filesystem, a fresh volume at /tmp (root-owned until the image's /tmp is copied in), uid 1000,
+the task definition's environment, on a bridge network reaching the stack by address.
 
-worker/build_local_base.sh prepares the engine (dockerd with host networking only) and a
+worker/build_local_base.sh prepares the engine (dockerd with its default bridge) and a
 locally made Debian base, since no registry is reachable here. Where no engine can start the
 test says why and skips; with S3ROLLUP_REQUIRE_DOCKER=1 (CI) it fails instead.
 """
@@ -13,7 +14,7 @@ import os
 import subprocess
 import time
 import uuid
-import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from s3rollup.contract import parse_part_key
 from s3rollup.demo import generate_part
 from s3rollup.ingest import Ingest
 from s3rollup.launch import LocalLauncher
-from s3rollup.local import LOCAL_CREDENTIALS, ROOT
+from s3rollup.local import ROOT, component_credentials
 from tests.helpers import (
     assert_equals_reference,
     audit_records,
@@ -39,23 +40,9 @@ IMAGE = "s3rollup-worker:test"
 SYSTEM_PACKAGES = "python3 python3-venv"
 
 
-def _no_engine(reason: str) -> None:
-    message = f"worker image test NOT RUN: {reason}"
-    if os.environ.get("S3ROLLUP_REQUIRE_DOCKER") == "1":
-        pytest.fail(message)
-    warnings.warn(message, stacklevel=2)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
-def worker_image() -> str:
+def worker_image(docker_base: str) -> str:
     """The worker image built from worker/Dockerfile on the locally made base."""
-    prepared = subprocess.run(
-        [str(ROOT / "worker" / "build_local_base.sh")], capture_output=True, text=True, check=False
-    )
-    if prepared.returncode != 0:
-        _no_engine(f"no Docker engine or base image could be prepared:\n{prepared.stderr[-2000:]}")
-    base = prepared.stdout.strip().splitlines()[-1]
     started = time.monotonic()
     build = subprocess.run(
         [
@@ -67,7 +54,7 @@ def worker_image() -> str:
             "-f",
             str(ROOT / "worker" / "Dockerfile"),
             "--build-arg",
-            f"BASE_IMAGE={base}",
+            f"BASE_IMAGE={docker_base}",
             "--build-arg",
             f"SYSTEM_PACKAGES={SYSTEM_PACKAGES}",
             "-t",
@@ -84,7 +71,21 @@ def worker_image() -> str:
     return IMAGE
 
 
-def test_the_image_runs_as_uid_1000_and_holds_no_build_only_file(worker_image: str) -> None:
+@pytest.fixture()
+def scratch_volume() -> Iterator[str]:
+    """A new named volume for /tmp: empty and root-owned 0755, as Fargate's task volume is,
+    until Docker copies the image's /tmp into it on first use."""
+    name = f"s3rollup-scratch-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["docker", "volume", "create", name], capture_output=True, check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["docker", "volume", "rm", "-f", name], capture_output=True, check=False)
+
+
+def test_the_image_runs_as_uid_1000_and_holds_no_build_only_file(
+    worker_image: str, scratch_volume: str
+) -> None:
     inspect = subprocess.run(
         ["docker", "image", "inspect", worker_image], capture_output=True, text=True, check=True
     )
@@ -99,27 +100,31 @@ def test_the_image_runs_as_uid_1000_and_holds_no_build_only_file(worker_image: s
             "--network",
             "none",
             "--read-only",
+            "--mount",
+            f"type=volume,source={scratch_volume},target=/tmp",
             "--entrypoint",
             "python",
             worker_image,
             "-c",
-            "import os, shutil, sys, importlib.util as u, distributed, pandas, s3rollup.job as j; "
+            "import os, shutil, sys, tempfile, importlib.util as u, distributed, pandas, s3rollup.job as j; "
             "from s3rollup import native; "
             "ms = (j, pandas, distributed); "
             "cached = all(os.path.exists(u.cache_from_source(m.__file__)) for m in ms); "
+            "tempfile.NamedTemporaryFile(dir='/tmp').close(); "
             "print(os.getuid(), os.path.exists('/build'), cached, native.kernels(), shutil.which('gcc'), "
-            "sys.version_info[:2])",
+            "oct(os.stat('/tmp').st_mode & 0o7777), sys.version_info[:2])",
         ],
         capture_output=True,
         text=True,
         check=False,
     )
     assert probe.returncode == 0, probe.stderr[-2000:]
-    uid, build_dir, cached, kernels, gcc, _version = probe.stdout.split(" ", 5)
+    uid, build_dir, cached, kernels, gcc, tmp_mode, _version = probe.stdout.split(" ", 6)
     # The proxy CA bundle, the lock file and the compiler stay in the build stages; with a
     # read-only root, a job starts from compiled bytecode only if the image carries it; the
-    # native kernels were compiled for the image.
+    # native kernels were compiled for the image; the new volume at /tmp took the image's mode.
     assert (uid, build_dir, cached, kernels, gcc) == ("1000", "False", "True", "native", "None")
+    assert tmp_mode == "0o1777"
 
 
 class _Recorded:
@@ -135,12 +140,13 @@ class _Recorded:
 
 
 def test_one_job_runs_in_the_worker_image_as_fargate_runs_it(
-    stack: Any, dataset: str, worker_image: str
+    bridge_stack: Any, dataset: str, worker_image: str, scratch_volume: str
 ) -> None:
+    stack = bridge_stack  # on the bridge gateway: the container reaches it as it would AWS
     frames = [generate_part(i, 700, seed=41) for i in range(2)]
-    with silent(stack):  # no event: the dispatcher would start a local worker process
+    with silent(stack):  # no event: the test plays the function
         keys = {put_part(stack, dataset, f"p{i}.csv", f) for i, f in enumerate(frames)}
-    settings = Settings.from_env(stack.dispatcher.env)
+    settings = Settings.from_env(stack.info.function_env)
     launcher = _Recorded()
     ingest = Ingest(settings, stack.aws.s3, stack.aws.dynamodb, launcher)
     outcomes = [ingest.sync(parse_part_key(k), actor="test:image") for k in sorted(keys)]
@@ -148,13 +154,15 @@ def test_one_job_runs_in_the_worker_image_as_fargate_runs_it(
     ((launched_dataset, job_id),) = launcher.launches  # ingest took the lease and launched once
     assert launched_dataset == dataset
 
-    task_env = LocalLauncher(settings, stack.aws.client("ecs")).task_environment(dataset, job_id)
+    task_env = LocalLauncher(settings, stack.aws.client("ecs"), agent=stack.aws).task_environment(
+        dataset, job_id
+    )
     env = {
         **task_env,
         "AWS_ENDPOINT_URL": stack.info.endpoint_url,
         "AWS_REGION": stack.info.region,
         "AWS_DEFAULT_REGION": stack.info.region,
-        **LOCAL_CREDENTIALS,
+        **component_credentials(stack.aws, stack.info.stack_name, "worker"),  # the task role's
     }
     env_args = [a for k, v in sorted(env.items()) for a in ("--env", f"{k}={v}")]
     name = f"s3rollup-job-{uuid.uuid4().hex[:8]}"
@@ -166,11 +174,9 @@ def test_one_job_runs_in_the_worker_image_as_fargate_runs_it(
             "--rm",
             "--name",
             name,
-            "--network",
-            "host",
             "--read-only",
-            "--tmpfs",
-            "/tmp",
+            "--mount",
+            f"type=volume,source={scratch_volume},target=/tmp",
             "--user",
             "1000:1000",
             *env_args,

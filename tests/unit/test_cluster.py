@@ -74,11 +74,13 @@ def _listening_addresses(pid: int) -> list[str]:
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to list sockets")
 def test_local_cluster_listens_on_loopback_only() -> None:
-    # GIVEN the job's default cluster (no scheduler address, no Fargate threshold)
+    # GIVEN the job's default cluster (no scheduler address, no Fargate threshold); this
+    # process may already serve others (the tests' embedded stacks)
+    before = set(_listening_addresses(os.getpid()))
     with dask_client(Settings.from_env(BASE)) as client:
         assert client.submit(sum, [1, 2]).result() == 3
-        # WHEN we list this process's listening sockets
-        addresses = _listening_addresses(os.getpid())
+        # WHEN we list the listening sockets the cluster added to this process
+        addresses = sorted(set(_listening_addresses(os.getpid())) - before)
     # THEN the scheduler's and the worker's HTTP servers are there, on 127.0.0.1 only
     assert addresses
     assert all(a.startswith("127.0.0.1:") for a in addresses), addresses
