@@ -12,11 +12,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import ClientError
 
 from .aws import Aws
 from .contract import ContractError, parse_part_key, result_key
-from .errors import S3RollupError
+from .errors import AwsError, S3RollupError
 from .events import records, s3_record, sqs_record
 from .progress import Progress, Waiting
 from .state import AGGREGATED, PENDING, REJECTED, Part, State
@@ -120,22 +121,14 @@ def upload_parts(
     done = []
     for up in plan:
         progress = Progress(f"upload {up.path.name}", up.size, stream=stream)
-        aws.s3.upload_file(
-            str(up.path),
-            bucket,
-            up.key,
-            # SHA-256 checksum: S3 checks the bytes on arrival and keeps the checksum, and
-            # the worker's read is checked against it (a one-PUT upload: the audit records
-            # this SHA-256, and the worker hashes the part once). A multipart upload's is a
-            # checksum of checksums: the worker takes its own SHA-256.
-            ExtraArgs={
-                "ServerSideEncryption": "aws:kms",
-                "SSEKMSKeyId": key_arn,
-                "ChecksumAlgorithm": "SHA256",
-            },
-            Config=config,
-            Callback=progress.add,
-        )
+        try:
+            _upload_file(aws, bucket, key_arn, up, config, progress)
+        except S3UploadFailedError as exc:
+            # boto3 wraps the service's answer (AccessDenied, ...): say that, not a traceback.
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, ClientError):
+                raise cause from None
+            raise AwsError(f"upload of {up.path.name} failed: {exc}", "UPLOAD_FAILED") from exc
         progress.close()
         head = aws.s3.head_object(Bucket=bucket, Key=up.key)
         done.append(
@@ -148,6 +141,25 @@ def upload_parts(
             }
         )
     return done
+
+
+def _upload_file(aws: Aws, bucket: str, key_arn: str, up: Upload, config: Any, progress: Progress) -> None:
+    aws.s3.upload_file(
+        str(up.path),
+        bucket,
+        up.key,
+        # SHA-256 checksum: S3 checks the bytes on arrival and keeps the checksum, and
+        # the worker's read is checked against it (a one-PUT upload: the audit records
+        # this SHA-256, and the worker hashes the part once). A multipart upload's is a
+        # checksum of checksums: the worker takes its own SHA-256.
+        ExtraArgs={
+            "ServerSideEncryption": "aws:kms",
+            "SSEKMSKeyId": key_arn,
+            "ChecksumAlgorithm": "SHA256",
+        },
+        Config=config,
+        Callback=progress.add,
+    )
 
 
 # ---- status --------------------------------------------------------------------------------
@@ -319,9 +331,9 @@ def part_events(
     """The events AWS would deliver for parts upload_parts uploaded: the S3 notification (one
     record per part) and Lambda's SQS event from the ingest queue (one message per part,
     each a notification, as S3 sends them)."""
-    sqs = aws.client("sqs")
-    url = sqs.get_queue_url(QueueName=queue_url.rsplit("/", 1)[-1])["QueueUrl"]
-    queue_arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    # A queue URL ends in /<account>/<name>: its ARN needs no call (nor a producer SQS rights).
+    account, name = queue_url.rstrip("/").rsplit("/", 2)[-2:]
+    queue_arn = f"arn:aws:sqs:{aws.region}:{account}:{name}"
     notified = [
         s3_record(
             bucket,

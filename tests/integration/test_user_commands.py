@@ -20,6 +20,7 @@ import pytest
 
 from s3rollup.contract import merged_partial_key
 from s3rollup.demo import generate_part, to_csv_bytes
+from s3rollup.local_iam import expected_denial
 from tests.conftest import ROOT, wait_for
 from tests.helpers import (
     assert_equals_reference,
@@ -172,7 +173,9 @@ def test_event_put_uploads_and_prints_the_events_sam_would_generate(
     (tmp_path / "a part+1.csv").write_bytes(to_csv_bytes(frame))
     s3_file, sqs_file = tmp_path / "s3.json", tmp_path / "sqs.json"
     args = ["event", "put", str(tmp_path / "a part+1.csv"), "--dataset", dataset]
-    done = run_cli([*args, "--s3-file", str(s3_file), "--sqs-file", str(sqs_file)], user_env(stack))
+    done = run_cli(
+        [*args, "--s3-file", str(s3_file), "--sqs-file", str(sqs_file)], user_env(stack, "producer")
+    )
     assert done.returncode == 0, done.stderr
     s3_event, sqs_event = map(json.loads, done.stdout.splitlines())
     assert (s3_event, sqs_event) == (json.loads(s3_file.read_text()), json.loads(sqs_file.read_text()))
@@ -364,3 +367,19 @@ def test_report_is_self_contained_and_renders_in_chromium(stack: Any, dataset: s
     assert mean_chart.count("<circle") == groups
     assert html.split('id="chart-sizes"', 1)[1].split("</svg>", 1)[0].count("<rect") >= 1
     assert shot.stat().st_size > 10_000  # a drawn page, not an empty one
+
+
+def test_put_without_upload_permission_says_access_denied_in_one_line(
+    stack: Any, dataset: str, tmp_path: Path
+) -> None:
+    # GIVEN a reader (ReaderPolicy only: no s3:PutObject on incoming/)
+    part = tmp_path / "p.csv"
+    part.write_bytes(to_csv_bytes(generate_part(0, 50, seed=3)))
+    reader = f"role/local-{stack.info.stack_name}-reader"
+    # WHEN it tries to upload a part
+    with expected_denial(reader, "s3:PutObject"):
+        done = run_cli(["put", str(part), "--dataset", dataset], user_env(stack, "reader"))
+    # THEN S3's answer comes back as one line and the AWS exit code, not a traceback
+    assert done.returncode == 5, done.stderr
+    assert done.stderr.startswith("s3rollup: AWS error AccessDenied") and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
