@@ -2,11 +2,13 @@
 
     python bench/candidates.py '<json spec>'
 
-The spec names the candidate, the input files, where to write the timings (JSON) and,
-optionally, where to write the result in the reference's shape (a pandas pickle) for the
-correctness check. Libraries are imported before the clock starts: ``seconds`` is the
-work itself (cluster start and shutdown included); run.py also records the whole process's
-wall time, imports included.
+The spec names the candidate, the input files, where to write the timings (JSON) and
+where to write the result: a Parquet file with a row per group (the key, then
+``<value>_<statistic>`` and ``combined``), written by the candidate's own library, as a job
+publishes its result; run.py checks it against pandas. Libraries are imported before the
+clock starts: ``seconds`` is the work itself (cluster start and shutdown included) and
+``write`` the writing of the result; run.py also records the whole process's wall time,
+interpreter start and imports included: the headline.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,33 +42,20 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-# ---- result shapes ----------------------------------------------------------------------
+# ---- results ----------------------------------------------------------------------------
+
+Writer = Callable[[str], None]  # writes the result to a Parquet file at the path
 
 
-def shape_from_columns(category: Any, cols: dict[tuple[str, str], Any]) -> Any:
-    """A frame in complex_operation's shape: (value, stat) columns + ('combined', ''), by category."""
-    import numpy as np
-    import pandas as pd
+def _write_pandas_result(result: Any) -> Writer:
+    """complex_operation's shape ((value, stat) columns by category) as flat Parquet."""
 
-    order = np.argsort(np.asarray(category), kind="stable")
-    data = {k: np.asarray(v)[order] for k, v in cols.items()}
-    out = pd.DataFrame(data, index=pd.Index(np.asarray(category)[order], name="category"))
-    out.columns = pd.MultiIndex.from_tuples(list(data))
-    return out
+    def write(path: str) -> None:
+        flat = result.copy()
+        flat.columns = [f"{a}_{b}" if b else a for a, b in flat.columns]
+        flat.reset_index().to_parquet(path, index=False)
 
-
-def _flat_to_shape(frame: Any) -> Any:
-    """Flat columns (category, v_stat, combined; a frame or a dict of arrays), reference shape."""
-    import numpy as np
-
-    def floats(a: Any) -> Any:
-        # DuckDB's fetchnumpy masks NULLs (a one-row group's std, an all-missing group's
-        # mean); the data under the mask is 0, not NaN.
-        return np.ma.filled(np.ma.asarray(a, dtype=np.float64), np.nan)
-
-    cols = {(v, s): floats(frame[f"{v}_{s}"]) for v in VALUES for s in STATS}
-    cols[("combined", "")] = floats(frame["combined"])
-    return shape_from_columns(np.asarray(frame["category"]), cols)
+    return write
 
 
 # ---- s3rollup ---------------------------------------------------------------------------
@@ -118,13 +108,13 @@ def _import_distributed() -> None:
     prepare_dask()
 
 
-def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
     _import_distributed()
     from distributed import wait
 
     from s3rollup.contract import DEFAULT_CONTRACT as C
     from s3rollup.job import dask_client, fetch_in_order
-    from s3rollup.stats import finalize, frame_bytes, merge_partials, to_reference_shape
+    from s3rollup.stats import finalize, frame_bytes, frame_to_parquet, merge_partials
 
     files = spec["files"]
     with tempfile.TemporaryDirectory(dir=spec.get("tmp")) as tmp:
@@ -152,14 +142,14 @@ def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]
         "cluster_close": t5 - t4,
         "seconds": t5 - t0,
     }
-    return stages, lambda: to_reference_shape(final, C)
+    return stages, lambda path: Path(path).write_bytes(frame_to_parquet(final))
 
 
-def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
     _import_distributed()
     from s3rollup.contract import DEFAULT_CONTRACT as C
     from s3rollup.job import dask_client
-    from s3rollup.stats import finalize, frame_from_parquet, merge_partials, to_reference_shape
+    from s3rollup.stats import finalize, frame_from_parquet, frame_to_parquet, merge_partials
 
     with tempfile.TemporaryDirectory(dir=spec.get("tmp")) as tmp:
         new_out = str(Path(tmp) / "new-part.parquet")
@@ -190,13 +180,13 @@ def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], 
         "cluster_close": t6 - t5,
         "seconds": t6 - t0,
     }
-    return stages, lambda: to_reference_shape(final, C)
+    return stages, lambda path: Path(path).write_bytes(frame_to_parquet(final))
 
 
 # ---- the seed and the others ------------------------------------------------------------
 
 
-def run_pandas_seed(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+def run_pandas_seed(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
     import pandas as pd
 
     from s3rollup.reference import complex_operation
@@ -207,7 +197,7 @@ def run_pandas_seed(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], 
     t1 = now()
     result = complex_operation(df)
     t2 = now()
-    return {"read_concat": t1 - t0, "aggregate": t2 - t1, "seconds": t2 - t0}, lambda: result
+    return {"read_concat": t1 - t0, "aggregate": t2 - t1, "seconds": t2 - t0}, _write_pandas_result(result)
 
 
 def seed_complex_operation_dask(df: Any) -> tuple[Any, str]:
@@ -230,7 +220,7 @@ def seed_complex_operation_dask(df: Any) -> tuple[Any, str]:
         return result, "pandas (after compute)"
 
 
-def run_dask(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+def run_dask(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
     import dask.dataframe as dd
     from distributed import Client, LocalCluster
 
@@ -267,13 +257,24 @@ def run_dask(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
         "partitions": df.npartitions,
         "combined_where": where,
     }
-    return stages, lambda: result.sort_index()
+    return stages, _write_pandas_result(result.sort_index())
 
 
-def run_polars(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+def _sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def run_polars(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
     import polars as pl
 
     t0 = now()
+    hashes = None
+    if spec.get("sha256"):
+        # polars+sha256: every part's SHA-256 (the audit's identity of a part), on threads of
+        # their own in the same process while Polars' own threads run the query.
+        pool = ThreadPoolExecutor(max_workers=spec["cpus"])
+        hashes = pool.map(_sha256_file, spec["files"])
     if spec["fmt"] == "csv":
         # The column types and missing-value spellings s3rollup's contract gives it.
         scan = pl.scan_csv(
@@ -305,10 +306,16 @@ def run_polars(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]
         .collect()
     )
     t1 = now()
-    return {"seconds": t1 - t0}, lambda: _flat_to_shape(out.to_pandas())
+    stages = {"query": t1 - t0}
+    if hashes is not None:
+        digests = list(hashes)
+        pool.shutdown()
+        assert len(digests) == len(spec["files"])
+    t2 = now()
+    return {**stages, "hashes_after_query": t2 - t1, "seconds": t2 - t0}, out.write_parquet
 
 
-def run_duckdb(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+def run_duckdb(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
     import duckdb
 
     if spec["fmt"] == "csv":
@@ -332,10 +339,15 @@ def run_duckdb(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]
     )
     t0 = now()
     con = duckdb.connect()
-    out = con.execute(sql, params).fetchnumpy()
-    con.close()
+    # The result stays in DuckDB until it writes it (COPY takes no parameters: a table first).
+    con.execute(f"CREATE TEMP TABLE result AS {sql}", params)
     t1 = now()
-    return {"seconds": t1 - t0}, lambda: _flat_to_shape(out)
+
+    def write(path: str) -> None:
+        con.execute("COPY result TO '{}' (FORMAT parquet)".format(path.replace("'", "''")))
+        con.close()
+
+    return {"seconds": t1 - t0}, write
 
 
 # ---- end to end through the embedded stack ----------------------------------------------
@@ -442,13 +454,14 @@ def _wait_manifest_fast(aws: Any, bucket: str, dataset: str, keys: set[str], tim
     raise TimeoutError(f"no manifest listing {len(keys)} parts after {timeout:.0f}s")
 
 
-CANDIDATES: dict[str, Callable[[dict[str, Any]], tuple[dict[str, Any], Callable[[], Any]]]] = {
+CANDIDATES: dict[str, Callable[[dict[str, Any]], tuple[dict[str, Any], Writer]]] = {
     "s3rollup-engine": run_engine,
     "s3rollup-incremental": run_incremental,
     "pandas-seed": run_pandas_seed,
     "dask-seed": run_dask,
     "dask-cpus": run_dask,
     "polars": run_polars,
+    "polars+sha256": run_polars,
     "duckdb": run_duckdb,
 }
 
@@ -464,9 +477,10 @@ def main() -> int:
             expected.to_pickle(spec["result"] + ".expected")
         Path(spec["out"]).write_text(json.dumps(report))
         return 0
-    stages, result = CANDIDATES[spec["candidate"]](spec)
-    if spec.get("result"):
-        result().to_pickle(spec["result"])
+    stages, write = CANDIDATES[spec["candidate"]](spec)
+    t0 = now()
+    write(spec["result"])
+    stages["write"] = now() - t0
     Path(spec["out"]).write_text(json.dumps(stages))
     return 0
 

@@ -52,7 +52,19 @@ CHILD = Path(__file__).resolve().parent / "candidates.py"
 WRAP = Path(__file__).resolve().parent / "rusage_wrap.py"
 RESULTS = Path(__file__).resolve().parent / "results"
 RTOL = 1e-9
-MAIN_CANDIDATES = ("s3rollup-engine", "pandas-seed", "dask-seed", "dask-cpus", "polars", "duckdb")
+MAIN_CANDIDATES = (
+    "s3rollup-engine",
+    "pandas-seed",
+    "dask-seed",
+    "dask-cpus",
+    "polars",
+    "polars+sha256",
+    "duckdb",
+)
+# Seconds to minutes a run: --slow-reps may give them fewer repetitions than the others.
+SLOW_CANDIDATES = ("pandas-seed", "dask-seed", "dask-cpus")
+VALUES = ("value1", "value2", "value3")
+STATS = ("mean", "std", "min", "max")
 LIBRARIES = ("pandas", "numpy", "pyarrow", "dask", "distributed", "polars", "duckdb", "psutil")
 # --quick: the harness end to end in well under a minute on 2 busy cores. dask-seed is left
 # out (its 8 worker processes take ~30 s to start here, whatever the data); pass
@@ -321,7 +333,12 @@ class Run:
     check: str = "not checked"
 
     def median(self) -> float:
+        """The median of the work's seconds."""
         return statistics.median(self.seconds) if self.seconds else float("nan")
+
+    def process_median(self) -> float:
+        """The median of the whole process's seconds."""
+        return statistics.median(self.process_s) if self.process_s else float("nan")
 
 
 def _tree_rss(root: psutil.Process) -> int:
@@ -386,14 +403,29 @@ def run_child(spec: dict[str, Any], log: Path, timeout: float, poll: float) -> d
     return result
 
 
-def check_result(path: Path, reference: Path) -> str:
+def reference_shape(flat: pd.DataFrame) -> pd.DataFrame:
+    """A result as the candidates write it (a row per group: category, <value>_<stat>,
+    combined) in complex_operation's shape: (value, stat) columns by category."""
+    flat = flat.sort_values("category", kind="stable")
+    cols = {(v, s): flat[f"{v}_{s}"].to_numpy(np.float64) for v in VALUES for s in STATS}
+    cols[("combined", "")] = flat["combined"].to_numpy(np.float64)
+    out = pd.DataFrame(cols, index=pd.Index(flat["category"].to_numpy(), name="category"))
+    out.columns = pd.MultiIndex.from_tuples(list(cols))
+    return out
+
+
+def check_frames(got: pd.DataFrame, reference: Path) -> str:
     """'ok', or what differs from the pandas reference (rtol 1e-9, NaN positions equal)."""
-    if not path.exists():
-        return "no result"
-    got: pd.DataFrame = pd.read_pickle(path)  # noqa: S301 - written by our own child
-    exp: pd.DataFrame = pd.read_pickle(reference)  # noqa: S301
+    exp: pd.DataFrame = pd.read_pickle(reference)  # noqa: S301 - written by this harness
     problems = compare_frames(got, exp, RTOL)
     return "ok" if not problems else "MISMATCH: " + "; ".join(problems[:3])
+
+
+def check_result(path: Path, reference: Path) -> str:
+    """check_frames of the result a candidate wrote (Parquet, a row per group)."""
+    if not path.exists():
+        return "no result"
+    return check_frames(reference_shape(pd.read_parquet(path)), reference)
 
 
 # ---- the plan ---------------------------------------------------------------------------
@@ -428,6 +460,8 @@ def plan(args: argparse.Namespace, tmp: Path) -> tuple[list[Run], list[str]]:
                 }
                 if cand == "s3rollup-engine":
                     spec["tmp"] = str(tmp)  # where its tasks store the partials
+                elif cand == "polars+sha256":
+                    spec.update(sha256=True, cpus=cpus)
                 elif cand == "dask-seed":
                     spec.update(n_workers=8, threads_per_worker=2)
                 elif cand == "dask-cpus":
@@ -511,7 +545,8 @@ def run_e2e(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         tail = (tmp / "e2e.log").read_text(errors="replace")[-2000:]
         return {"error": f"rc {res['rc']}: {tail}"}
     report = json.loads(out.read_text())
-    report["check"] = check_result(tmp / "e2e.pkl", tmp / "e2e.pkl.expected")
+    got = pd.read_pickle(tmp / "e2e.pkl")  # noqa: S301 - written by our own child
+    report["check"] = check_frames(got, tmp / "e2e.pkl.expected")
     report["tree_rss"] = res["tree_rss"]
     return report
 
@@ -642,36 +677,36 @@ def render(
     lines += machine_facts()
     for note in notes:
         lines.append(f"- note: {note}")
-    lines += ["", "## Full computation", ""]
+    lines += ["", "## Full computation: the whole process (headline) and the work", ""]
     lines.append(
-        "Seconds: the work in the child process (libraries already imported; cluster start and "
-        "shutdown included). `process s`: the whole child process, interpreter start and imports "
-        "included. Peak RSS: sum over the child's process tree, sampled every "
+        "`process s`: the child process from spawn to exit, as a job's process runs: interpreter "
+        "start, imports, the work, writing the result (a Parquet file, each with its own library) "
+        "and exit. `work s`: the work alone, timed inside the child with its libraries already "
+        "imported (cluster start and shutdown included, writing the result not). Ratios are of "
+        "medians on the same profile and format, above 1x slower than the other; `vs` columns "
+        "compare whole processes. Peak RSS: sum over the child's process tree, sampled every "
         f"{args.poll:g}s (psutil); `maxrss`: largest single process, exact "
         "(getrusage(RUSAGE_CHILDREN) in bench/rusage_wrap.py)."
     )
+    if args.slow_reps < args.reps:
+        lines.append(
+            f"{', '.join(SLOW_CANDIDATES)} ran in {args.slow_reps} of the {args.reps} repetitions "
+            "(spread over them), the others in every one: column `n`."
+        )
     lines.append("")
     lines.append(
-        "| profile | candidate | format | median s | min s | max s | process s | peak RSS MiB (tree) "
-        "| maxrss MiB | vs polars | vs dask-seed | check |"
+        "| profile | format | candidate | process s | min-max | work s | vs polars | vs polars+sha256 "
+        "| vs dask-seed | work vs polars | peak RSS MiB (tree) | maxrss MiB | n | check |"
     )
-    lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    med = {(r.profile, r.candidate, r.fmt): r.median() for r in runs if r.group == "main"}
-    for r in runs:
-        if r.group != "main":
-            continue
-        polars = med.get((r.profile, "polars", r.fmt), float("nan"))
-        dask_seed = med.get((r.profile, "dask-seed", r.fmt), float("nan"))
-        lines.append(f"| {r.profile} " + _row(r, polars, dask_seed))
-    lines += [
-        "",
-        "Ratios are median / median on the same profile and format: above 1x is slower than the other.",
-        "",
-        "Profiles:",
-        "",
-        *(f"- `{name}`: {PROFILES[name].about}" for name in args.profiles),
-        "",
-    ]
+    lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    main_runs = [r for r in runs if r.group == "main"]
+    proc = {(r.profile, r.candidate, r.fmt): r.process_median() for r in main_runs}
+    work = {(r.profile, r.candidate, r.fmt): r.median() for r in main_runs}
+    for r in main_runs:
+        lines.append(_main_row(r, proc, work))
+    lines += ["", *_targets(args, main_runs, proc), "", "Profiles:", ""]
+    lines += [f"- `{name}`: {PROFILES[name].about}" for name in args.profiles]
+    lines.append("")
 
     inc = [r for r in runs if r.group in ("incremental", "full")]
     if inc:
@@ -691,7 +726,7 @@ def render(
         )
         lines.append("|---|---|---:|---:|---:|---:|---:|---:|---|")
         for r in inc:
-            lines.append(_row(r, None, None))
+            lines.append(_row(r))
         lines += [
             "",
             "| N | format | incremental s | full engine over N+1 parts s | incremental / full(N+1) "
@@ -703,7 +738,7 @@ def render(
                 continue
             full = next((f for f in inc if f.group == "full" and f.n == r.n and f.fmt == r.fmt), None)
             fm = full.median() if full else float("nan")
-            em = med.get(("demo", "s3rollup-engine", r.fmt), float("nan"))
+            em = work.get(("demo", "s3rollup-engine", r.fmt), float("nan"))
             lines.append(
                 f"| {r.n} | {r.fmt} | {_s(r.median())} | {_s(fm)} | {_ratio(r.median(), fm)} "
                 f"| {_ratio(r.median(), em)} |"
@@ -762,18 +797,91 @@ def render(
         lines += ["## Failures", ""]
         lines += [f"- {r.profile}: {r.label} ({r.fmt}): {f}" for r, f in failures]
         lines.append("")
-    lines += ["## Raw seconds per repetition", "", "| run | format | seconds |", "|---|---|---|"]
+    lines += [
+        "## Raw seconds per repetition",
+        "",
+        "| run | format | process s | work s |",
+        "|---|---|---|---|",
+    ]
     for r in runs:
-        lines.append(f"| {r.profile}: {r.label} | {r.fmt} | {', '.join(f'{s:.2f}' for s in r.seconds)} |")
+        proc_s, work_s = (", ".join(f"{x:.2f}" for x in xs) for xs in (r.process_s, r.seconds))
+        lines.append(f"| {r.profile}: {r.label} | {r.fmt} | {proc_s} | {work_s} |")
     return "\n".join(lines) + "\n"
 
 
-def _row(r: Run, polars: float | None, dask_seed: float | None) -> str:
+def _main_row(
+    r: Run, proc: dict[tuple[str, str, str], float], work: dict[tuple[str, str, str], float]
+) -> str:
+    """A row of the headline table: whole process first, the work beside it."""
+    head = [r.profile, r.fmt, r.label if r.check == "ok" else f"**{r.label}** (!)"]
+    if not r.process_s:
+        return "| " + " | ".join([*head, "FAILED", *[""] * 9, r.check]) + " |"
+
+    def vs(other: str, table: dict[tuple[str, str, str], float]) -> str:
+        return _ratio(
+            table[(r.profile, r.candidate, r.fmt)], table.get((r.profile, other, r.fmt), float("nan"))
+        )
+
+    cells = [
+        _s(r.process_median()),
+        f"{min(r.process_s):.2f}-{max(r.process_s):.2f}",
+        _s(r.median()),
+        vs("polars", proc),
+        vs("polars+sha256", proc),
+        vs("dask-seed", proc),
+        vs("polars", work),
+        _mib(statistics.median(r.tree_rss)),
+        _mib(statistics.median(r.maxrss)),
+        str(len(r.process_s)),
+    ]
+    return "| " + " | ".join([*head, *cells, r.check]) + " |"
+
+
+def _targets(args: argparse.Namespace, runs: list[Run], proc: dict[tuple[str, str, str], float]) -> list[str]:
+    """Issue 21's targets, per profile, from the whole-process medians."""
+
+    def ratio(profile: str, a: str, b: str, fmt: str, limit: float, above: bool = False) -> str:
+        x, y = proc.get((profile, a, fmt), float("nan")), proc.get((profile, b, fmt), float("nan"))
+        if not (x == x and y == y and y > 0):
+            return "—"
+        met = x / y >= limit if above else x / y <= limit
+        return f"{x / y:.2f}x {'met' if met else 'MISSED'}"
+
+    lines = [
+        "## Targets (issue 21): whole process, medians",
+        "",
+        "| profile | CSV: s3rollup / polars (<= 1.0x) | CSV: dask-seed / s3rollup (>= 10x) "
+        "| Parquet: s3rollup / polars+sha256 (<= 1.0x) | Parquet: s3rollup / polars "
+        "| s3rollup peak RSS MiB, tree (<= 1,024 on groups100k) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for profile in args.profiles:
+        rss = [
+            max(r.tree_rss)
+            for r in runs
+            if r.profile == profile and r.candidate == "s3rollup-engine" and r.tree_rss
+        ]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    profile,
+                    ratio(profile, "s3rollup-engine", "polars", "csv", 1.0),
+                    ratio(profile, "dask-seed", "s3rollup-engine", "csv", 10.0, above=True),
+                    ratio(profile, "s3rollup-engine", "polars+sha256", "parquet", 1.0),
+                    ratio(profile, "s3rollup-engine", "polars", "parquet", float("inf")).replace(" met", ""),
+                    _mib(max(rss)) if rss else "—",
+                ]
+            )
+            + " |"
+        )
+    return lines
+
+
+def _row(r: Run) -> str:
+    """A row of the incremental table (the work's seconds first)."""
     if not r.seconds:
-        cells = [r.label, r.fmt, "FAILED", "", "", "", "", ""]
-        if polars is not None:
-            cells += ["", ""]
-        return "| " + " | ".join([*cells, r.check]) + " |"
+        return "| " + " | ".join([r.label, r.fmt, "FAILED", "", "", "", "", "", r.check]) + " |"
     label = r.label if r.check == "ok" else f"**{r.label}** (!)"
     cells = [
         label,
@@ -781,12 +889,10 @@ def _row(r: Run, polars: float | None, dask_seed: float | None) -> str:
         _s(r.median()),
         _s(min(r.seconds)),
         _s(max(r.seconds)),
-        _s(statistics.median(r.process_s)),
+        _s(r.process_median()),
         _mib(statistics.median(r.tree_rss)),
         _mib(statistics.median(r.maxrss)),
     ]
-    if polars is not None and dask_seed is not None:
-        cells += [_ratio(r.median(), polars), _ratio(r.median(), dask_seed)]
     return "| " + " | ".join([*cells, r.check]) + " |"
 
 
@@ -802,6 +908,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=1_000_000, help="rows per part (default 1,000,000)")
     p.add_argument("--seed", type=int, default=42, help="data seed, as s3rollup demo (default 42)")
     p.add_argument("--reps", type=int, default=3, help="repetitions, interleaved (default 3)")
+    p.add_argument(
+        "--slow-reps",
+        type=int,
+        help="repetitions of " + ", ".join(SLOW_CANDIDATES) + ", spread over the others (default --reps)",
+    )
     p.add_argument("--formats", default="csv,parquet", help="comma-separated: csv, parquet (default both)")
     p.add_argument(
         "--profiles",
@@ -865,6 +976,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if not set(args.formats) <= {"csv", "parquet"}:
         p.error("--formats: csv and/or parquet")
+    args.slow_reps = args.reps if args.slow_reps is None else max(1, min(args.slow_reps, args.reps))
     args.profiles = [x.strip() for x in args.profiles.split(",") if x.strip()]
     unknown_profiles = set(args.profiles) - set(PROFILES)
     if unknown_profiles or not args.profiles:
@@ -885,12 +997,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache_dir))
     runs, notes = plan(args, work)
     say(f"{len(runs)} runs x {args.reps} repetition(s); logs in {work}")
+    slow_reps = {round(i * args.reps / args.slow_reps) for i in range(args.slow_reps)}
     for rep in range(args.reps):
         for k, r in enumerate(runs):
+            if r.candidate in SLOW_CANDIDATES and rep not in slow_reps:
+                continue
             tag = f"{k:02d}-{r.label.replace(' ', '_').replace('=', '')}-{r.fmt}-rep{rep}"
-            spec = {**r.spec, "out": str(work / f"{tag}.json")}
-            if rep == 0 and r.reference is not None:
-                spec["result"] = str(work / f"{tag}.pkl")  # checked once per run
+            # Every run writes its result, as a job does: part of the whole process's time.
+            spec = {**r.spec, "out": str(work / f"{tag}.json"), "result": str(work / f"{tag}.parquet")}
             res = run_child(spec, work / f"{tag}.log", args.timeout, args.poll)
             if res["rc"] != 0 or "stages" not in res:
                 tail = (work / f"{tag}.log").read_text(errors="replace").strip().splitlines()[-3:]
@@ -903,8 +1017,12 @@ def main(argv: list[str] | None = None) -> int:
             r.tree_rss.append(res["tree_rss"])
             r.maxrss.append(res["maxrss"])
             r.stages.append(res["stages"])
-            if "result" in spec and r.reference is not None:
+            keep = False
+            if r.check == "not checked" and r.reference is not None:  # once per run
                 r.check = check_result(Path(spec["result"]), r.reference)
+                keep = r.check != "ok"  # stays beside the run's log
+            if not keep:
+                Path(spec["result"]).unlink(missing_ok=True)
             say(
                 f"rep {rep + 1}/{args.reps} {r.profile:<10} {r.label:<28} {r.fmt:<8} "
                 f"{res['stages']['seconds']:7.2f}s "
