@@ -1051,6 +1051,7 @@ def main(argv: list[str] | None = None) -> int:
                 k: getattr(r, k)
                 for k in (
                     "label",
+                    "profile",
                     "candidate",
                     "fmt",
                     "group",
