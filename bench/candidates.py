@@ -2,11 +2,13 @@
 
     python bench/candidates.py '<json spec>'
 
-The spec names the candidate, the input files, where to write the timings (JSON) and,
-optionally, where to write the result in the reference's shape (a pandas pickle) for the
-correctness check. Libraries are imported before the clock starts: ``seconds`` is the
-work itself (cluster start and shutdown included); run.py also records the whole process's
-wall time, imports included.
+The spec names the candidate, the input files, where to write the timings (JSON) and
+where to write the result: a Parquet file with a row per group (the key, then
+``<value>_<statistic>`` and ``combined``), written by the candidate's own library, as a job
+publishes its result; run.py checks it against pandas. Libraries are imported before the
+clock starts: ``seconds`` is the work itself (cluster start and shutdown included) and
+``write`` the writing of the result; run.py also records the whole process's wall time,
+interpreter start and imports included: the headline.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,28 +42,20 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-# ---- result shapes ----------------------------------------------------------------------
+# ---- results ----------------------------------------------------------------------------
+
+Writer = Callable[[str], None]  # writes the result to a Parquet file at the path
 
 
-def shape_from_columns(category: Any, cols: dict[tuple[str, str], Any]) -> Any:
-    """A frame in complex_operation's shape: (value, stat) columns + ('combined', ''), by category."""
-    import numpy as np
-    import pandas as pd
+def _write_pandas_result(result: Any) -> Writer:
+    """complex_operation's shape ((value, stat) columns by category) as flat Parquet."""
 
-    order = np.argsort(np.asarray(category), kind="stable")
-    data = {k: np.asarray(v)[order] for k, v in cols.items()}
-    out = pd.DataFrame(data, index=pd.Index(np.asarray(category)[order], name="category"))
-    out.columns = pd.MultiIndex.from_tuples(list(data))
-    return out
+    def write(path: str) -> None:
+        flat = result.copy()
+        flat.columns = [f"{a}_{b}" if b else a for a, b in flat.columns]
+        flat.reset_index().to_parquet(path, index=False)
 
-
-def _flat_to_shape(frame: Any) -> Any:
-    """Flat columns (category, v_stat, combined; a frame or a dict of arrays), reference shape."""
-    import numpy as np
-
-    cols = {(v, s): np.asarray(frame[f"{v}_{s}"]) for v in VALUES for s in STATS}
-    cols[("combined", "")] = np.asarray(frame["combined"])
-    return shape_from_columns(np.asarray(frame["category"]), cols)
+    return write
 
 
 # ---- s3rollup ---------------------------------------------------------------------------
@@ -105,21 +100,21 @@ def _task_sums(results: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _import_distributed() -> None:
-    # dask_client imports distributed lazily; import it before the clock, like every other
-    # candidate's libraries (it costs ~1.5 s here: process_s still includes it), as the job
-    # does while it reconciles with the bucket (job.prepare_dask).
-    from s3rollup.job import prepare_dask
+    # The job imports what a round computes with (s3rollup.stats) and distributed on a
+    # thread of its own while it waits on DynamoDB and S3 (job.prepare_round): before the
+    # clock, like every other candidate's libraries; process s includes it.
+    from s3rollup.job import prepare_round
 
-    prepare_dask()
+    prepare_round()
 
 
-def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
     _import_distributed()
     from distributed import wait
 
     from s3rollup.contract import DEFAULT_CONTRACT as C
     from s3rollup.job import dask_client, fetch_in_order
-    from s3rollup.stats import finalize, frame_bytes, merge_partials, to_reference_shape
+    from s3rollup.stats import finalize, frame_bytes, frame_to_parquet, merge_partials
 
     files = spec["files"]
     with tempfile.TemporaryDirectory(dir=spec.get("tmp")) as tmp:
@@ -147,14 +142,14 @@ def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]
         "cluster_close": t5 - t4,
         "seconds": t5 - t0,
     }
-    return stages, lambda: to_reference_shape(final, C)
+    return stages, lambda path: Path(path).write_bytes(frame_to_parquet(final))
 
 
-def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
     _import_distributed()
     from s3rollup.contract import DEFAULT_CONTRACT as C
     from s3rollup.job import dask_client
-    from s3rollup.stats import finalize, frame_from_parquet, merge_partials, to_reference_shape
+    from s3rollup.stats import finalize, frame_from_parquet, frame_to_parquet, merge_partials
 
     with tempfile.TemporaryDirectory(dir=spec.get("tmp")) as tmp:
         new_out = str(Path(tmp) / "new-part.parquet")
@@ -185,13 +180,13 @@ def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], 
         "cluster_close": t6 - t5,
         "seconds": t6 - t0,
     }
-    return stages, lambda: to_reference_shape(final, C)
+    return stages, lambda path: Path(path).write_bytes(frame_to_parquet(final))
 
 
 # ---- the seed and the others ------------------------------------------------------------
 
 
-def run_pandas_seed(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+def run_pandas_seed(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
     import pandas as pd
 
     from s3rollup.reference import complex_operation
@@ -202,7 +197,7 @@ def run_pandas_seed(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], 
     t1 = now()
     result = complex_operation(df)
     t2 = now()
-    return {"read_concat": t1 - t0, "aggregate": t2 - t1, "seconds": t2 - t0}, lambda: result
+    return {"read_concat": t1 - t0, "aggregate": t2 - t1, "seconds": t2 - t0}, _write_pandas_result(result)
 
 
 def seed_complex_operation_dask(df: Any) -> tuple[Any, str]:
@@ -225,7 +220,7 @@ def seed_complex_operation_dask(df: Any) -> tuple[Any, str]:
         return result, "pandas (after compute)"
 
 
-def run_dask(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+def run_dask(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
     import dask.dataframe as dd
     from distributed import Client, LocalCluster
 
@@ -234,8 +229,14 @@ def run_dask(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
     cluster = LocalCluster(n_workers=spec["n_workers"], threads_per_worker=spec["threads_per_worker"])
     client = Client(cluster)
     t1 = now()
-    reader = dd.read_csv if spec["fmt"] == "csv" else dd.read_parquet
-    df = reader(spec["glob"])
+    if spec["fmt"] == "csv":
+        # A key column with missing keys reads as float64 in the partitions that have one:
+        # said up front, or Dask's dtype check fails on the others.
+        df = dd.read_csv(
+            spec["glob"], **({"dtype": {"category": "float64"}} if spec.get("missing_keys") else {})
+        )
+    else:
+        df = dd.read_parquet(spec["glob"])
     lazy, where = seed_complex_operation_dask(df)
     result = lazy.compute()
     if where.startswith("pandas"):
@@ -256,14 +257,33 @@ def run_dask(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
         "partitions": df.npartitions,
         "combined_where": where,
     }
-    return stages, lambda: result.sort_index()
+    return stages, _write_pandas_result(result.sort_index())
 
 
-def run_polars(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+def _sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def run_polars(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
     import polars as pl
 
     t0 = now()
-    scan = pl.scan_csv(spec["glob"]) if spec["fmt"] == "csv" else pl.scan_parquet(spec["glob"])
+    hashes = None
+    if spec.get("sha256"):
+        # polars+sha256: every part's SHA-256 (the audit's identity of a part), on threads of
+        # their own in the same process while Polars' own threads run the query.
+        pool = ThreadPoolExecutor(max_workers=spec["cpus"])
+        hashes = pool.map(_sha256_file, spec["files"])
+    if spec["fmt"] == "csv":
+        # The column types and missing-value spellings s3rollup's contract gives it.
+        scan = pl.scan_csv(
+            spec["glob"],
+            schema_overrides={**{v: pl.Float64 for v in VALUES}, "category": pl.Int64},
+            **({"null_values": spec["na_values"]} if spec.get("na_values") else {}),
+        )
+    else:
+        scan = pl.scan_parquet(spec["glob"])
     aggs = []
     for v in VALUES:
         c = pl.col(v)
@@ -274,7 +294,8 @@ def run_polars(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]
             c.max().alias(f"{v}_max"),
         ]
     out = (
-        scan.group_by("category")
+        scan.filter(pl.col("category").is_not_null())  # as pandas' groupby drops a missing key
+        .group_by("category")
         .agg(aggs)
         .with_columns(
             combined=pl.col("value1_mean") * pl.col("value2_std")
@@ -285,13 +306,27 @@ def run_polars(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]
         .collect()
     )
     t1 = now()
-    return {"seconds": t1 - t0}, lambda: _flat_to_shape(out.to_pandas())
+    stages = {"query": t1 - t0}
+    if hashes is not None:
+        digests = list(hashes)
+        pool.shutdown()
+        assert len(digests) == len(spec["files"])
+    t2 = now()
+    return {**stages, "hashes_after_query": t2 - t1, "seconds": t2 - t0}, out.write_parquet
 
 
-def run_duckdb(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+def run_duckdb(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
     import duckdb
 
-    source = "read_csv_auto" if spec["fmt"] == "csv" else "read_parquet"
+    if spec["fmt"] == "csv":
+        # The column types and missing-value spellings s3rollup's contract gives it.
+        types = ", ".join(f"'{v}': 'DOUBLE'" for v in VALUES)
+        source = f"read_csv(?, types = {{{types}, 'category': 'BIGINT'}}" + (
+            ", nullstr = ?)" if spec.get("na_values") else ")"
+        )
+        params: list[Any] = [spec["glob"], *([spec["na_values"]] if spec.get("na_values") else [])]
+    else:
+        source, params = "read_parquet(?)", [spec["glob"]]
     select = ", ".join(
         f"avg({v}) AS {v}_mean, stddev_samp({v}) AS {v}_std, min({v}) AS {v}_min, max({v}) AS {v}_max"
         for v in VALUES
@@ -300,14 +335,19 @@ def run_duckdb(spec: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]
     sql = (
         f"SELECT category, {select}, "  # noqa: S608
         "avg(value1) * stddev_samp(value2) + max(value3) - min(value1) AS combined "
-        f"FROM {source}(?) GROUP BY category ORDER BY category"
+        f"FROM {source} WHERE category IS NOT NULL GROUP BY category ORDER BY category"
     )
     t0 = now()
     con = duckdb.connect()
-    out = con.execute(sql, [spec["glob"]]).fetchnumpy()
-    con.close()
+    # The result stays in DuckDB until it writes it (COPY takes no parameters: a table first).
+    con.execute(f"CREATE TEMP TABLE result AS {sql}", params)
     t1 = now()
-    return {"seconds": t1 - t0}, lambda: _flat_to_shape(out)
+
+    def write(path: str) -> None:
+        con.execute("COPY result TO '{}' (FORMAT parquet)".format(path.replace("'", "''")))
+        con.close()
+
+    return {"seconds": t1 - t0}, write
 
 
 # ---- end to end through the embedded stack ----------------------------------------------
@@ -414,13 +454,14 @@ def _wait_manifest_fast(aws: Any, bucket: str, dataset: str, keys: set[str], tim
     raise TimeoutError(f"no manifest listing {len(keys)} parts after {timeout:.0f}s")
 
 
-CANDIDATES: dict[str, Callable[[dict[str, Any]], tuple[dict[str, Any], Callable[[], Any]]]] = {
+CANDIDATES: dict[str, Callable[[dict[str, Any]], tuple[dict[str, Any], Writer]]] = {
     "s3rollup-engine": run_engine,
     "s3rollup-incremental": run_incremental,
     "pandas-seed": run_pandas_seed,
     "dask-seed": run_dask,
     "dask-cpus": run_dask,
     "polars": run_polars,
+    "polars+sha256": run_polars,
     "duckdb": run_duckdb,
 }
 
@@ -436,10 +477,17 @@ def main() -> int:
             expected.to_pickle(spec["result"] + ".expected")
         Path(spec["out"]).write_text(json.dumps(report))
         return 0
-    stages, result = CANDIDATES[spec["candidate"]](spec)
-    if spec.get("result"):
-        result().to_pickle(spec["result"])
+    stages, write = CANDIDATES[spec["candidate"]](spec)
+    t0 = now()
+    write(spec["result"])
+    stages["write"] = now() - t0
     Path(spec["out"]).write_text(json.dumps(stages))
+    if spec["candidate"].startswith("s3rollup"):
+        # As the job's process ends (logs.exit_process): flushed, then os._exit, without the
+        # interpreter's teardown of distributed's and Arrow's threads (~0.3 s here).
+        from s3rollup.logs import exit_process
+
+        exit_process(0)
     return 0
 
 

@@ -29,6 +29,37 @@ CONTRACTS = "contracts/"
 STATISTICS = ("mean", "std", "min", "max")
 COLUMN_TYPES = ("int64", "float64", "string")
 
+# The cells pandas' read_csv reads as missing by default (pandas._libs.parsers.STR_NA_VALUES;
+# a unit test checks the installed pandas still says so). pandas, the reference analysis,
+# reads them as missing in every column: so do the validator and the worker, unless a
+# contract says otherwise (na_values, keep_default_na: pandas' own read_csv options).
+DEFAULT_NA_VALUES: tuple[str, ...] = (
+    "",
+    "#N/A",
+    "#N/A N/A",
+    "#NA",
+    "-1.#IND",
+    "-1.#QNAN",
+    "-NaN",
+    "-nan",
+    "1.#IND",
+    "1.#QNAN",
+    "<NA>",
+    "N/A",
+    "NA",
+    "NULL",
+    "NaN",
+    "None",
+    "n/a",
+    "nan",
+    "null",
+)
+# A contract's own spellings: at most this many, of at most this many characters, none
+# holding a comma, a quote or a control character (a line break would end the record).
+_MAX_NA_VALUES = 100
+_MAX_NA_CHARS = 64
+_NA_FORBIDDEN = re.compile(r'[,"\x00-\x1f\x7f]')
+
 # Lower-case, digits, '-' and '_': safe in keys, table keys, log fields and file names.
 _DATASET_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # A derived term: "<column>.<statistic>".
@@ -77,6 +108,9 @@ class Contract:
     derived: tuple[Derived, ...] = ()
     min_group_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # The cells read as missing (NaN in a value column; in a group key, the row is left out
+    # of every group, as pandas' groupby leaves it out), matched exactly, sorted.
+    na_values: tuple[str, ...] = DEFAULT_NA_VALUES
 
     @property
     def used_columns(self) -> tuple[str, ...]:
@@ -160,7 +194,29 @@ def contract_from_json(doc: dict[str, Any], default_min_group_size: int = 1) -> 
     k = int(doc.get("min_group_size", default_min_group_size))
     if k < 1:
         raise ContractError("BAD_CONTRACT", "min_group_size must be at least 1")
-    return Contract(columns, group_by, values, stats, derived, k, extra=dict(doc))
+    na = na_values_from(doc.get("na_values", []), doc.get("keep_default_na", True))
+    return Contract(columns, group_by, values, stats, derived, k, extra=dict(doc), na_values=na)
+
+
+def na_values_from(extra: Any, keep_default: Any) -> tuple[str, ...]:
+    """The missing-value spellings of a contract document, as pandas' read_csv takes them:
+    ``na_values`` added to its defaults, or alone when ``keep_default_na`` is false."""
+    if not isinstance(keep_default, bool):
+        raise ContractError("BAD_CONTRACT", "keep_default_na must be true or false")
+    if not isinstance(extra, list) or not all(isinstance(v, str) for v in extra):
+        raise ContractError("BAD_CONTRACT", "na_values must be a list of strings")
+    if len(extra) > _MAX_NA_VALUES:
+        raise ContractError("BAD_CONTRACT", f"na_values: at most {_MAX_NA_VALUES} spellings")
+    for i, v in enumerate(extra):
+        # Spellings are quoted by position only: a contract is configuration, but the
+        # message may end up next to a part's in a log.
+        if len(v) > _MAX_NA_CHARS:
+            raise ContractError("BAD_CONTRACT", f"na_values[{i}]: longer than {_MAX_NA_CHARS} characters")
+        if _NA_FORBIDDEN.search(v):
+            raise ContractError(
+                "BAD_CONTRACT", f"na_values[{i}]: a comma, quote or control character cannot be a spelling"
+            )
+    return tuple(sorted(set(extra) | (set(DEFAULT_NA_VALUES) if keep_default else set())))
 
 
 def load_contract(raw: bytes | None, default_min_group_size: int = 1) -> Contract:

@@ -26,20 +26,19 @@ import os
 import socket
 import sys
 import time
-import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-import pandas as pd
-from aws_lambda_powertools import Metrics
-from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
-from . import native
+# What a round computes with (pandas, pyarrow, the native kernels: s3rollup.stats and
+# s3rollup.parse) and distributed are imported when a round needs them, or ahead of it on a
+# thread of their own while the job waits on S3 and DynamoDB (prepare_round): a few tenths
+# of a second of every job's process.
 from .audit import AuditLog, Duplicate, export_head
 from .aws import Aws, object_at
 from .config import Settings, available_cpus
@@ -55,16 +54,12 @@ from .contract import (
 from .errors import S3RollupError, reason_code
 from .ingest import Ingest
 from .logs import configure, exit_process
-from .parse import PartError, Readable, detect_format, read_body
 from .state import AGGREGATED, LeaseKeeper, Part, State
-from .stats import (
-    finalize,
-    frame_bytes,
-    frame_from_parquet,
-    frame_to_parquet,
-    merge_partials,
-    part_partial,
-)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .parse import Readable
 
 log = logging.getLogger("s3rollup.job")
 # Concurrent partial fetches, within the S3 client's connection pool (aws.py), and how many
@@ -135,6 +130,10 @@ def part_result(
     it as they are read, and raises at the end if they differ (an S3 object's full-object
     checksum: verified_sha256). Otherwise the SHA-256 is taken here, chunk by chunk.
     """
+    from . import native
+    from .parse import PartError, detect_format, read_body
+    from .stats import frame_to_parquet, part_partial
+
     started = time.perf_counter()
     digest = hashlib.sha256() if sha256 is None else None
     body = read_body(stream, size, digest)
@@ -270,12 +269,15 @@ def fargate_cluster_kwargs(settings: Settings) -> dict[str, Any]:
     }
 
 
-def prepare_dask() -> None:
-    """What dask_client needs before it starts a cluster, done ahead (the job does it
-    while it reconciles): import distributed, and read the versions of the packages its
-    members compare when a worker registers (distributed.versions: package metadata read
-    from disk, and a `uname -p` process), once per process."""
+def prepare_round() -> None:
+    """What a round needs before it starts, done ahead (the job does it while it waits on
+    S3 and DynamoDB): import what computes partials and merges them (s3rollup.stats:
+    pandas, pyarrow, the native kernels), import distributed, and read the versions of the
+    packages Dask's members compare when a worker registers (distributed.versions: package
+    metadata read from disk, and a `uname -p` process), once per process."""
     from distributed.versions import get_versions
+
+    from . import stats  # noqa: F401  (imported for what it imports)
 
     get_versions()
 
@@ -357,6 +359,8 @@ def task_actor() -> str:
     """Who is acting: the ECS task ARN on Fargate, else this host and process."""
     uri = os.environ.get("ECS_CONTAINER_METADATA_URI_V4", "")
     if uri.startswith("http://169.254."):
+        import urllib.request
+
         with contextlib.suppress(Exception), urllib.request.urlopen(f"{uri}/task", timeout=2) as r:  # noqa: S310
             return "ecs:" + str(json.load(r)["TaskARN"])
     return f"local:{socket.gethostname()}:{os.getpid()}"
@@ -382,6 +386,12 @@ class Job:
 
     def run(self) -> int:
         """Run until no part is waiting; 0 on success (or when another job holds the lease)."""
+        # Importing what a round computes with takes a few tenths of a second of CPU; taking
+        # the lease, auditing the start and reconciling with the bucket are mostly waiting on
+        # DynamoDB and S3. Do the two at once.
+        importing = ThreadPoolExecutor(1, thread_name_prefix="s3rollup-import")
+        imported = importing.submit(prepare_round)
+        importing.shutdown(wait=False)
         if not self.state.acquire_lease(self.dataset, self.job_id, self.settings.lease_seconds):
             log.info(
                 "another job holds the dataset",
@@ -390,11 +400,6 @@ class Job:
             return 0
         self.audit.append(self.dataset, "JOB_STARTED", self.actor, job_id=self.job_id)
         started = time.monotonic()
-        # Importing distributed takes a few tenths of a second of CPU; reconciling with the
-        # bucket is mostly waiting on S3 and DynamoDB. Do the two at once.
-        importing = ThreadPoolExecutor(1, thread_name_prefix="s3rollup-import")
-        imported = importing.submit(prepare_dask)
-        importing.shutdown(wait=False)
         try:
             todo = self._pending()
             with contextlib.suppress(Exception):  # dask_client imports it again and says why
@@ -434,6 +439,9 @@ class Job:
         )
         if self.settings.anchor_bucket:
             export_head(self.audit, self.aws.s3, self.settings.anchor_bucket, self.dataset)
+        from aws_lambda_powertools import Metrics
+        from aws_lambda_powertools.metrics import MetricUnit
+
         metrics = Metrics()
         metrics.add_metric(name="JobsFailed" if reason else "JobsFinished", unit=MetricUnit.Count, value=1)
         metrics.add_metric(name="RowsRolledUp", unit=MetricUnit.Count, value=self.rows_aggregated)
@@ -572,6 +580,8 @@ class Job:
         _FETCH_BYTES of them, wait for the merge (which takes them a chunk at a time), so
         the job's memory grows neither with the number of parts nor with their groups.
         """
+        from .stats import frame_bytes, frame_from_parquet
+
         s3, bucket = self.aws.s3, self.settings.bucket
 
         def load(p: Part) -> pd.DataFrame:
@@ -592,6 +602,8 @@ class Job:
     def _merge(self, parts: list[Part], contract: Contract) -> pd.DataFrame:
         """The merge of the parts' partials: the last published merge plus the parts added
         since, when that merge still stands for exactly the parts it covered; else all."""
+        from .stats import merge_partials
+
         base = self._last_merge(parts, contract)
         if base is None:
             return merge_partials(self._load_partials(parts), contract)
@@ -611,6 +623,7 @@ class Job:
         out of a merge (min and max are not invertible), so those cases merge everything.
         """
         from .ops import read_manifest
+        from .stats import frame_from_parquet
 
         prev = read_manifest(self.aws, self.settings.bucket, self.dataset)
         ref = (prev or {}).get("merged_partial")
@@ -646,6 +659,8 @@ class Job:
 
     def publish(self, contract: Contract) -> dict[str, Any]:
         """Merge the partials of all current parts and write results/<dataset>/, manifest last."""
+        from .stats import finalize, frame_to_parquet
+
         parts = sorted(
             (p for p in self.state.parts(self.dataset) if p.status == AGGREGATED and not p.needs_partial),
             key=lambda p: p.key,

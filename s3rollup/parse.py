@@ -56,8 +56,10 @@ _RECORD_CELL = {
     "float64": _FLOAT_BODY,
     "string": r"[^\x00\udc80-\udcff]+",
 }
-_RECORD_KEY_FLOAT = rf"[ \t]*{_NUMBER}[ \t]*"  # a NaN key is a null key
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# A missing-value spelling the native parser would take for a number (a contract's "-999",
+# say): pyarrow reads it as missing, so parts of such a contract go to pyarrow.
+_NATIVE_NUMBER = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 class Readable(Protocol):
@@ -141,7 +143,8 @@ def read_part(body: native.Buffer, contract: Contract, fmt: str | None = None) -
 
 
 def read_table(body: native.Buffer, contract: Contract, fmt: str | None = None) -> pa.Table:
-    """read_part's columns as an Arrow table (no null group key), or a PartError."""
+    """read_part's columns as an Arrow table, or a PartError. Rows whose group key is
+    missing are left out, as pandas' groupby leaves them out of every group."""
     fmt = fmt or detect_format(bytes(body[:4]), "")
     if fmt == "parquet":
         tables = list(parquet_tables(body, contract))
@@ -202,17 +205,16 @@ def _empty_table(contract: Contract) -> pa.Table:
     return pa.table([pa.array([], type=_ARROW_TYPES[contract.columns[c]]) for c in cols], names=list(cols))
 
 
-def _first_null_key(table: pa.Table, contract: Contract) -> tuple[str, int] | None:
-    """The first group-key column holding a null (or NaN), and the row index of that null."""
-    first: tuple[str, int] | None = None
+def _without_null_keys(table: pa.Table, contract: Contract) -> pa.Table:
+    """The rows whose group keys are all present (not null, not NaN): pandas' groupby
+    leaves out a row with a missing key, and so does the rollup."""
+    missing: Any = None
     for col in contract.group_by:
-        arr = table.column(col)
-        missing = pc.is_null(arr, nan_is_null=True)
-        if pc.any(missing).as_py():
-            row = pc.index(missing, True).as_py()
-            if first is None or row < first[1]:
-                first = (col, row)
-    return first
+        m = pc.is_null(table.column(col), nan_is_null=True)
+        missing = m if missing is None else pc.or_(missing, m)
+    if missing is None or not pc.any(missing).as_py():
+        return table
+    return table.filter(pc.invert(missing))
 
 
 def table_frame(table: pa.Table, contract: Contract) -> pd.DataFrame:
@@ -242,7 +244,7 @@ def _read_csv(body: bytes, contract: Contract, gzipped: bool) -> pa.Table:
     convert = pacsv.ConvertOptions(
         column_types={c: _ARROW_TYPES[contract.columns[c]] for c in used},
         include_columns=used,
-        null_values=[""],
+        null_values=list(contract.na_values),
         strings_can_be_null=True,
         quoted_strings_can_be_null=True,
     )
@@ -254,9 +256,7 @@ def _read_csv(body: bytes, contract: Contract, gzipped: bool) -> pa.Table:
         table = pacsv.read_csv(pa.BufferReader(data), parse_options=parse, convert_options=convert)
     except (pa.ArrowException, OSError) as exc:
         raise _locate_csv_error(data, contract, names, exc) from None
-    if _first_null_key(table, contract) is not None:
-        raise _locate_csv_error(data, contract, names, None) from None
-    return table
+    return _without_null_keys(table, contract)
 
 
 def csv_text(body: native.Buffer, fmt: str) -> native.Buffer:
@@ -273,9 +273,12 @@ def csv_groups(data: native.Buffer, contract: Contract, pieces: int = 1) -> list
     parsed at once on as many threads (the kernels run without the GIL): the moments of each
     piece come back, to be merged like any partials. None when this path does not apply or
     the rows are not plain enough for it (quotes, for one): read_part then reads the part
-    and accepts or rejects it, so both paths accept the same parts.
+    and accepts or rejects it, so both paths accept the same parts. Cells spelled as the
+    contract's missing values are NaN, and a row whose key is missing is in no group.
     """
     if native.LIB is None or not _plain_contract(contract):
+        return None
+    if any(_NATIVE_NUMBER.fullmatch(v) for v in contract.na_values):
         return None
     names, header_end = _parse_header(bytes(data[:_MAX_HEADER_BYTES]), len(data) <= _MAX_HEADER_BYTES)
     _check_header(names, contract, line=1)
@@ -284,10 +287,11 @@ def csv_groups(data: native.Buffer, contract: Contract, pieces: int = 1) -> list
     key = contract.group_by[0]
     value_index = {v: j for j, v in enumerate(contract.values)}
     roles = [native.ROLE_KEY if n == key else value_index.get(n, native.ROLE_SKIP) for n in names]
+    na = native.na_spellings(contract.na_values)
 
     def piece(bounds: tuple[int, int]) -> native.Groups | None:
         start, end = bounds
-        return native.rollup_csv(data[:end], start, roles, len(contract.values))
+        return native.rollup_csv(data[:end], start, roles, len(contract.values), na)
 
     ranges = _line_ranges(data, header_end, pieces)
     if len(ranges) == 1:
@@ -354,23 +358,20 @@ def _parse_header(head: bytes, complete: bool) -> tuple[list[str], int | None]:
     return names, None if m is None else m.end()
 
 
-def _cell_checker(typ: str, is_key: bool) -> Callable[[str], str | None]:
-    """A function from a cell to the reason it is rejected (None when it is fine)."""
+def _cell_checker(typ: str, na: frozenset[str]) -> Callable[[str], str | None]:
+    """A function from a cell to the reason it is rejected (None when it is fine). A
+    missing value is fine in every column: in a group key it leaves its row out."""
 
     def check(cell: str) -> str | None:
-        if cell == "":
-            return "NULL_GROUP_KEY" if is_key else None
+        if cell in na:
+            return None
         if typ == "string":
             return "BAD_ENCODING" if _has_undecodable(cell) else None
         if typ == "int64":
             if _INT_RE.fullmatch(cell) and _INT64_MIN <= int(cell) <= _INT64_MAX:
                 return None
             return "BAD_VALUE"
-        if _FLOAT_RE.fullmatch(cell):
-            if is_key and cell.strip(" \t").lstrip("+-").lower() == "nan":
-                return "NULL_GROUP_KEY"
-            return None
-        return "BAD_VALUE"
+        return None if _FLOAT_RE.fullmatch(cell) else "BAD_VALUE"
 
     return check
 
@@ -380,13 +381,16 @@ def _has_undecodable(cell: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in cell)
 
 
-def _arrow_rejects(cell: str, typ: str) -> bool:
+def _arrow_rejects(cell: str, typ: str, na: frozenset[str]) -> bool:
     """Ask pyarrow itself about one cell, so the line reported is the one it choked on."""
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow([cell])
     raw = b"v\n" + buf.getvalue().encode("utf-8", errors="surrogateescape")
     convert = pacsv.ConvertOptions(
-        column_types={"v": _ARROW_TYPES[typ]}, null_values=[""], strings_can_be_null=True
+        column_types={"v": _ARROW_TYPES[typ]},
+        null_values=sorted(na),
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=True,
     )
     try:
         pacsv.read_csv(pa.BufferReader(raw), convert_options=convert)
@@ -396,13 +400,9 @@ def _arrow_rejects(cell: str, typ: str) -> bool:
 
 
 def _record_pattern(contract: Contract) -> re.Pattern[str]:
-    cells = []
-    for col in contract.used_columns:
-        typ = contract.columns[col]
-        if col in contract.group_by:
-            cells.append(_RECORD_KEY_FLOAT if typ == "float64" else _RECORD_CELL[typ])
-        else:
-            cells.append(f"(?:{_RECORD_CELL[typ]})?")
+    # A cell is a missing-value spelling (exactly) or a value of its column's type.
+    missing = [re.escape(v) for v in contract.na_values]
+    cells = ["|".join([*missing, _RECORD_CELL[contract.columns[col]]]) for col in contract.used_columns]
     return re.compile("\x00".join(f"(?:{c})" for c in cells))
 
 
@@ -418,10 +418,8 @@ def _locate_csv_error(
     positions = [names.index(col) for col in used]
     cells_of = operator.itemgetter(*positions)
     clean = _record_pattern(contract).fullmatch
-    checks = [
-        (col, contract.columns[col], _cell_checker(contract.columns[col], col in contract.group_by))
-        for col in used
-    ]
+    na = frozenset(contract.na_values)
+    checks = [(col, contract.columns[col], _cell_checker(contract.columns[col], na)) for col in used]
     try:
         next(reader)  # the header, already checked
         end = reader.line_num
@@ -438,10 +436,8 @@ def _locate_csv_error(
                 continue
             for cell, (col, typ, check) in zip(cells if len(used) > 1 else (cells,), checks, strict=True):
                 code = check(cell)
-                if code == "BAD_VALUE" and not _arrow_rejects(cell, typ):
+                if code == "BAD_VALUE" and not _arrow_rejects(cell, typ, na):
                     code = None
-                if code == "NULL_GROUP_KEY":
-                    return PartError(code, f"group key column {col!r} is empty", start)
                 if code == "BAD_ENCODING":
                     return PartError(code, f"column {col!r} is not UTF-8", start)
                 if code is not None:
@@ -479,7 +475,9 @@ _PARQUET_BATCH_ROWS = 1 << 16
 
 def parquet_tables(body: native.Buffer, contract: Contract) -> Iterator[pa.Table]:
     """A Parquet part's used columns, typed as the contract says, in tables of at most
-    _PARQUET_BATCH_ROWS rows; a PartError (at the batch where it is found) otherwise."""
+    _PARQUET_BATCH_ROWS rows, rows with a null (or NaN) group key left out; a PartError (at
+    the batch where it is found) otherwise. Only real nulls are missing here: Parquet cells
+    are typed, and pandas' read_parquet reads no spelling as missing."""
     try:
         pf = pq.ParquetFile(pa.BufferReader(body))
         schema = pf.schema_arrow
@@ -490,7 +488,6 @@ def parquet_tables(body: native.Buffer, contract: Contract) -> Iterator[pa.Table
     _check_header(_parquet_columns(schema), contract, line=None)
     used = list(contract.used_columns)
     batches = pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=used, use_threads=False)
-    done = 0
     while True:
         try:
             batch = next(batches, None)
@@ -500,13 +497,7 @@ def parquet_tables(body: native.Buffer, contract: Contract) -> Iterator[pa.Table
             return
         arrays = [_cast_parquet_column(batch.column(c), c, contract.columns[c]) for c in used]
         # A fresh table drops the writer's pandas metadata (index, categorical dtypes).
-        table = pa.table(arrays, names=used)
-        null = _first_null_key(table, contract)
-        if null is not None:
-            column, row = null[0], done + null[1] + 1
-            raise PartError("NULL_GROUP_KEY", f"group key column {column!r} is null in row {row}")
-        done += table.num_rows
-        yield table
+        yield _without_null_keys(pa.table(arrays, names=used), contract)
 
 
 _T = TypeVar("_T")

@@ -571,7 +571,9 @@ def _personal_kind(cell: str) -> str | None:
     return None
 
 
-def _parses(cell: str, ctype: str) -> bool:
+def _parses(cell: str, ctype: str, na: frozenset[str]) -> bool:
+    if cell in na:
+        return True  # missing, as pandas reads it (matched exactly, as the worker does)
     value = cell.strip(" \t")
     if ctype == "int64":
         if not value:
@@ -585,16 +587,19 @@ def _parses(cell: str, ctype: str) -> bool:
         number = -int(digits) if value.startswith("-") else int(digits)
         return _INT64_MIN <= number <= _INT64_MAX
     if ctype == "float64":
-        return not value or _FLOAT_RE.fullmatch(value) is not None
+        if not value:
+            return "" in na  # a contract may say an empty cell is not a missing value
+        return _FLOAT_RE.fullmatch(value) is not None
     return True
 
 
-def _cell_problem(cell: str, ctype: str, personal_ok: bool) -> tuple[str, str] | None:
-    """(code, what) for a cell that must not pass, else None."""
+def _cell_problem(cell: str, ctype: str, personal_ok: bool, na: frozenset[str]) -> tuple[str, str] | None:
+    """(code, what) for a cell that must not pass, else None; ``na``: the contract's
+    missing-value spellings."""
     if ctype not in ("int64", "float64"):
         kind = None if personal_ok else _personal_kind(cell)
         return ("PERSONAL_DATA", kind) if kind else None
-    if _parses(cell, ctype):
+    if _parses(cell, ctype, na):
         value = cell.strip(" \t")
         # A number with an explicit '+' and phone length is almost surely a phone number.
         if not personal_ok and value.startswith("+") and _PHONE_RE.fullmatch(value):
@@ -685,6 +690,7 @@ def _check_csv(text: str, complete: bool, contract: Contract, limits: Limits, fm
     header: list[str] | None = None
     types: list[str] = []
     allowed = _personal_allowed(contract)
+    na = frozenset(contract.na_values)
     first_problem: Verdict | None = None
     line = 0
     rows = 0
@@ -722,7 +728,7 @@ def _check_csv(text: str, complete: bool, contract: Contract, limits: Limits, fm
         for i, cell in enumerate(record):
             name = header[i] if i < len(header) else None
             ctype = types[i] if i < len(types) else "string"
-            problem = _cell_problem(cell, ctype, name in allowed)
+            problem = _cell_problem(cell, ctype, name in allowed, na)
             if problem is None:
                 continue
             code, what = problem

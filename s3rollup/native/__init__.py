@@ -56,6 +56,8 @@ def _load() -> ctypes.CDLL | None:
         ctypes.POINTER(ctypes.c_int8),
         ctypes.c_int,
     ]
+    lib.sr_na.restype = ctypes.c_int
+    lib.sr_na.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int]
     lib.sr_export.restype = None
     lib.sr_export.argtypes = [ctypes.c_void_p, _I64P, _I64P, _I64P, _F64P, _F64P, _F64P, _F64P]
     return lib
@@ -189,15 +191,27 @@ def rollup_key_batches(batches: Iterable[KeyBatch], nvalues: int) -> Groups:
         return ctx.export()
 
 
-def rollup_csv(data: Buffer, start: int, roles: Sequence[int], nvalues: int) -> Groups | None:
+def na_spellings(na_values: Iterable[str]) -> tuple[bytes, bool]:
+    """rollup_csv's ``na``: the non-empty spellings as UTF-8, each ended by a NUL, and
+    whether an empty cell is missing too."""
+    values = list(na_values)
+    return b"".join(v.encode() + b"\0" for v in values if v), "" in values
+
+
+def rollup_csv(
+    data: Buffer, start: int, roles: Sequence[int], nvalues: int, na: tuple[bytes, bool] = (b"", True)
+) -> Groups | None:
     """The moments of a plain CSV body's records from byte ``start``, grouped by its int64 key.
 
-    ``roles`` gives, per field, ROLE_SKIP, ROLE_KEY or the value column's index. None when
-    the body is not plain enough for the fast parser: read it with pyarrow instead.
+    ``roles`` gives, per field, ROLE_SKIP, ROLE_KEY or the value column's index. ``na``
+    (from na_spellings) says which cells are missing: NaN in a value column; a record whose
+    key is missing is in no group. None when the body is not plain enough for the fast
+    parser: read it with pyarrow instead.
     """
     role_array = (ctypes.c_int8 * max(1, len(roles)))(*roles)
     raw = np.frombuffer(data, dtype=np.uint8)  # no copy; keeps the buffer alive for the call
     with _Context(nvalues) as ctx:
+        _check(ctx.lib.sr_na(ctx.ptr, na[0], len(na[0]), int(na[1])))
         status = ctx.lib.sr_csv(ctx.ptr, raw.ctypes.data, len(raw), start, role_array, len(roles))
         _check(status)
         if status == _UNSUPPORTED:

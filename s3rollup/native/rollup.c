@@ -8,10 +8,13 @@
  *              column), else by an open-addressing hash;
  *   sr_csv   - a plain CSV body parsed natively, for one int64 group key and float64 value
  *              columns. It accepts only the plainest records and answers SR_UNSUPPORTED for
- *              anything else (quotes, stray carriage returns, spaces, "nan", a wrong field
+ *              anything else (quotes, stray carriage returns, spaces, "inf", a wrong field
  *              count, ...): the caller then reads the part with pyarrow, which accepts or
  *              rejects it and says where. So this path never rejects a part and never
- *              accepts one that pyarrow would reject.
+ *              accepts one that pyarrow would reject. A cell spelled as one of the missing
+ *              values sr_na gave (pandas' "NA", "null", "N/A", ... by default) is NaN in a
+ *              value column, and leaves its row out of every group in the key column, as
+ *              pandas' groupby leaves out a row whose key is missing.
  *
  * One pass over the rows, pandas' own arithmetic per value: group_mean's Kahan-compensated
  * sum (compensation reset when it turns NaN, GH#50367), so the mean is pandas' to the bit,
@@ -69,6 +72,9 @@ typedef struct {
     int64_t tsize;
     int32_t *direct; /* sr_keys over a small key range: group index + 1 at key - dmin */
     int64_t dmin, dmax;
+    int na_empty;  /* sr_csv: an empty cell is missing */
+    char *na;      /* sr_csv: the other missing-value spellings, each ended by a NUL */
+    int64_t na_len;
 } sr_ctx;
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -89,8 +95,26 @@ sr_ctx *sr_new(int nvalues) {
     if (c) {
         c->nvalues = nvalues;
         c->vector = cpu_has_avx2();
+        c->na_empty = 1;
     }
     return c;
+}
+
+/* The cells sr_csv reads as missing: an empty one when empty is set, and the len bytes of
+ * spellings, each ended by a NUL (copied). Without a call: the empty cell only. */
+int sr_na(sr_ctx *c, const char *spellings, int64_t len, int empty) {
+    char *copy = NULL;
+    if (len > 0) {
+        if (spellings[len - 1] != '\0') return SR_BADARG;
+        copy = malloc((size_t)len);
+        if (!copy) return SR_NOMEM;
+        memcpy(copy, spellings, (size_t)len);
+    }
+    free(c->na);
+    c->na = copy;
+    c->na_len = len;
+    c->na_empty = empty != 0;
+    return SR_OK;
 }
 
 /* Whether the context updates rows with AVX2; 0 turns that off (the lane-by-lane path gives
@@ -107,6 +131,7 @@ void sr_free(sr_ctx *c) {
     free(c->acc);
     free(c->table);
     free(c->direct);
+    free(c->na);
     free(c);
 }
 
@@ -557,15 +582,10 @@ static inline const char *digits_into(const char *q, const char *end, uint64_t *
     return q;
 }
 
-/* A float64 cell: empty (null, NaN) or [-]digits[.digits][(e|E)[+|-]digits] with at least
- * one mantissa digit, finite and not subnormal. Anything else is left to pyarrow. */
+/* A float64 number: [-]digits[.digits][(e|E)[+|-]digits] with at least one mantissa
+ * digit, finite and not subnormal. Anything else (an empty cell included) is not. */
 static inline int parse_value(const char *p, const char *end, const char **after, double *out) {
     const char *q = p;
-    if (q == end || *q == ',' || *q == '\n' || *q == '\r') {
-        *out = NAN; /* an empty cell is null */
-        *after = q;
-        return SR_OK;
-    }
     int neg = 0;
     if (*q == '-') {
         neg = 1;
@@ -646,6 +666,40 @@ static inline int parse_key(const char *p, const char *end, const char **after, 
     return SR_OK;
 }
 
+/* ---- missing values ------------------------------------------------------------------ */
+
+static inline int field_end(const char *q, const char *end) {
+    return q == end || *q == ',' || *q == '\n' || *q == '\r';
+}
+
+/* Whether the cell at p is one of the missing-value spellings; *after is then its end. A
+ * cell that holds a quote never is: pyarrow unquotes it first. Off the numbers' path: only
+ * a cell that is not a plain number (or an empty one) is looked up here. */
+static int na_cell(const sr_ctx *c, const char *p, const char *end, const char **after) {
+    const char *q = p;
+    while (!field_end(q, end)) {
+        if (*q == '"') return 0;
+        q++;
+    }
+    size_t n = (size_t)(q - p);
+    int hit = n == 0 ? c->na_empty : 0;
+    for (const char *s = c->na, *stop = c->na + c->na_len; !hit && s < stop;) {
+        size_t k = strlen(s);
+        hit = k == n && memcmp(s, p, n) == 0;
+        s += k + 1;
+    }
+    if (hit) *after = q;
+    return hit;
+}
+
+/* A value cell: a plain number, or NaN where it is a missing-value spelling. */
+static inline int value_cell(const sr_ctx *c, const char *p, const char *end, const char **after, double *out) {
+    if (parse_value(p, end, after, out) == SR_OK && field_end(*after, end)) return SR_OK;
+    if (!na_cell(c, p, end, after)) return SR_UNSUPPORTED;
+    *out = NAN;
+    return SR_OK;
+}
+
 /* ---- CSV ----------------------------------------------------------------------------- */
 
 /* sr_csv's records, once its roles are checked. */
@@ -668,6 +722,7 @@ static inline __attribute__((always_inline)) int csv_rows(sr_ctx *c, const char 
             return SR_UNSUPPORTED;
         }
         int64_t key = 0;
+        int keyless = 0; /* the key cell is a missing value: the row is in no group */
         for (int f = 0; f < nfields; f++) {
             const char *q = p;
             int role = roles[f];
@@ -677,8 +732,11 @@ static inline __attribute__((always_inline)) int csv_rows(sr_ctx *c, const char 
                     q++;
                 }
             } else if (role == ROLE_KEY) {
-                if (parse_key(p, end, &q, &key) != SR_OK) return SR_UNSUPPORTED;
-            } else if (parse_value(p, end, &q, &vals[role]) != SR_OK) {
+                if (parse_key(p, end, &q, &key) != SR_OK || !field_end(q, end)) {
+                    if (!na_cell(c, p, end, &q)) return SR_UNSUPPORTED;
+                    keyless = 1;
+                }
+            } else if (value_cell(c, p, end, &q, &vals[role]) != SR_OK) {
                 return SR_UNSUPPORTED;
             }
             if (f < nfields - 1) {
@@ -693,6 +751,7 @@ static inline __attribute__((always_inline)) int csv_rows(sr_ctx *c, const char 
                 p = q;
             }
         }
+        if (keyless) continue;
         int64_t g = group_of(c, key);
         if (g < 0) return SR_NOMEM;
         c->rows[g] += 1;
@@ -712,7 +771,7 @@ static int csv_lanes(sr_ctx *c, const char *buf, int64_t len, int64_t start, con
 
 /* Aggregate the records of buf[start:len]. roles[f] says what field f of every record is:
  * ROLE_SKIP, ROLE_KEY or the index of a value column. Blank lines are skipped, as pyarrow
- * does; records end with \n or \r\n. */
+ * does; records end with \n or \r\n. Missing values are those sr_na gave. */
 int sr_csv(sr_ctx *c, const char *buf, int64_t len, int64_t start, const int8_t *roles, int nfields) {
     int nv = c->nvalues;
     int keys = 0, seen[MAX_VALUES] = {0};

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from s3rollup.contract import (
     DEFAULT_CONTRACT,
+    DEFAULT_NA_VALUES,
     ContractError,
     load_contract,
     parse_derived,
@@ -80,8 +82,47 @@ def test_contract_document_is_validated() -> None:
         load_contract(b"{not json")
 
 
+def test_missing_value_spellings_default_to_pandas_and_a_contract_narrows_or_extends_them() -> None:
+    doc = {"columns": {"k": "int64", "v": "float64"}, "group_by": ["k"], "values": ["v"]}
+    assert load_contract(json.dumps(doc).encode()).na_values == DEFAULT_NA_VALUES
+    assert load_contract(None).na_values == DEFAULT_NA_VALUES
+    extended = load_contract(json.dumps({**doc, "na_values": ["missing", "NA"]}).encode())
+    assert set(extended.na_values) == {*DEFAULT_NA_VALUES, "missing"}
+    narrow = load_contract(json.dumps({**doc, "na_values": ["", "NA"], "keep_default_na": False}).encode())
+    assert narrow.na_values == ("", "NA")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("na_values", "NA", "list of strings"),
+        ("na_values", [1], "list of strings"),
+        ("na_values", ["a,b"], "na_values[0]: a comma"),
+        ("na_values", ["ok", 'a"b'], "na_values[1]: a comma"),
+        ("na_values", ["line\nbreak"], "control character"),
+        ("na_values", ["x" * 65], "longer than 64"),
+        ("na_values", [str(i) for i in range(101)], "at most 100"),
+        ("keep_default_na", "no", "true or false"),
+    ],
+)
+def test_bad_missing_value_spellings_are_refused_with_a_clear_error(
+    field: str, value: object, says: str
+) -> None:
+    doc = {"columns": {"k": "int64", "v": "float64"}, "group_by": ["k"], "values": ["v"], field: value}
+    with pytest.raises(ContractError) as err:
+        load_contract(json.dumps(doc).encode())
+    assert err.value.code == "BAD_CONTRACT" and says in str(err.value)
+
+
 def test_derived_expression_parser_rejects_garbage() -> None:
     assert parse_derived("d", "-a.mean").terms == ((-1, (("a", "mean"),)),)
     for bad in ("a.mean *", "a.mean b.min", "import os", "a.mean / b.std"):
         with pytest.raises(ContractError):
             parse_derived("d", bad)
+
+
+def test_the_readme_s_contract_example_loads() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("### Dataset contracts", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    c = load_contract(block.encode())
+    assert c.group_by == ("region",) and {"-", "missing", "NA"} <= set(c.na_values)

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from s3rollup import job as job_module
+from s3rollup import parse as parse_module
 from s3rollup.contract import DEFAULT_CONTRACT as C
 from s3rollup.contract import parse_part_key, partial_key
 from s3rollup.errors import S3RollupError
@@ -194,14 +195,14 @@ def _compute(monkeypatch: pytest.MonkeyPatch, store: _PartStore) -> tuple[dict[s
     """compute_partial of one part version from store; its result and the digests the
     task's read_body was given (None: the task took no SHA-256 of its own)."""
     digests: list[Any] = []
-    real_read_body = job_module.read_body
+    real_read_body = parse_module.read_body
 
     def read_body(stream: Any, size: Any, digest: Any = None) -> Any:
         digests.append(digest)
         return real_read_body(stream, size, digest)
 
     monkeypatch.setattr(job_module, "_process_aws", SimpleNamespace(s3=store))
-    monkeypatch.setattr(job_module, "read_body", read_body)
+    monkeypatch.setattr(parse_module, "read_body", read_body)  # part_result imports it when it runs
     task = job_module.PartialTask("bucket", "key-arn", DATASET, f"incoming/{DATASET}/part-0.csv", "v1", C)
     return job_module.compute_partial(task), digests
 

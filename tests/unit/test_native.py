@@ -3,6 +3,7 @@ the same partials as pyarrow's reader and pandas' kernels."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import os
@@ -134,11 +135,51 @@ def test_the_powers_of_five_table_is_what_its_comment_says() -> None:
 
 @needs_native
 @pytest.mark.parametrize(
-    "cell", ["5e-324", "1e-310", "1e309", "-1e400", "nan", "inf", "+1", " 1", "1 ", "0x1"]
+    "cell", ["5e-324", "1e-310", "1e309", "-1e400", "inf", "+1", " 1", "1 ", "0x1", " NA", "na", '"NA"']
 )
 def test_cells_outside_the_plain_grammar_go_to_pyarrow(cell: str) -> None:
     body = f"{HEADER}0,{cell},1,1,7\n".encode()
     assert csv_groups(body, C) is None
+
+
+_PANDAS_NA = sorted(DEFAULT_CONTRACT.na_values)
+
+
+def test_the_default_missing_value_spellings_are_pandas_own() -> None:
+    from pandas._libs.parsers import STR_NA_VALUES  # type: ignore[attr-defined]  # no stubs
+
+    assert set(_PANDAS_NA) == set(STR_NA_VALUES)
+
+
+@needs_native
+@pytest.mark.parametrize("spelling", _PANDAS_NA)
+def test_every_pandas_missing_value_spelling_is_nan_natively_as_in_pandas(spelling: str) -> None:
+    # GIVEN a part whose value1 cell in the first row is the spelling, and whose key is it
+    # in the last row
+    body = f"{HEADER}0,{spelling},1,2,7\n1,0.5,1,2,7\n2,0.25,1,2,{spelling}\n".encode()
+    # WHEN the native parser reads it THEN value1 is NaN there, the keyless row is in no
+    # group, and pandas' read_csv + groupby says the same
+    (groups,) = csv_groups(body, C) or pytest.fail("left to pyarrow")
+    assert groups.keys.tolist() == [7] and groups.rows.tolist() == [2]
+    assert groups.count[0].tolist() == [1, 2, 2] and groups.mean[0, 0] == 0.5
+    expected = pd.read_csv(io.BytesIO(body)).groupby("category")["value1"].agg(["count", "mean"])
+    assert expected.index.tolist() == [7.0] and expected.iloc[0].tolist() == [1, 0.5]
+
+
+@needs_native
+def test_a_contract_s_spellings_are_the_native_parser_s() -> None:
+    narrow = dataclasses.replace(C, na_values=("", "NA"))
+    body = f"{HEADER}0,NA,1,2,7\n1,null,1,2,7\n".encode()
+    assert csv_groups(body, narrow) is None  # "null" is no missing value here: pyarrow rejects it
+    with pytest.raises(PartError):
+        part_partial(body, narrow, "csv")
+    no_empty = dataclasses.replace(C, na_values=("NA",))
+    assert csv_groups(f"{HEADER}0,,1,2,7\n".encode(), no_empty) is None
+    extended = dataclasses.replace(C, na_values=(*C.na_values, "missing", "-999"))
+    # A spelling that reads as a number would be a number to the native parser: pyarrow's.
+    assert csv_groups(f"{HEADER}0,missing,1,2,7\n".encode(), extended) is None
+    partial, rows = part_partial(f"{HEADER}0,missing,-999,2,7\n1,3,4,5,-999\n".encode(), extended, "csv")
+    assert rows == 1 and partial["value1__count"].tolist() == [0] and partial["value2__count"].tolist() == [0]
 
 
 # ---- the native CSV path against pyarrow and pandas -------------------------------------
@@ -190,6 +231,17 @@ _ODD = st.sampled_from(
         "é",
         "\t1",
         "1.0",
+        "NA",
+        "null",
+        "N/A",
+        "-1.#IND",
+        "#N/A N/A",
+        "None",
+        "NaN",
+        "-nan",
+        "NAN",
+        "N",
+        "NA ",
     ]
 )
 _KEYS = st.one_of(st.integers(-5, 5).map(str), st.integers(-(10**19), 10**19).map(str))
@@ -287,17 +339,18 @@ def test_parquet_parts_aggregate_on_the_key_column_as_the_frame_path_does(monkey
 
 @needs_native
 @pytest.mark.parametrize("alone", [False, True])
-def test_a_null_parquet_key_is_named_by_its_row_in_the_part_not_in_its_batch(monkeypatch, alone) -> None:
+def test_parquet_rows_with_a_null_key_are_left_out_in_every_batch(monkeypatch, alone) -> None:
     monkeypatch.setattr(parse, "_PARQUET_BATCH_ROWS", 100)
-    keys = pd.array(list(range(1_000)), dtype="Int64")
-    keys[733] = pd.NA
-    df = _part(value1=np.ones(1_000), value2=np.ones(1_000), value3=np.ones(1_000), category=keys)
+    keys = pd.array([i % 7 for i in range(1_000)], dtype="Int64")
+    keys[[0, 99, 100, 733]] = pd.NA
+    values = np.arange(1_000, dtype=np.float64)
+    df = _part(value1=values, value2=values, value3=values, category=keys)
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
-    with pytest.raises(PartError) as err:
-        part_partial(buf.getvalue(), C, "parquet", alone)
-    assert err.value.code == "NULL_GROUP_KEY"
-    assert "row 734" in str(err.value)
+    partial, rows = part_partial(buf.getvalue(), C, "parquet", alone)
+    assert rows == 996
+    kept = df.dropna(subset=["category"]).astype({"category": np.int64})
+    _assert_same_partial(partial, partial_from_frame(kept, C))
 
 
 @needs_native

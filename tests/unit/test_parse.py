@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import threading
@@ -211,14 +212,42 @@ def test_integer_column_rejects_fractions_and_overflow() -> None:
     assert (err.code, err.line) == ("BAD_VALUE", 2)
 
 
-def test_null_group_key_reports_its_line() -> None:
-    err = reject(rows("1,0.5,1.5,2.5,7", "2,0.5,1.5,2.5,", "3,0.5,1.5,2.5,8"))
-    assert (err.code, err.line) == ("NULL_GROUP_KEY", 3) and "category" in err.message
+def test_rows_whose_group_key_is_missing_are_left_out_as_pandas_groupby_does() -> None:
+    # GIVEN a part whose key is empty, NA or null in some rows
+    body = rows("1,0.5,1.5,2.5,7", "2,0.5,1.5,2.5,", "3,0.5,1.5,2.5,NA", "4,1,2,3,null", "5,1,2,3,8")
+    # WHEN it is read THEN those rows are in no group, as in pandas' read_csv + groupby
+    df = read_part(body, C)
+    assert df["category"].tolist() == [7, 8]
+    assert sorted(pd.read_csv(io.BytesIO(body)).dropna(subset=["category"])["category"]) == [7.0, 8.0]
 
 
-def test_empty_string_group_key_is_null() -> None:
-    err = reject(b"region,x\nnorth,1\n,2\n", STRING_KEYS)
-    assert (err.code, err.line) == ("NULL_GROUP_KEY", 3)
+def test_a_missing_string_group_key_leaves_its_row_out() -> None:
+    assert read_part(b"region,x\nnorth,1\n,2\nNA,3\n", STRING_KEYS)["region"].tolist() == ["north"]
+
+
+def test_pandas_missing_value_spellings_are_nan_in_value_columns() -> None:
+    # GIVEN value cells as R, SQL exports and spreadsheets write a missing value
+    body = rows("1,NA,null,N/A,7", "2,NULL,#N/A,nan,7", "3,-1.#IND,<NA>,None,7", "4,0.5,1.5,2.5,7")
+    # WHEN the part is read THEN they are NaN, as pandas reads them
+    df = read_part(body, C)
+    expected = pd.read_csv(io.BytesIO(body))
+    for v in ("value1", "value2", "value3"):
+        assert df[v].isna().tolist() == expected[v].isna().tolist() == [True, True, True, False]
+
+
+def test_a_contract_narrows_or_extends_the_missing_value_spellings() -> None:
+    narrow = dataclasses.replace(C, na_values=("",))
+    assert reject(rows("1,NA,1.5,2.5,7"), narrow).code == "BAD_VALUE"
+    assert np.isnan(read_part(rows("1,,1.5,2.5,7"), narrow)["value1"][0])
+    extended = dataclasses.replace(C, na_values=(*C.na_values, "-999", "missing"))
+    df = read_part(rows("1,-999,missing,2.5,7", "2,1,2,3,-999"), extended)
+    assert df["value1"].isna().tolist() == [True] and df["value2"].isna().tolist() == [True]
+    assert df["category"].tolist() == [7]
+
+
+def test_a_spelling_not_in_the_contract_is_a_bad_value_named_by_its_line() -> None:
+    err = reject(rows("1,0.5,1.5,2.5,7", "2,0.5,missing,2.5,7"))
+    assert (err.code, err.line) == ("BAD_VALUE", 3) and "missing" not in str(err)
 
 
 def test_row_with_wrong_field_count_is_bad_format_with_line() -> None:
@@ -266,10 +295,14 @@ def test_parquet_text_in_a_numeric_column_is_bad_value() -> None:
     assert err.code == "BAD_VALUE" and "value2" in err.message
 
 
-def test_parquet_null_group_key_is_rejected() -> None:
+def test_parquet_rows_with_a_null_group_key_are_left_out() -> None:
     df = seed_frame(3).assign(category=pd.array([1, None, 3], dtype="Int64"))
-    err = reject(parquet_bytes(pa.Table.from_pandas(df, preserve_index=False)))
-    assert err.code == "NULL_GROUP_KEY" and err.line is None
+    assert read_part(parquet_bytes(pa.Table.from_pandas(df, preserve_index=False)), C)[
+        "category"
+    ].tolist() == [
+        1,
+        3,
+    ]
 
 
 def test_parquet_header_is_checked_like_csv() -> None:

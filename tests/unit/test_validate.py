@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import io
@@ -463,6 +464,27 @@ def test_values_and_personal_data(row: bytes, code: str, column: str | None) -> 
             assert repr(column) in verdict.message
         for fragment in ("jane", "4111", "1120", "4155552671", "5500", "abc", "example"):
             assert fragment not in verdict.message
+
+
+def test_pandas_missing_value_spellings_are_accepted_in_every_numeric_column() -> None:
+    # GIVEN a part as R writes it (NA), and other spellings pandas reads as missing
+    data = HEADER + b"NA,NA,null,N/A,7\n2,NULL,#N/A,-1.#IND,NA\n3,1.5,2.5,3.5,8\n"
+    # WHEN the Lambda decides on it THEN it is accepted, not quarantined
+    verdict = decide(data)
+    assert verdict.ok, verdict.message
+
+
+def test_a_contract_s_missing_value_spellings_decide_what_passes() -> None:
+    narrow = dataclasses.replace(DEFAULT_CONTRACT, na_values=("",))
+    verdict = decide(HEADER + b"1,NA,2,3,7\n", contract=narrow)
+    assert (verdict.code, verdict.line) == ("BAD_VALUE", 2) and "'value1'" in verdict.message
+    assert decide(HEADER + b"1,,2,3,7\n", contract=narrow).ok
+    assert decide(HEADER + b"1,,2,3,7\n", contract=dataclasses.replace(narrow, na_values=("NA",))).code == (
+        "BAD_VALUE"
+    )
+    extended = dataclasses.replace(DEFAULT_CONTRACT, na_values=(*DEFAULT_CONTRACT.na_values, "missing"))
+    assert decide(HEADER + b"1,missing,2,3,7\n", contract=extended).ok
+    assert decide(HEADER + b"1,missing,2,3,7\n").code == "BAD_VALUE"
 
 
 def test_personal_data_allowed_columns() -> None:
