@@ -838,7 +838,7 @@ def _main_row(
 
 
 def _targets(args: argparse.Namespace, runs: list[Run], proc: dict[tuple[str, str, str], float]) -> list[str]:
-    """Issue 21's targets, per profile, from the whole-process medians."""
+    """s3rollup's performance targets, per profile, from the whole-process medians."""
 
     def ratio(profile: str, a: str, b: str, fmt: str, limit: float, above: bool = False) -> str:
         x, y = proc.get((profile, a, fmt), float("nan")), proc.get((profile, b, fmt), float("nan"))
@@ -848,7 +848,7 @@ def _targets(args: argparse.Namespace, runs: list[Run], proc: dict[tuple[str, st
         return f"{x / y:.2f}x {'met' if met else 'MISSED'}"
 
     lines = [
-        "## Targets (issue 21): whole process, medians",
+        "## Targets: whole process, medians",
         "",
         "| profile | CSV: s3rollup / polars (<= 1.0x) | CSV: dask-seed / s3rollup (>= 10x) "
         "| Parquet: s3rollup / polars+sha256 (<= 1.0x) | Parquet: s3rollup / polars "
