@@ -99,23 +99,24 @@ def arn_like(pattern: str, value: str) -> bool:
     return len(p) == len(v) == 6 and all(like(a, b) for a, b in zip(p, v, strict=True))
 
 
-def _as_list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
+    """A policy element's value as a list (policies give one value or a list)."""
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _matches_action(st: Mapping[str, Any], action: str) -> bool:
     if "Action" in st:
-        return any(like(a, action, case=False) for a in _as_list(st["Action"]))
+        return any(like(a, action, case=False) for a in as_list(st["Action"]))
     if "NotAction" in st:
-        return not any(like(a, action, case=False) for a in _as_list(st["NotAction"]))
+        return not any(like(a, action, case=False) for a in as_list(st["NotAction"]))
     raise PolicyError(f"statement {st.get('Sid', '?')} has neither Action nor NotAction")
 
 
 def _matches_resource(st: Mapping[str, Any], resource: str) -> bool:
     if "Resource" in st:
-        return any(like(r, resource) for r in _as_list(st["Resource"]))
+        return any(like(r, resource) for r in as_list(st["Resource"]))
     if "NotResource" in st:
-        return not any(like(r, resource) for r in _as_list(st["NotResource"]))
+        return not any(like(r, resource) for r in as_list(st["NotResource"]))
     return True  # a resource policy may leave Resource out (it is the resource itself)
 
 
@@ -130,7 +131,7 @@ def principal_match(st: Mapping[str, Any], request: Request) -> str:
     if not isinstance(principal, Mapping):
         return ""
     for kind, names in principal.items():
-        for name in _as_list(names):
+        for name in as_list(names):
             if kind != "AWS":
                 continue  # Service principals: the service's own calls, not a caller's
             if name == "*" or name in (request.principal, request.role_arn):
@@ -163,7 +164,7 @@ def _condition_holds(op: str, key: str, wanted: Any, context: Mapping[str, Any])
     base = base.removesuffix("IfExists")
     present = key.lower() in context
     if base == "Null":
-        return any(str(w).lower() == ("false" if present else "true") for w in _as_list(wanted))
+        return any(str(w).lower() == ("false" if present else "true") for w in as_list(wanted))
     if base not in _STRING_OPS or qualifier not in ("", "ForAnyValue", "ForAllValues"):
         raise PolicyError(f"condition operator {op} is not supported")
     negated = "Not" in base
@@ -171,9 +172,9 @@ def _condition_holds(op: str, key: str, wanted: Any, context: Mapping[str, Any])
         # A missing key: IfExists and negated operators hold; the others do not
         # (ForAllValues holds on an empty set).
         return if_exists or negated or qualifier == "ForAllValues"
-    values = [str(v) for v in _as_list(context[key.lower()])]
+    values = [str(v) for v in as_list(context[key.lower()])]
     test = _STRING_OPS[base]
-    patterns = [str(w) for w in _as_list(wanted)]
+    patterns = [str(w) for w in as_list(wanted)]
 
     def matches(value: str) -> bool:
         return any(test(p, value) for p in patterns)
@@ -201,7 +202,7 @@ def conditions_hold(st: Mapping[str, Any], context: Context) -> bool:
 def _statements(policy: Policy | None) -> Iterable[Mapping[str, Any]]:
     if not policy:
         return []
-    return _as_list(policy.get("Statement", []))
+    return as_list(policy.get("Statement", []))
 
 
 def _sid(st: Mapping[str, Any]) -> str:

@@ -123,28 +123,31 @@ class LocalLauncher:
         taskdef: dict[str, Any] = ecs.describe_task_definition(taskDefinition=self.settings.task_definition)
         return taskdef["taskDefinition"]
 
-    def task_environment(self, dataset: str, job_id: str) -> dict[str, str]:
+    def task_environment(
+        self, dataset: str, job_id: str, taskdef: dict[str, Any] | None = None
+    ) -> dict[str, str]:
         """The environment the worker container would get for this job."""
         request = run_task_request(self.settings, dataset, job_id)
         env: dict[str, str] = {}
-        for container in self._task_definition()["containerDefinitions"]:
+        for container in (taskdef or self._task_definition())["containerDefinitions"]:
             if container["name"] == self.settings.worker_container:
                 env.update({e["name"]: str(e["value"]) for e in container.get("environment", [])})
         for override in request["overrides"]["containerOverrides"]:
             env.update({e["name"]: e["value"] for e in override["environment"]})
         return env
 
-    def task_credentials(self, job_id: str) -> dict[str, str]:
+    def task_credentials(self, job_id: str, taskdef: dict[str, Any] | None = None) -> dict[str, str]:
         """The task role's credentials, as ECS hands them to a task's SDKs."""
-        role = self._task_definition()["taskRoleArn"]
+        role = (taskdef or self._task_definition())["taskRoleArn"]
         return credentials_env(assume_role(self.agent, role, f"ecs-{job_id}"))
 
     def launch(self, dataset: str, job_id: str) -> str:
         """Start `python -m s3rollup.job` in the background; return a local task id."""
+        taskdef = self._task_definition()  # read once: the environment and the role
         env = {
             **os.environ,
-            **self.task_environment(dataset, job_id),
-            **self.task_credentials(job_id),
+            **self.task_environment(dataset, job_id, taskdef),
+            **self.task_credentials(job_id, taskdef),
             **self.extra_env,
         }
         self.processes = [p for p in self.processes if p.poll() is None]

@@ -59,20 +59,24 @@ BOOTSTRAP_BUCKET = "s3rollup-local-artifacts"
 DOCKER_BRIDGE = "docker0"
 
 
-def component_credentials(aws: Aws, stack_name: str, component: str) -> dict[str, str]:
-    """The credentials a component started outside this process uses against the embedded
-    stack, as AWS hands them out: ``function`` (SAM's Lambda container) its execution role's,
-    ``worker`` (a container the tests run as Fargate would) the task role's; taken from the
-    endpoint's STS with the operator's ``aws``."""
+def component_role(aws: Aws, stack_name: str, component: str) -> str:
+    """The role AWS runs a component of the stack with: ``function`` the execution role,
+    ``worker`` the worker task definition's task role (read with the operator's ``aws``)."""
     outputs = stack_outputs(aws, stack_name)
     if component == "function":
-        role = function_role(aws, outputs["IngestFunctionName"])
-    elif component == "worker":
+        return function_role(aws, outputs["IngestFunctionName"])
+    if component == "worker":
         ecs = aws.client("ecs")
         taskdef = ecs.describe_task_definition(taskDefinition=outputs["WorkerTaskDefinitionArn"])
-        role = str(taskdef["taskDefinition"]["taskRoleArn"])
-    else:
-        raise ConfigError(f"no component {component!r}: function or worker")
+        return str(taskdef["taskDefinition"]["taskRoleArn"])
+    raise ConfigError(f"no component {component!r}: function or worker")
+
+
+def component_credentials(aws: Aws, stack_name: str, component: str) -> dict[str, str]:
+    """The credentials a component started outside this process uses against the embedded
+    stack, as AWS hands them out (SAM's Lambda container: the execution role's; a worker
+    container: the task role's), from the endpoint's STS, as environment variables."""
+    role = component_role(aws, stack_name, component)
     return credentials_env(assume_role(aws, role, f"s3rollup-{component}"))
 
 
@@ -1058,6 +1062,12 @@ class EmbeddedStack:
         """Environment variables that make a process a producer, reader or operator."""
         assert self.aws and self.info
         return credentials_env(assume(self.aws, self.info.persona_roles[persona], f"local-{persona}"))
+
+    def aws_as(self, role_arn: str) -> Aws:
+        """Clients of this stack's endpoint with a role's credentials (assumed at its STS)."""
+        assert self.aws and self.info
+        creds = assume(self.aws, role_arn, role_arn.rsplit("/", 1)[-1])
+        return Aws(self.region, self.info.endpoint_url, credentials=creds)
 
     def __exit__(self, *exc: object) -> None:
         if self.dispatcher:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .iam import Decision, Request, evaluate
+from .iam import Decision, Request, as_list, evaluate
 
 ACCOUNT = "123456789012"  # moto's default account
 
@@ -162,13 +162,11 @@ class Policies:
 def _load(doc: Any) -> dict[str, Any]:
     if isinstance(doc, dict):
         return doc
-    from urllib.parse import unquote as unq
-
     text = str(doc)
     try:
         out: dict[str, Any] = json.loads(text)
     except json.JSONDecodeError:
-        out = json.loads(unq(text))
+        out = json.loads(unquote(text))
     return out
 
 
@@ -505,15 +503,11 @@ def s3_put_key(bucket: str, headers: dict[str, str], region: str) -> str | None:
         rules = s3_backends[ACCOUNT]["aws"].get_bucket(bucket).encryption or {}
     except Exception:
         return None
-    for rule in _as_list(rules.get("Rule", [])):
+    for rule in as_list(rules.get("Rule", [])):
         default = rule.get("ApplyServerSideEncryptionByDefault", {})
         if default.get("SSEAlgorithm") == "aws:kms" and default.get("KMSMasterKeyID"):
             return key_arn(default["KMSMasterKeyID"], region)
     return None
-
-
-def _as_list(v: Any) -> list[Any]:
-    return v if isinstance(v, list) else [v]
 
 
 def s3_object_key(bucket: str, key: str, version: str | None) -> str | None:
@@ -536,15 +530,10 @@ def kms_checks(call: Call, checks: list[Check]) -> list[Check]:
     for check in checks:
         action, resource = check.action, check.resource
         if action == "s3:PutObject":
+            if call.method == "PUT" and "uploadId" in call.query and "x-amz-copy-source" not in call.headers:
+                continue  # an uploaded part: the data key was generated when the upload began
             bucket = resource.split(":::", 1)[1].split("/", 1)[0]
             key = s3_put_key(bucket, call.headers, region)
-            if (
-                key
-                and "x-amz-copy-source" not in call.headers
-                and call.method == "PUT"
-                and "uploadId" in call.query
-            ):
-                continue  # an uploaded part: the data key was generated when the upload began
             if key:
                 out.append(
                     _kms("GenerateDataKey", key, "s3", region, {"aws:s3:arn": f"arn:aws:s3:::{bucket}"})
@@ -769,11 +758,16 @@ class Enforcer:
             captured["status"], captured["headers"] = status, headers
             return lambda data: None
 
-        body = b"".join(self.app(environ, capture))
+        # moto answers (status and headers) before its body is iterated: a found object's
+        # bytes pass through untouched, only a 404 is looked at.
+        body = self.app(environ, capture)
+        if "status" not in captured:  # an app that answers only as its body is read
+            body = [b"".join(body)]
         if captured["status"].startswith("404"):
             bucket = check.resource.split(":::", 1)[1].split("/", 1)[0]
             listing = Check("s3:ListBucket", f"arn:aws:s3:::{bucket}")
             if not self.decide(principal, label, listing).allowed:
+                getattr(body, "close", lambda: None)()
                 status, headers, denied = _denied_response(
                     call,
                     f"User: {principal} is not authorized to perform: s3:ListBucket (the key does not exist)",
@@ -781,4 +775,4 @@ class Enforcer:
                 start_response(status, headers)
                 return [denied]
         start_response(captured["status"], captured["headers"])
-        return [body]
+        return body

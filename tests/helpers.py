@@ -86,26 +86,16 @@ def user_env(stack: Any, persona: str = "operator") -> dict[str, str]:
 
 def task_aws(stack: Any) -> Aws:
     """Clients with the worker task role's credentials, as a job on Fargate has them."""
-    from s3rollup.local import assume
+    from s3rollup.local import component_role
 
-    ecs = stack.aws.client("ecs")
-    taskdef = stack.info.function_env["S3ROLLUP_TASK_DEFINITION"]
-    role = ecs.describe_task_definition(taskDefinition=taskdef)["taskDefinition"]["taskRoleArn"]
-    creds = assume(stack.aws, role, "ecs-test")
-    return Aws(stack.info.region, stack.info.endpoint_url, credentials=creds)
+    return stack.aws_as(component_role(stack.aws, stack.info.stack_name, "worker"))
 
 
 def persona_aws(stack: Any, persona: str) -> Aws:
     """Clients with a persona's credentials (one set per persona and stack)."""
     cache = stack.__dict__.setdefault("_persona_aws", {})
     if persona not in cache:
-        env = stack.credentials(persona)
-        creds = {
-            "AccessKeyId": env["AWS_ACCESS_KEY_ID"],
-            "SecretAccessKey": env["AWS_SECRET_ACCESS_KEY"],
-            "SessionToken": env["AWS_SESSION_TOKEN"],
-        }
-        cache[persona] = Aws(stack.info.region, stack.info.endpoint_url, credentials=creds)
+        cache[persona] = stack.aws_as(stack.info.persona_roles[persona])
     return cache[persona]
 
 

@@ -10,13 +10,9 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from s3rollup.aws import Aws
-from s3rollup.local import assume
+from s3rollup.local import component_role
 from s3rollup.local_iam import expected_denial
-
-
-def _role_aws(stack: Any, role_arn: str) -> Aws:
-    return Aws(stack.info.region, stack.info.endpoint_url, credentials=assume(stack.aws, role_arn, "test"))
+from tests.helpers import task_aws
 
 
 def _role(stack: Any, statements: list[dict[str, Any]]) -> tuple[str, str]:
@@ -46,9 +42,9 @@ def test_a_missing_key_is_403_without_list_bucket_and_404_with_it(stack: Any, da
     key = f"contracts/{dataset}.json"
     # WHEN each reads a key that does not exist
     with expected_denial(reader_label, "s3:ListBucket"), pytest.raises(ClientError) as no_list:
-        _role_aws(stack, reader).s3.get_object(Bucket=bucket, Key=key)
+        stack.aws_as(reader).s3.get_object(Bucket=bucket, Key=key)
     with pytest.raises(ClientError) as with_list:
-        _role_aws(stack, lister).s3.get_object(Bucket=bucket, Key=key)
+        stack.aws_as(lister).s3.get_object(Bucket=bucket, Key=key)
     # THEN S3's answer depends on s3:ListBucket, as on AWS
     assert no_list.value.response["Error"]["Code"] == "AccessDenied"
     assert with_list.value.response["Error"]["Code"] == "NoSuchKey"
@@ -60,10 +56,7 @@ def test_the_worker_role_reads_a_partial_at_the_version_a_manifest_names(stack: 
     key = f"partials/{dataset}/p"
     first = stack.aws.s3.put_object(Bucket=bucket, Key=key, Body=b"1")["VersionId"]
     stack.aws.s3.put_object(Bucket=bucket, Key=key, Body=b"2")
-    task_role = stack.aws.client("ecs").describe_task_definition(
-        taskDefinition=stack.info.function_env["S3ROLLUP_TASK_DEFINITION"]
-    )["taskDefinition"]["taskRoleArn"]
-    worker = _role_aws(stack, task_role)
+    worker = task_aws(stack)
     # WHEN the worker reads the first version (s3:GetObjectVersion, and kms:Decrypt through S3)
     body = worker.s3.get_object(Bucket=bucket, Key=key, VersionId=first)["Body"].read()
     # THEN it gets it
@@ -72,13 +65,11 @@ def test_the_worker_role_reads_a_partial_at_the_version_a_manifest_names(stack: 
 
 def test_the_key_is_usable_only_through_the_stack_services(stack: Any) -> None:
     # GIVEN the worker task's role, whose own policy allows kms:GenerateDataKey on the key
-    ecs = stack.aws.client("ecs")
-    taskdef = ecs.describe_task_definition(taskDefinition=stack.info.function_env["S3ROLLUP_TASK_DEFINITION"])
-    role = taskdef["taskDefinition"]["taskRoleArn"]
+    role = component_role(stack.aws, stack.info.stack_name, "worker")
     label = f"role/{role.rsplit('/', 1)[-1]}"
     # WHEN it asks KMS directly for a data key
     with expected_denial(label, "kms:GenerateDataKey"), pytest.raises(ClientError) as denied:
-        _role_aws(stack, role).client("kms").generate_data_key(
+        stack.aws_as(role).client("kms").generate_data_key(
             KeyId=stack.info.outputs["DataKeyArn"], KeySpec="AES_256"
         )
     # THEN the key policy refuses it: the stack's roles use the key through S3, SQS and DynamoDB only

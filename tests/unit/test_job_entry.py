@@ -71,24 +71,28 @@ def test_tasks_in_the_jobs_process_use_the_jobs_clients(monkeypatch: pytest.Monk
     assert job_module._aws() is aws
 
 
+def _fresh_interpreter(code: str) -> Any:
+    """What a fresh interpreter prints (as JSON) after running code."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
 def test_the_job_module_imports_what_a_round_computes_with_only_when_a_round_needs_it() -> None:
     # GIVEN a fresh interpreter WHEN it imports the worker's module (what `python -m
     # s3rollup.job` does before its first call to DynamoDB)
-    code = (
+    loaded = _fresh_interpreter(
         "import sys, json, s3rollup.job\n"
         "later = {'pandas', 'numpy', 'pyarrow', 'dask', 'distributed', 'dask_cloudprovider',\n"
         "         'aws_lambda_powertools', 'matplotlib', 'jinja2'}\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & later)))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     # THEN none of them is loaded yet: prepare_round imports them while the job waits on AWS
-    assert json.loads(done.stdout) == []
+    assert loaded == []
     # ... and prepare_round imports everything a round computes with
-    code = (
+    missing = _fresh_interpreter(
         "import sys, json, s3rollup.job\n"
         "s3rollup.job.prepare_round()\n"
         "needed = {'pandas', 'pyarrow', 'distributed', 's3rollup.stats'}\n"
         "print(json.dumps(sorted(needed - set(sys.modules))))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert json.loads(done.stdout) == []
+    assert missing == []
