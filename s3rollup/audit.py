@@ -267,6 +267,32 @@ def verify_results(records: list[dict[str, Any]], s3: Any, bucket: str, dataset:
     return None
 
 
+def verify_tree(records: list[dict[str, Any]], s3: Any, bucket: str, dataset: str) -> Problem | None:
+    """Check the segments of the latest published manifest: each read at the version its
+    parent names and checked against the SHA-256 there. The root's own SHA-256 is the latest
+    RESULT_WRITTEN record's (verify_results), so every part the result names is covered."""
+    from .manifest import ManifestError, Objects, entries
+
+    latest = next((r for r in reversed(records) if r.get("event") == "RESULT_WRITTEN"), None)
+    ref = ((latest or {}).get("objects") or {}).get("manifest.json")
+    if latest is None or ref is None:
+        return None
+    try:
+        data = s3.get_object(**object_at(bucket, result_key(dataset, "manifest.json"), ref.get("version_id")))
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] in ("NoSuchKey", "NoSuchVersion", "404"):
+            return None  # verify_results has said whether that may be
+        raise
+    tree = json.loads(data["Body"].read()).get("tree")
+    if tree is None:
+        return None  # a manifest of the previous format lists its parts itself
+    try:
+        entries(Objects(s3, bucket), tree)
+    except ManifestError as exc:
+        return Problem(int(latest["seq"]), exc.code, f"record {latest['seq']}: {exc}")
+    return None
+
+
 ANCHOR_PREFIX = "audit-heads/"
 
 
@@ -320,7 +346,7 @@ def verify_dataset(
     if problem is not None:
         return count, 0, problem
     records = list(log.records(chain))
-    problem = verify_results(records, s3, bucket, chain)
+    problem = verify_results(records, s3, bucket, chain) or verify_tree(records, s3, bucket, chain)
     if problem is not None or not anchor_bucket:
         return count, 0, problem
     anchors, problem = verify_anchors(records, s3, anchor_bucket, chain)

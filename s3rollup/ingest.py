@@ -40,7 +40,7 @@ from .contract import (
 )
 from .errors import AwsError, S3RollupError, reason_code
 from .launch import Launcher
-from .state import PENDING, REJECTED, REMOVED, State
+from .state import AGGREGATED, PENDING, REJECTED, REMOVED, State
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ class Outcome:
     dataset: str = ""
     reason: str = "OK"
     job: str = ""
+    # The decision changed what the published result must hold (a change marker was written).
+    changed: bool = False
 
 
 def parse_notification(body: dict[str, Any]) -> list[S3Event]:
@@ -183,11 +185,10 @@ class Ingest:
         head = self._head(part.key)
         outcome = self._removed(part, actor) if head is None else self._decide(part, head, actor)
         if self.launcher is not None and (
-            outcome.decision in ("ACCEPTED", "REMOVED")
-            or (outcome.decision == "DUPLICATE" and outcome.reason == PENDING)
+            outcome.changed or (outcome.decision == "DUPLICATE" and outcome.reason == PENDING)
         ):
             job = self.ensure_job(part.dataset, actor)
-            return Outcome(outcome.decision, outcome.dataset, outcome.reason, job)
+            return Outcome(outcome.decision, outcome.dataset, outcome.reason, job, outcome.changed)
         return outcome
 
     def reconcile(self, dataset: str, actor: str) -> list[Outcome]:
@@ -307,6 +308,8 @@ class Ingest:
             verdict = self._validate(part, version, size, contract)
         status = PENDING if verdict.ok else REJECTED
         event = "PART_ACCEPTED" if verdict.ok else "PART_REJECTED"
+        # A rejected version changes the result only when it replaces an accepted one.
+        changed = verdict.ok or (existing is not None and existing.status in (PENDING, AGGREGATED))
         try:
             self.audit.append(
                 part.dataset,
@@ -321,7 +324,8 @@ class Ingest:
                         size,
                         status,
                         "" if verdict.ok else verdict.code,
-                    )
+                    ),
+                    *([self.state.change_item(part.dataset, part.key)] if changed else []),
                 ],
                 key=part.key,
                 version_id=version,
@@ -344,9 +348,9 @@ class Ingest:
                     "line": verdict.line,
                 },
             )
-            return Outcome("REJECTED", part.dataset, verdict.code)
+            return Outcome("REJECTED", part.dataset, verdict.code, changed=changed)
         log.info("part accepted", extra={"dataset": part.dataset, "part_id": part.part_id, "size": size})
-        return Outcome("ACCEPTED", part.dataset)
+        return Outcome("ACCEPTED", part.dataset, changed=True)
 
     def _validate(self, part: PartKey, version: str, size: int, contract: Contract) -> validate.Verdict:
         # At most limits.head_bytes in all: the head, and the footer window only for a
@@ -373,7 +377,10 @@ class Ingest:
                 part.dataset,
                 "PART_REMOVED",
                 actor,
-                extra_items=[self.state.remove_item(part.dataset, part.key)],
+                extra_items=[
+                    self.state.remove_item(part.dataset, part.key),
+                    self.state.change_item(part.dataset, part.key),
+                ],
                 key=part.key,
                 version_id=existing.version_id,
                 etag=existing.etag,
@@ -383,7 +390,7 @@ class Ingest:
         except Duplicate:
             return Outcome("DUPLICATE", part.dataset, REMOVED)
         log.info("part removed", extra={"dataset": part.dataset, "part_id": part.part_id})
-        return Outcome("REMOVED", part.dataset, "DELETED")
+        return Outcome("REMOVED", part.dataset, "DELETED", changed=True)
 
     def _unroutable(self, event: S3Event, exc: ContractError, actor: str) -> Outcome:
         # The key names no valid dataset: nothing to register; the object stays where it is.

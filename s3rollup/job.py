@@ -27,7 +27,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -54,7 +54,7 @@ from .contract import (
 from .errors import S3RollupError, reason_code
 from .ingest import Ingest
 from .logs import configure, exit_process
-from .state import AGGREGATED, LeaseKeeper, Part, State
+from .state import LeaseKeeper, Part, State
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -376,13 +376,19 @@ class Job:
         self.state = State(aws.dynamodb, settings.state_table)
         self.ingest = Ingest(settings, aws.s3, aws.dynamodb, launcher=None)  # never touches the lease
         self.rounds = 0
-        self.recomputed: set[str] = set()  # keys whose partial this job computed
+        # The change markers the current round reflects (key -> token): cleared once its
+        # result is published.
+        self.changes: dict[str, str] = {}
         self.rows_aggregated = 0
         self.parts_aggregated = 0
         # "native" or "pandas", as the tasks that computed partials reported (see stats).
         self.kernels: set[str] = set()
         # The tasks' own time per step, summed over the parts (part_result's "seconds").
         self.part_seconds: dict[str, float] = {}
+        # What the job's publishes wrote and merged (the manifest's segments, and partials
+        # merged into them): a removal merges O(log N) partials, an addition O(depth).
+        self.segments_written = 0
+        self.partials_merged = 0
 
     def run(self) -> int:
         """Run until no part is waiting; 0 on success (or when another job holds the lease)."""
@@ -457,16 +463,20 @@ class Job:
                 "reason": reason,
                 "kernels": sorted(self.kernels),
                 "part_seconds": {step: round(v, 3) for step, v in self.part_seconds.items()},
+                "segments_written": self.segments_written,
+                "partials_merged": self.partials_merged,
             },
         )
 
     def _pending(self) -> list[Part]:
-        """Reconcile with the bucket, then the parts whose partial is missing or stale.
-
-        The job holds the lease: reconciling here starts no job and never touches the lease.
+        """The parts this round computes a partial for: of the parts whose registry entry
+        changed since the published result (the change markers, read with their tokens), those
+        accepted without a current partial. Reads the markers and those parts only, never the
+        whole registry nor a listing: the scheduled reconcile is what catches lost events.
         """
-        self.ingest.reconcile(self.dataset, self.actor)
-        return [p for p in self.state.parts(self.dataset) if p.needs_partial]
+        self.changes = self.state.changes(self.dataset)
+        parts = self.state.get_parts(self.dataset, self.changes)
+        return [parts[k] for k in sorted(parts) if parts[k].needs_partial]
 
     def round(self, client: Any, todo: list[Part], lease: LeaseKeeper) -> None:
         """Compute the partials of todo, merge all current partials and publish (while the
@@ -495,7 +505,6 @@ class Job:
         results = client.gather(futures)
         lease.check()
         by_key = {p.key: p for p in todo}
-        self.recomputed.update(by_key)
         for res in results:
             self._record_partial(by_key[res["key"]], res)
         self.publish(contract)
@@ -572,125 +581,79 @@ class Job:
         with contextlib.suppress(ClientError):
             s3.delete_object(Bucket=bucket, Key=partial_key(self.dataset, pk.part_id))
 
-    def _load_partials(self, parts: list[Part]) -> Iterator[pd.DataFrame]:
-        """Every current part's stored partial, in order, checked against its registry entry.
+    def publish(self, contract: Contract) -> dict[str, Any] | None:
+        """Bring the published result in line with the registry's changes: update the manifest's
+        tree with the changed parts (segments and merged partials first), write the aggregates,
+        then the root, then clear the change markers it reflects. None when nothing changed.
 
-        Fetched concurrently: one GET per part is the only cost that grows with the
-        number of parts, and it is latency, not work. At most _FETCH_AHEAD partials, and
-        _FETCH_BYTES of them, wait for the merge (which takes them a chunk at a time), so
-        the job's memory grows neither with the number of parts nor with their groups.
+        The tree is built anew from the whole registry when there is none yet (or one of the
+        previous format), when the contract's keys or values changed, or when every part changed
+        (a rebuild): then every partial is merged once.
         """
-        from .stats import frame_bytes, frame_from_parquet
-
-        s3, bucket = self.aws.s3, self.settings.bucket
-
-        def load(p: Part) -> pd.DataFrame:
-            obj = s3.get_object(Bucket=bucket, Key=partial_key(self.dataset, parse_part_key(p.key).part_id))
-            data = obj["Body"].read()
-            if (
-                obj.get("Metadata", {}).get("source-version-id") != p.version_id
-                or sha256_hex(data) != p.partial_sha256
-            ):
-                raise S3RollupError(
-                    f"partial of a part does not match its registry entry ({p.key!r})",
-                    "STALE_PARTIAL",
-                )
-            return frame_from_parquet(data)
-
-        return fetch_in_order(load, parts, frame_bytes)
-
-    def _merge(self, parts: list[Part], contract: Contract) -> pd.DataFrame:
-        """The merge of the parts' partials: the last published merge plus the parts added
-        since, when that merge still stands for exactly the parts it covered; else all."""
-        from .stats import merge_partials
-
-        base = self._last_merge(parts, contract)
-        if base is None:
-            return merge_partials(self._load_partials(parts), contract)
-        frame, covered = base
-        added = [p for p in parts if p.key not in covered]
-        log.info(
-            "merging onto the last published merge",
-            extra={"dataset": self.dataset, "parts": len(covered), "added": len(added)},
-        )
-        return merge_partials(itertools.chain([frame], self._load_partials(added)), contract)
-
-    def _last_merge(self, parts: list[Part], contract: Contract) -> tuple[pd.DataFrame, set[str]] | None:
-        """The previous manifest's merged partial and the keys it covers, if it can be built on.
-
-        Not when a part it covered was removed, replaced or recomputed (a rebuild recomputes
-        every part), nor when the contract's keys or values changed. Partials cannot be taken
-        out of a merge (min and max are not invertible), so those cases merge everything.
-        """
+        from .manifest import ROOT_FORMAT, ManifestError, Objects, Update, empty_tree, segment_ids
         from .ops import read_manifest
-        from .stats import frame_from_parquet
-
-        prev = read_manifest(self.aws, self.settings.bucket, self.dataset)
-        ref = (prev or {}).get("merged_partial")
-        if prev is None or ref is None:
-            return None
-        if prev["contract"]["group_by"] != list(contract.group_by) or prev["contract"]["values"] != list(
-            contract.values
-        ):
-            return None
-        current = {p.key: p for p in parts}
-        for q in prev["parts"]:
-            p = current.get(q["key"])
-            if (
-                p is None
-                or p.key in self.recomputed
-                or (p.version_id, p.partial_sha256) != (q["version_id"], q["partial_sha256"])
-            ):
-                return None
-        where = object_at(self.settings.bucket, ref["key"], ref["version_id"])
-        try:
-            data = self.aws.s3.get_object(**where)["Body"].read()
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] not in ("NoSuchKey", "NoSuchVersion", "404"):
-                raise
-            # e.g. a version left noncurrent by a job that failed before its manifest, then
-            # expired by the lifecycle: every partial is still there to merge.
-            log.warning("last merged partial is gone; merging every partial", extra={"dataset": self.dataset})
-            return None
-        if sha256_hex(data) != ref["sha256"]:
-            # Its manifest's checksum is in the audit chain: this is tampering or corruption.
-            raise S3RollupError("the last merged partial does not match its manifest", "STALE_PARTIAL")
-        return frame_from_parquet(data), {q["key"] for q in prev["parts"]}
-
-    def publish(self, contract: Contract) -> dict[str, Any]:
-        """Merge the partials of all current parts and write results/<dataset>/, manifest last."""
         from .stats import finalize, frame_to_parquet
 
-        parts = sorted(
-            (p for p in self.state.parts(self.dataset) if p.status == AGGREGATED and not p.needs_partial),
-            key=lambda p: p.key,
+        objects = Objects(self.aws.s3, self.settings.bucket, self.settings.kms_key_arn)
+        prev = read_manifest(self.aws, self.settings.bucket, self.dataset, parts=False)
+        tree = (prev or {}).get("tree")
+        fresh = (
+            tree is None
+            or prev is None
+            or prev["contract"]["group_by"] != list(contract.group_by)
+            or prev["contract"]["values"] != list(contract.values)
+            or len(self.changes) >= int(tree["parts"])
         )
-        merged = self._merge(parts, contract)
+        if not fresh and not self.changes:
+            log.info("nothing changed since the published result", extra={"dataset": self.dataset})
+            return None
+        merger = _PartialMerger(self, contract)
+        update: Update[pd.DataFrame] = Update(self.dataset, objects, merger)
+        if not fresh:
+            assert prev is not None and tree is not None
+            current = self.state.get_parts(self.dataset, self.changes)
+            changes: dict[str, dict[str, Any] | None] = {}
+            for key in self.changes:
+                part = current.get(key)
+                changes[key] = _entry(part) if part is not None and part.current else None
+            try:
+                new_tree, merged = update.apply(tree, merger.load(prev["merged_partial"]), changes)
+            except ManifestError as exc:
+                if exc.code != "SEGMENT_MISSING":
+                    # The root's SHA-256 is in the audit chain: this is tampering or corruption.
+                    raise S3RollupError(
+                        f"the published manifest is not intact: {exc}", "STALE_PARTIAL"
+                    ) from exc
+                # e.g. versions a failed job left behind, expired by the lifecycle: the
+                # registry and the parts' partials still say everything.
+                log.warning(
+                    "a segment of the last manifest is gone; rebuilding it", extra={"dataset": self.dataset}
+                )
+                fresh, update = True, Update(self.dataset, objects, merger)
+        if fresh:
+            # Every accepted part with a current partial, whatever the markers say.
+            parts = [p for p in self.state.parts(self.dataset) if p.current]
+            new_tree, merged = update.apply(empty_tree(), None, {p.key: _entry(p) for p in parts})
+            update.dropped.extend(segment_ids(objects, self.dataset) - update.written)
         final = finalize(merged, contract)
-        sse = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.settings.kms_key_arn}
 
         def store(key: str, data: bytes, ctype: str) -> dict[str, Any]:
-            """Write one object under the stack key; its key, version and checksum."""
-            put = self.aws.s3.put_object(
-                Bucket=self.settings.bucket, Key=key, Body=data, ContentType=ctype, **sse
-            )
-            return {"key": key, "version_id": put.get("VersionId", "null"), "sha256": sha256_hex(data)}
+            return {**objects.put(key, data, ctype), "bytes": len(data)}
 
-        merged_ref = store(merged_partial_key(self.dataset), frame_to_parquet(merged), _PARQUET)
-        parquet = frame_to_parquet(final)
+        merged_ref = objects.put(merged_partial_key(self.dataset), frame_to_parquet(merged), _PARQUET)
         as_json = json.dumps(
             {"dataset": self.dataset, "columns": list(final.columns), "rows": json_rows(final)},
             separators=(",", ":"),
             allow_nan=False,
         ).encode()
-        objects: dict[str, dict[str, Any]] = {}
-        for name, data, ctype in (
-            ("aggregate.parquet", parquet, _PARQUET),
-            ("aggregate.json", as_json, "application/json"),
-        ):
-            objects[name] = {**store(result_key(self.dataset, name), data, ctype), "bytes": len(data)}
-        total_groups = len(merged)
+        published: dict[str, dict[str, Any]] = {
+            "aggregate.parquet": store(
+                result_key(self.dataset, "aggregate.parquet"), frame_to_parquet(final), _PARQUET
+            ),
+            "aggregate.json": store(result_key(self.dataset, "aggregate.json"), as_json, "application/json"),
+        }
         manifest = {
+            "format": ROOT_FORMAT,
             "dataset": self.dataset,
             "job_id": self.job_id,
             "generated_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
@@ -702,25 +665,16 @@ class Job:
                 "min_group_size": contract.min_group_size,
             },
             "groups": len(final),
-            "groups_suppressed": int(total_groups - len(final)),
-            "rows": int(sum(p.rows for p in parts)),
-            "parts": [
-                {
-                    "key": p.key,
-                    "version_id": p.version_id,
-                    "etag": p.etag,
-                    "rows": p.rows,
-                    "sha256": p.sha256,
-                    "partial_sha256": p.partial_sha256,
-                }
-                for p in parts
-            ],
-            "objects": objects,
+            "groups_suppressed": int(len(merged) - len(final)),
+            "rows": int(new_tree["rows"]),
+            "part_count": int(new_tree["parts"]),
+            "objects": published,
             "merged_partial": merged_ref,
+            "tree": new_tree,
         }
-        objects["manifest.json"] = store(
+        published["manifest.json"] = store(
             result_key(self.dataset, "manifest.json"),
-            json.dumps(manifest, indent=2).encode(),
+            json.dumps(manifest, indent=1).encode(),
             "application/json",
         )
         self.audit.append(
@@ -728,15 +682,96 @@ class Job:
             "RESULT_WRITTEN",
             self.actor,
             job_id=self.job_id,
-            objects={k: {"version_id": v["version_id"], "sha256": v["sha256"]} for k, v in objects.items()},
-            parts=len(parts),
+            objects={k: {"version_id": v["version_id"], "sha256": v["sha256"]} for k, v in published.items()},
+            parts=manifest["part_count"],
             rows=manifest["rows"],
         )
+        # The result names its changes: their markers go (unless a newer change replaced one).
+        for key, token in self.changes.items():
+            self.state.clear_change(self.dataset, key, token)
+        update.delete_dropped(
+            lambda key, exc: log.warning(
+                "unused manifest segment not deleted",
+                extra={"dataset": self.dataset, "reason": exc.response["Error"]["Code"]},
+            )
+        )
+        self.segments_written += update.segments_written
+        self.partials_merged += update.partials_merged
         log.info(
             "result written",
-            extra={"dataset": self.dataset, "parts": len(parts), "groups": len(final)},
+            extra={
+                "dataset": self.dataset,
+                "parts": manifest["part_count"],
+                "groups": len(final),
+                "changed": len(self.changes),
+                "rebuilt": fresh,
+                "segments_written": update.segments_written,
+                "partials_merged": update.partials_merged,
+            },
         )
         return manifest
+
+
+def _entry(part: Part) -> dict[str, Any]:
+    """A part's entry in a leaf segment of the manifest."""
+    return {
+        "key": part.key,
+        "version_id": part.version_id,
+        "etag": part.etag,
+        "rows": part.rows,
+        "sha256": part.sha256,
+        "partial_sha256": part.partial_sha256,
+    }
+
+
+class _PartialMerger:
+    """The manifest tree's partials: a part's stored partial (checked against its entry: the
+    version it was computed from and its SHA-256), merged partials, Chan et al.'s merge."""
+
+    def __init__(self, job: Job, contract: Contract) -> None:
+        self.job, self.contract = job, contract
+
+    def parts(self, entries: list[dict[str, Any]]) -> Iterator[pd.DataFrame]:
+        """The parts' stored partials, in order, fetched concurrently (a GET each is latency,
+        not work). At most _FETCH_AHEAD partials, and _FETCH_BYTES of them, wait for the merge
+        (which takes them a chunk at a time), so memory grows neither with the number of parts
+        nor with their groups."""
+        from .stats import frame_bytes, frame_from_parquet
+
+        s3, bucket, dataset = self.job.aws.s3, self.job.settings.bucket, self.job.dataset
+
+        def load(entry: dict[str, Any]) -> pd.DataFrame:
+            obj = s3.get_object(Bucket=bucket, Key=partial_key(dataset, parse_part_key(entry["key"]).part_id))
+            data = obj["Body"].read()
+            if (
+                obj.get("Metadata", {}).get("source-version-id") != entry["version_id"]
+                or sha256_hex(data) != entry["partial_sha256"]
+            ):
+                raise S3RollupError(
+                    f"partial of a part does not match its registry entry ({entry['key']!r})",
+                    "STALE_PARTIAL",
+                )
+            return frame_from_parquet(data)
+
+        return fetch_in_order(load, entries, frame_bytes)
+
+    def load(self, ref: dict[str, str]) -> pd.DataFrame:
+        """A merged partial at the version its manifest names; its bytes are checked against the
+        SHA-256 there (STALE_PARTIAL when they differ: the root's SHA-256 is in the audit)."""
+        from .manifest import Objects
+        from .stats import frame_from_parquet
+
+        return frame_from_parquet(Objects(self.job.aws.s3, self.job.settings.bucket).get(ref))
+
+    def merge(self, partials: Iterable[pd.DataFrame]) -> pd.DataFrame:
+        from .stats import merge_partials
+
+        return merge_partials(partials, self.contract)
+
+    def encode(self, partial: pd.DataFrame) -> bytes:
+        from .stats import frame_to_parquet
+
+        return frame_to_parquet(partial)
 
 
 def main(argv: list[str] | None = None) -> int:

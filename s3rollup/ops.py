@@ -28,8 +28,16 @@ MIB = 1 << 20
 # ---- results -------------------------------------------------------------------------------
 
 
-def read_manifest(aws: Aws, bucket: str, dataset: str) -> dict[str, Any] | None:
-    """The dataset's published manifest, or None when nothing is published yet."""
+def read_manifest(aws: Aws, bucket: str, dataset: str, parts: bool = True) -> dict[str, Any] | None:
+    """The dataset's published manifest, or None when nothing is published yet.
+
+    With ``parts``, its ``"parts"`` lists every part behind the result (key order): the
+    segments the root names are read at their versions and checked against their SHA-256
+    (s3rollup.manifest), one read per FANOUT parts. Without, the root alone (one read):
+    ``part_count`` says how many parts it holds, ``manifest.lookup`` finds one.
+    """
+    from .manifest import Objects, entries
+
     try:
         raw = aws.s3.get_object(Bucket=bucket, Key=result_key(dataset, "manifest.json"))["Body"].read()
     except ClientError as exc:
@@ -37,6 +45,8 @@ def read_manifest(aws: Aws, bucket: str, dataset: str) -> dict[str, Any] | None:
             return None
         raise
     manifest: dict[str, Any] = json.loads(raw)
+    if parts and "tree" in manifest:
+        manifest["parts"] = entries(Objects(aws.s3, bucket), manifest["tree"])
     return manifest
 
 
@@ -286,7 +296,8 @@ def status_lines(dataset: str, status: dict[str, Any]) -> list[str]:
 
 
 def mark_stale(state: State, audit: Any, dataset: str, actor: str, attempts: int = 5) -> list[Part]:
-    """Mark every accepted part's partial stale, audited, in transactions of up to 98 parts.
+    """Mark every accepted part's partial stale, audited, in transactions of up to 49 parts
+    (each with its change marker: DynamoDB takes 100 items per transaction, the audit 2).
 
     A part that changes meanwhile fails its transaction; the registry is read again and the
     rest retried. Returns the parts marked.
@@ -301,13 +312,17 @@ def mark_stale(state: State, audit: Any, dataset: str, actor: str, attempts: int
             if p.status in (PENDING, AGGREGATED) and (p.key, p.version_id) not in marked
         ]
         try:
-            for i in range(0, len(todo), 98):
-                chunk = todo[i : i + 98]
+            for i in range(0, len(todo), 49):
+                chunk = todo[i : i + 49]
                 audit.append(
                     dataset,
                     "REBUILD_REQUESTED",
                     actor,
-                    extra_items=[state.stale_item(p) for p in chunk],
+                    extra_items=[
+                        item
+                        for p in chunk
+                        for item in (state.stale_item(p), state.change_item(dataset, p.key))
+                    ],
                     parts=len(chunk),
                 )
                 marked.update({(p.key, p.version_id): p for p in chunk})

@@ -4,6 +4,11 @@ Items (pk, sk):
 - ``PART#<dataset>``, ``<key>``: the part's current version, etag, size, status
   (PENDING, AGGREGATED, REJECTED, REMOVED), reason code, rows and the version its partial
   was computed from.
+- ``CHANGE#<dataset>``, ``<key>``: the part's registry entry changed since the published
+  result was made (accepted, rejected, removed, marked stale); written in the same transaction
+  as the change, with a fresh ``token``. A job reads these few items instead of the whole
+  registry, and deletes each one (if its token is still the one it read) once a result that
+  reflects it is published.
 - ``LEASE#<dataset>``, ``LEASE``: the job that holds the dataset, until ``expires``.
 """
 
@@ -12,6 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +46,11 @@ class Part:
     partial_version: str = ""
     partial_sha256: str = ""
     sha256: str = ""
+
+    @property
+    def current(self) -> bool:
+        """True when the part belongs in the result: accepted, with the partial of its version."""
+        return self.status == AGGREGATED and self.partial_version == self.version_id
 
     @property
     def needs_partial(self) -> bool:
@@ -219,9 +231,99 @@ class State:
                 return out
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
+    def get_parts(self, dataset: str, keys: Iterable[str]) -> dict[str, Part]:
+        """The registered parts at keys (consistent reads, 100 per request), by key."""
+        wanted = sorted(set(keys))
+        out: dict[str, Part] = {}
+        for i in range(0, len(wanted), 100):
+            request: dict[str, Any] = {
+                self.table: {
+                    "Keys": [{"pk": self.part_pk(dataset), "sk": {"S": k}} for k in wanted[i : i + 100]],
+                    "ConsistentRead": True,
+                }
+            }
+            for attempt in range(10):
+                page = self._db.batch_get_item(RequestItems=request)
+                for item in page.get("Responses", {}).get(self.table, []):
+                    part = _part_from_item(item)
+                    out[part.key] = part
+                request = page.get("UnprocessedKeys") or {}
+                if not request:
+                    break
+                time.sleep(min(1.0, 0.05 * 2**attempt))
+            else:
+                raise S3RollupError("registry reads stayed throttled", "THROTTLED")
+        return out
+
+    # ---- change markers ---------------------------------------------------------------------
+
+    @staticmethod
+    def change_pk(dataset: str) -> dict[str, Any]:
+        """Partition key value of a dataset's change markers."""
+        return {"S": f"CHANGE#{dataset}"}
+
+    def change_item(self, dataset: str, key: str) -> dict[str, Any]:
+        """A transaction item that marks key as changed since the published result (goes in the
+        same transaction as the registry change it announces)."""
+        return {
+            "Put": {
+                "TableName": self.table,
+                "Item": {
+                    "pk": self.change_pk(dataset),
+                    "sk": {"S": key},
+                    "token": {"S": uuid.uuid4().hex},
+                    "updated": {"N": str(int(time.time()))},
+                },
+            }
+        }
+
+    def changes(self, dataset: str) -> dict[str, str]:
+        """The dataset's change markers: key -> token."""
+        out: dict[str, str] = {}
+        kwargs: dict[str, Any] = {
+            "TableName": self.table,
+            "KeyConditionExpression": "pk = :pk",
+            "ExpressionAttributeValues": {":pk": self.change_pk(dataset)},
+            "ProjectionExpression": "sk, #t",
+            "ExpressionAttributeNames": {"#t": "token"},
+            "ConsistentRead": True,
+        }
+        while True:
+            page = self._db.query(**kwargs)
+            out.update({i["sk"]["S"]: i["token"]["S"] for i in page.get("Items", [])})
+            if "LastEvaluatedKey" not in page:
+                return out
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def clear_change(self, dataset: str, key: str, token: str) -> bool:
+        """Delete key's marker if it is still the one read (token); False when it changed since,
+        so the newer change stays announced."""
+        try:
+            self._db.delete_item(
+                TableName=self.table,
+                Key={"pk": self.change_pk(dataset), "sk": {"S": key}},
+                ConditionExpression="#t = :t",
+                ExpressionAttributeNames={"#t": "token"},
+                ExpressionAttributeValues={":t": {"S": token}},
+            )
+            return True
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                return False
+            raise
+
     def waiting(self, dataset: str) -> bool:
-        """True when a registered part of the dataset still needs its partial computed."""
-        return any(p.needs_partial for p in self.parts(dataset))
+        """True when a change to the dataset's parts is not in its published result yet (one
+        marker read, whatever the number of parts)."""
+        page = self._db.query(
+            TableName=self.table,
+            KeyConditionExpression="pk = :pk",
+            ExpressionAttributeValues={":pk": self.change_pk(dataset)},
+            ProjectionExpression="sk",
+            ConsistentRead=True,
+            Limit=1,
+        )
+        return bool(page.get("Items"))
 
     # ---- lease ------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from s3rollup.audit import exactly_once_problems
 from s3rollup.aws import Aws
+from s3rollup.config import Settings
 from s3rollup.contract import result_key
 from s3rollup.demo import compare, generate_part, to_csv_bytes, wait_for_manifest
 from s3rollup.events import records, sqs_record
@@ -228,6 +229,18 @@ def put_version(stack: Any, key: str, body: bytes | pd.DataFrame, **extra: str) 
     return str(put["VersionId"])
 
 
+def register_quietly(stack: Any, dataset: str) -> None:
+    """Decide on what incoming/<dataset>/ holds, as the scheduled reconcile does (under the
+    function's role), starting no job: the test runs its own. Jobs find parts in the
+    registry, never in a listing."""
+    from s3rollup.ingest import Ingest
+    from s3rollup.local import component_role
+
+    settings = Settings.from_env(stack.info.function_env)
+    aws = stack.aws_as(component_role(stack.aws, stack.info.stack_name, "function"))
+    Ingest(settings, aws.s3, aws.dynamodb, launcher=None).reconcile(dataset, actor="test:reconcile")
+
+
 def upload_silently(
     stack: Any, dataset: str, parts: int, rows: int, seed: int
 ) -> dict[str, tuple[str, pd.DataFrame]]:
@@ -238,6 +251,7 @@ def upload_silently(
             frame = generate_part(i, rows, seed=seed)
             key = f"incoming/{dataset}/p{i:02d}.csv"
             final[key] = (put_version(stack, key, frame), frame)
+    register_quietly(stack, dataset)
     return final
 
 

@@ -13,20 +13,21 @@ from s3rollup.errors import S3RollupError
 from s3rollup.job import Job, dask_client
 from s3rollup.state import LeaseKeeper, State
 from tests.conftest import wait_for
-from tests.helpers import audit_records, manifest, put_part, silent, task_aws
+from tests.helpers import audit_records, manifest, put_part, register_quietly, silent, task_aws
 
 pytestmark = pytest.mark.integration
 
 
 def test_a_job_past_its_lease_never_takes_it_under_another_id(stack: Any, dataset: str) -> None:
     settings = Settings.from_env(stack.dispatcher.env)
-    with silent(stack):  # GIVEN a part only the job's own reconcile finds
+    with silent(stack):  # GIVEN a part registered by a reconcile that started no job
         key = put_part(stack, dataset, "late.csv", generate_part(0, 20, seed=3))
+    register_quietly(stack, dataset)
     job = Job(settings, task_aws(stack), dataset, "job-long", actor="test")
     # WHEN the job's lease has already expired (a job longer than the lease)
     assert job.state.acquire_lease(dataset, job.job_id, -1)
     todo = job._pending()
-    # THEN the part is registered and waiting, and the lease was not taken by a phantom job
+    # THEN the part is waiting, and the lease was not taken by a phantom job
     assert [p.key for p in todo] == [key]
     lease = job.state.lease(dataset)
     assert lease is not None and lease["job_id"] == "job-long"
@@ -47,6 +48,7 @@ def test_a_job_whose_lease_was_taken_fails_and_publishes_nothing(stack: Any, dat
     settings = Settings.from_env(stack.dispatcher.env)
     with silent(stack):
         put_part(stack, dataset, "p.csv", generate_part(0, 30, seed=5))
+    register_quietly(stack, dataset)
     job = Job(settings, task_aws(stack), dataset, "job-a", actor="test")
     assert job.state.acquire_lease(dataset, "job-a", 600)
     todo = job._pending()

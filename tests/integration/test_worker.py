@@ -23,6 +23,7 @@ from tests.helpers import (
     assert_equals_reference,
     dask_processes,
     put_part,
+    register_quietly,
     result_frame,
     silent,
     task_aws,
@@ -119,6 +120,7 @@ def test_a_job_runs_on_an_existing_dask_scheduler(stack: Any, dataset: str, dask
     frames = [generate_part(i, 500, seed=31) for i in range(3)]
     with silent(stack):  # no event: this job is started by hand, not by ingest
         keys = {put_part(stack, dataset, f"p{i}.csv", f) for i, f in enumerate(frames)}
+    register_quietly(stack, dataset)
     env_settings = Settings.from_env(stack.dispatcher.env).with_(dask_scheduler=dask_scheduler)
     job = Job(env_settings, task_aws(stack), dataset, uuid.uuid4().hex, actor="test:scheduler")
     assert job.run() == 0

@@ -42,12 +42,13 @@ class PartialStore:
         return {"Body": io.BytesIO(data), "Metadata": {"source-version-id": version}}
 
 
-def _job(store: PartialStore) -> Job:
-    job = Job.__new__(Job)  # only what _load_partials reads
+def _loading(store: PartialStore, parts: list[Part]) -> Any:
+    """The job's loading of the parts' stored partials for the manifest's tree."""
+    job = Job.__new__(Job)  # only what the tree's partial loading reads
     job.aws = SimpleNamespace(s3=store)  # type: ignore[assignment]
     job.settings = SimpleNamespace(bucket="bucket")  # type: ignore[assignment]
     job.dataset = DATASET
-    return job
+    return job_module._PartialMerger(job, C).parts([job_module._entry(p) for p in parts])
 
 
 def _parts(store: PartialStore, n: int) -> tuple[list[Part], list[pd.DataFrame]]:
@@ -81,7 +82,7 @@ def _parts(store: PartialStore, n: int) -> tuple[list[Part], list[pd.DataFrame]]
 def test_partials_come_in_order_and_are_fetched_only_ahead_of_the_merge_by_a_bound() -> None:
     store = PartialStore()
     parts, frames = _parts(store, 100)
-    loading = _job(store)._load_partials(parts)
+    loading = _loading(store, parts)
     first = next(loading)
     pd.testing.assert_frame_equal(first, frames[0])
     # One taken: at most _FETCH_AHEAD more fetched, not all 100.
@@ -97,7 +98,7 @@ def test_a_partial_that_does_not_match_its_registry_entry_stops_the_merge() -> N
     parts, _ = _parts(store, 40)
     # e.g. an object overwritten behind the job's back
     parts[25] = dataclasses.replace(parts[25], partial_sha256="0" * 64)
-    loading = _job(store)._load_partials(parts)
+    loading = _loading(store, parts)
     assert len([next(loading) for _ in range(25)]) == 25
     with pytest.raises(S3RollupError) as err:
         next(loading)
@@ -135,7 +136,7 @@ def test_fetching_ahead_is_bounded_by_bytes_once_the_partials_size_is_known(monk
     store = PartialStore()
     parts, frames = _parts(store, 12)
     monkeypatch.setattr(job_module, "_FETCH_BYTES", frame_bytes(frames[0]) * 3 // 2)
-    loading = _job(store)._load_partials(parts)
+    loading = _loading(store, parts)
     # WHEN the merge takes them one by one
     got = []
     for i in range(12):

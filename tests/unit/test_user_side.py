@@ -174,11 +174,15 @@ class _Registry:
     def stale_item(self, part: Part) -> dict[str, object]:
         return {"stale": part.key}
 
+    def change_item(self, dataset: str, key: str) -> dict[str, object]:
+        return {"changed": key}
+
 
 class _Audit:
     def __init__(self, registry: _Registry, fail: bool = False) -> None:
         self.registry, self.fail = registry, fail
         self.appends: list[tuple[str, object]] = []
+        self.items: list[int] = []
 
     def append(
         self, chain: str, event: str, actor: str, extra_items: list[dict[str, str]], **f: object
@@ -188,9 +192,10 @@ class _Audit:
         if self.fail:
             raise Duplicate(0, {})
         self.appends.append((event, f["parts"]))
+        self.items.append(len(extra_items))
 
 
-def test_mark_stale_audits_every_accepted_part_in_transactions_of_98() -> None:
+def test_mark_stale_audits_every_accepted_part_with_its_change_in_transactions_of_49() -> None:
     from s3rollup.ops import mark_stale
 
     parts = [_part(f"k{i:03d}", AGGREGATED) for i in range(200)] + [_part("bad", REJECTED)]
@@ -198,7 +203,9 @@ def test_mark_stale_audits_every_accepted_part_in_transactions_of_98() -> None:
     audit = _Audit(registry)
     marked = mark_stale(registry, audit, "ds", "cli:test")
     assert len(marked) == 200 and "bad" not in {p.key for p in marked}
-    assert audit.appends == [("REBUILD_REQUESTED", 98), ("REBUILD_REQUESTED", 98), ("REBUILD_REQUESTED", 4)]
+    # 49 parts, two items each, and the audit's two: DynamoDB's 100 items per transaction.
+    assert audit.appends == [("REBUILD_REQUESTED", 49)] * 4 + [("REBUILD_REQUESTED", 4)]
+    assert audit.items == [2 * 49] * 4 + [2 * 4]
 
 
 def test_mark_stale_gives_up_with_a_clear_error_when_parts_keep_changing() -> None:
