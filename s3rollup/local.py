@@ -846,6 +846,37 @@ def serialize_dynamodb() -> None:
     DynamoHandler.call_action = call_action  # type: ignore[method-assign]
 
 
+def partition_queries() -> None:
+    """Make the embedded DynamoDB's Query read the partition it names, not the whole table.
+
+    moto's Query without an index gathers and sorts every item of the table, then keeps
+    those of the partition: each job's reads of its change markers and each `waiting`
+    check cost time in the number of parts of every dataset in the state table. Here the
+    query sees the partition's items only (moto's own filtering, ordering and paging then
+    run on them). Requests are applied one at a time (serialize_dynamodb), so the table's
+    view is not shared with another request.
+    """
+    from moto.dynamodb.models.table import Table
+
+    if getattr(Table.query, "_s3rollup_partition", False):
+        return
+    original = Table.query
+
+    def query(self: Any, hash_key: Any, *args: Any, **kwargs: Any) -> Any:
+        index_name = args[6] if len(args) > 6 else kwargs.get("index_name")
+        if index_name or hash_key is None or not self.range_key_attr:
+            return original(self, hash_key, *args, **kwargs)
+        partition = self.items.get(hash_key, {})
+        self.all_items = lambda: sorted(partition.values(), key=lambda item: item.range_key)
+        try:
+            return original(self, hash_key, *args, **kwargs)
+        finally:
+            del self.all_items
+
+    query._s3rollup_partition = True  # type: ignore[attr-defined]
+    Table.query = query  # type: ignore[method-assign]
+
+
 _LISTING = threading.local()
 
 
@@ -1034,6 +1065,7 @@ class EmbeddedStack:
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
         serialize_dynamodb()
+        partition_queries()
         light_version_listings()
         # Loopback, or the Docker bridge's gateway: the embedded endpoint is for this machine
         # and its containers (check_listen_address).
