@@ -39,6 +39,11 @@ class Settings:
     # reconcile or event): Dask waits forever for workers, and the job renews its lease.
     round_timeout_seconds: int = 3600
     max_part_bytes: int = 5 << 30
+    # A reconcile pass reads at most this many pages (S3 LIST and registry Query, 1,000 keys
+    # each) and leaves alone, for this many seconds, objects so new that their own event may
+    # still be on its way (0: decides them at once).
+    reconcile_pages: int = 20
+    reconcile_grace_seconds: int = 0
     dask_scheduler: str = ""  # address of an existing scheduler; empty: a LocalCluster
     anchor_bucket: str = ""  # Object Lock bucket the worker exports audit chain heads to
     # A dask-cloudprovider FargateCluster is used when a round's new parts add up to more
@@ -91,6 +96,8 @@ class Settings:
             lease_seconds=integer("LEASE_SECONDS", 900),
             round_timeout_seconds=integer("ROUND_TIMEOUT_SECONDS", 3600),
             max_part_bytes=integer("MAX_PART_BYTES", 5 << 30),
+            reconcile_pages=integer("RECONCILE_PAGES", 20),
+            reconcile_grace_seconds=integer("RECONCILE_GRACE_SECONDS", 0),
             dask_scheduler=get("DASK_SCHEDULER", ""),
             anchor_bucket=get("ANCHOR_BUCKET", ""),
             fargate_threshold_bytes=integer("FARGATE_THRESHOLD_BYTES", 0),
@@ -112,6 +119,10 @@ class Settings:
                 f"{PREFIX}FARGATE_THRESHOLD_BYTES needs {PREFIX}FARGATE_IMAGE, {PREFIX}ECS_CLUSTER, "
                 f"{PREFIX}SUBNETS and {PREFIX}SECURITY_GROUPS"
             )
+        if settings.reconcile_pages < 2:
+            raise ConfigError(f"{PREFIX}RECONCILE_PAGES must be at least 2 (a listing and a registry page)")
+        if settings.reconcile_grace_seconds < 0:
+            raise ConfigError(f"{PREFIX}RECONCILE_GRACE_SECONDS must not be negative")
         if settings.min_group_size < 1:
             raise ConfigError(f"{PREFIX}MIN_GROUP_SIZE must be at least 1")
         return settings

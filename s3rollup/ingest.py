@@ -12,12 +12,13 @@ version already has one.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -40,7 +41,7 @@ from .contract import (
 )
 from .errors import AwsError, S3RollupError, reason_code
 from .launch import Launcher
-from .state import AGGREGATED, PENDING, REJECTED, REMOVED, State
+from .state import AGGREGATED, PENDING, REJECTED, REMOVED, Part, State
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,76 @@ def list_current(s3: Any, bucket: str, dataset: str) -> Iterable[dict[str, Any]]
                 yield v
 
 
+PAGE_KEYS = 1000  # keys per reconcile page: S3's largest listing page, and the registry's
+SYNCS_PER_PAGE = 5  # a reconcile pass decides at most this many keys per page of its budget
+
+
+@dataclass
+class ReconcilePass:
+    """What one reconcile pass over a dataset did."""
+
+    dataset: str
+    started_after: str  # the saved cursor it started from ("": the start of the prefix)
+    next_after: str = ""  # where the next pass starts; "": this pass completed the sweep
+    pages: int = 0  # S3 LIST and registry Query requests
+    compared: int = 0  # keys listed or registered that it compared
+    deferred: int = 0  # disagreeing objects younger than the grace window, left for later
+    outcomes: list[Outcome] = field(default_factory=list)  # one per key decided
+
+
+class _Pages:
+    """One side of the walk: the unread rest of its last page, and the key that page ends at
+    (None: the side is read to its end)."""
+
+    def __init__(self, fetch: Callable[[str], tuple[list[tuple[str, Any]], bool]]) -> None:
+        self._fetch = fetch
+        self.rows: list[tuple[str, Any]] = []
+        self.end: str | None = None
+        self.loaded = False
+
+    def load(self, after: str) -> None:
+        self.rows, more = self._fetch(after)
+        self.end = (self.rows[-1][0] if self.rows else after) if more else None
+        self.loaded = True
+
+    def take(self, upto: str | None) -> list[tuple[str, Any]]:
+        """The rows up to ``upto`` (all of them for None), removed from the page."""
+        if upto is None:
+            taken, self.rows = self.rows, []
+            return taken
+        i = bisect.bisect_right([k for k, _ in self.rows], upto)
+        taken, self.rows = self.rows[:i], self.rows[i:]
+        return taken
+
+
+def _least_end(a: str | None, b: str | None) -> str | None:
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
+
+
+def _merge(
+    listed: list[tuple[str, Any]], registered: list[tuple[str, Any]]
+) -> Iterator[tuple[str, dict[str, Any] | None, Part | None]]:
+    """(key, listing entry, registry entry) for every key on either side, in key order.
+    Python orders str by code point, which is the UTF-8 byte order S3 and DynamoDB use."""
+    objs, regs = dict(listed), dict(registered)
+    for key in sorted(objs.keys() | regs.keys()):
+        yield key, objs.get(key), regs.get(key)
+
+
+def _agree(obj: dict[str, Any] | None, reg: Part | None) -> bool:
+    """True when the registry already holds the listed object's decision (or its removal)."""
+    if obj is None:
+        return reg is None or reg.status == REMOVED
+    if reg is None or reg.status == REMOVED:
+        return False
+    if reg.etag != str(obj.get("ETag", "")).strip('"') or reg.size != int(obj.get("Size", -1)):
+        return False
+    # HEAD's Last-Modified has whole seconds, a listing's may have milliseconds.
+    return reg.modified < 0 or abs(obj["LastModified"].timestamp() - reg.modified) < 1
+
+
 class RangeReader:
     """Ranged GETs of one object version, counting the bytes requested."""
 
@@ -147,6 +218,7 @@ class Ingest:
         self._contracts: dict[str, tuple[float, Contract]] = {}
         self._contract_ttl = contract_ttl
         self.bytes_read = 0
+        self.page_keys = PAGE_KEYS  # keys per reconcile page (tests make pages small)
 
     # ---- entry points -----------------------------------------------------------------------
 
@@ -191,39 +263,120 @@ class Ingest:
             return Outcome(outcome.decision, outcome.dataset, outcome.reason, job, outcome.changed)
         return outcome
 
-    def reconcile(self, dataset: str, actor: str) -> list[Outcome]:
-        """Compare incoming/<dataset>/ with the registry and decide on every difference; then
-        ensure a job while any registered part still waits for one."""
-        listed = {o["Key"]: o for o in self.list_current(dataset)}
-        registered = {p.key: p for p in self.state.parts(dataset)}
-        outcomes = []
-        for key in sorted(set(listed) | set(registered)):
-            reg, obj = registered.get(key), listed.get(key)
-            if (
-                obj is not None
-                and reg is not None
-                and reg.version_id == obj["VersionId"]
-                and reg.status != REMOVED
-            ):
-                continue
-            if obj is None and (reg is None or reg.status == REMOVED):
-                continue
-            outcomes.append(self.sync(parse_part_key(key), actor))
-        # A part whose launch failed for good (its message went to the DLQ) is still PENDING:
+    def reconcile(self, dataset: str, actor: str) -> ReconcilePass:
+        """One bounded pass of the dataset's sweep: walk the listing of incoming/<dataset>/
+        and the registry side by side from the saved cursor, both in key order, and bring
+        every key where they disagree in line (``sync``); then ensure a job while a part
+        waits for one.
+
+        A pass reads at most ``settings.reconcile_pages`` pages (S3 LIST and registry Query
+        of ``page_keys`` keys, 1,000) and decides at most ``SYNCS_PER_PAGE`` keys per page of
+        that budget, whatever the number of parts; it saves where it stopped, and the pass
+        that reaches the end of both starts the next sweep over. A key where listing and
+        registry agree (same ETag, size and LastModified; removed and not listed) costs no
+        request of its own. A disagreeing object written less than
+        ``settings.reconcile_grace_seconds`` ago is left to its own event, which is most
+        likely still on its way; the next pass that reaches it decides it if the event never
+        came.
+        """
+        start = self.state.reconcile_cursor(dataset)
+        done = ReconcilePass(dataset, start)
+        budget = self.settings.reconcile_pages
+        syncs_left = SYNCS_PER_PAGE * budget
+        grace = self.settings.reconcile_grace_seconds
+        fresh_after = time.time() - grace
+        prefix = f"{INCOMING}{dataset}/"
+        listing = _Pages(lambda after: self._listing_page(prefix, after))
+        registry = _Pages(lambda after: self._registry_page(dataset, after))
+        cursor, stopped = start, False
+        try:
+            while not stopped:
+                for side in (listing, registry):
+                    if not side.loaded:
+                        if done.pages >= budget:
+                            stopped = True
+                            break
+                        side.load(cursor)
+                        done.pages += 1
+                if stopped:
+                    break
+                upto = _least_end(listing.end, registry.end)
+                for key, obj, reg in _merge(listing.take(upto), registry.take(upto)):
+                    done.compared += 1
+                    if _agree(obj, reg):
+                        cursor = key
+                        continue
+                    if grace and obj is not None and obj["LastModified"].timestamp() > fresh_after:
+                        done.deferred += 1
+                        cursor = key
+                        continue
+                    if syncs_left == 0:
+                        stopped = True
+                        break
+                    syncs_left -= 1
+                    try:
+                        part = parse_part_key(key)
+                    except ContractError as exc:
+                        # A folder marker or the like: its event was refused and audited.
+                        log.warning("key under incoming/ names no part", extra={"reason": exc.code})
+                    else:
+                        done.outcomes.append(self.sync(part, actor))
+                    cursor = key
+                if stopped:
+                    break
+                if upto is None:  # both sides read to their end: the sweep is complete
+                    cursor = ""
+                    break
+                cursor = upto
+                for side in (listing, registry):
+                    if side.end == upto:
+                        side.loaded = False
+        finally:
+            # Kept also when a decision failed: the next pass starts at the key that failed.
+            done.next_after = cursor
+            if cursor != start or not cursor:
+                self.state.save_reconcile_cursor(dataset, cursor)
+        # A part whose launch failed for good (its message went to the DLQ) still waits:
         # without this it would wait for the dataset's next event.
-        if self.launcher is not None and not any(o.job for o in outcomes):
-            # With no decision made, the registry is still what was just read.
-            parts = self.state.parts(dataset) if outcomes else registered.values()
-            if any(p.needs_partial for p in parts):
-                self.ensure_job(dataset, actor)
-        return outcomes
+        if (
+            self.launcher is not None
+            and not any(o.job for o in done.outcomes)
+            and self.state.waiting(dataset)
+        ):
+            self.ensure_job(dataset, actor)
+        log.info(
+            "reconcile pass",
+            extra={
+                "dataset": dataset,
+                "pages": done.pages,
+                "compared": done.compared,
+                "decided": len(done.outcomes),
+                "deferred": done.deferred,
+                "sweep_done": not done.next_after,
+            },
+        )
+        return done
+
+    def _listing_page(self, prefix: str, after: str) -> tuple[list[tuple[str, Any]], bool]:
+        kwargs: dict[str, Any] = {"Bucket": self.settings.bucket, "Prefix": prefix, "MaxKeys": self.page_keys}
+        if after:
+            kwargs["StartAfter"] = after
+        page = self._s3.list_objects_v2(**kwargs)
+        return [(o["Key"], o) for o in page.get("Contents", [])], bool(page.get("IsTruncated"))
+
+    def _registry_page(self, dataset: str, after: str) -> tuple[list[tuple[str, Any]], bool]:
+        parts, more = self.state.parts_page(dataset, after, self.page_keys)
+        return [(p.key, p) for p in parts], more
 
     def reconcile_all(self, actor: str, start: int = 0, deadline: float | None = None) -> list[str]:
-        """Reconcile every dataset under incoming/; return the names whose reconcile failed.
+        """One reconcile pass over every dataset under incoming/; return the names whose pass
+        failed.
 
         One dataset's failure (logged with its reason) does not stop the others. This is the
         safety net for lost events and for launches that failed for good: the local
-        dispatcher runs it every few seconds, the function on a schedule.
+        dispatcher runs it every few seconds, the function on a schedule. Each pass is
+        bounded (``reconcile``), so a run costs what the number of datasets says, not the
+        number of their parts.
 
         ``start`` rotates the order (dataset ``start % n`` first) and ``deadline`` (a
         ``time.monotonic()`` value) stops before a dataset that would begin after it: a run
@@ -263,10 +416,6 @@ class Ingest:
                 log.warning("prefix names no dataset", extra={"reason": exc.code})
         return names
 
-    def list_current(self, dataset: str) -> Iterable[dict[str, Any]]:
-        """Current (latest, not deleted) object versions under incoming/<dataset>/."""
-        return list_current(self._s3, self.settings.bucket, dataset)
-
     # ---- decisions --------------------------------------------------------------------------
 
     def _head(self, key: str) -> dict[str, Any] | None:
@@ -297,6 +446,7 @@ class Ingest:
         version = str(head.get("VersionId") or "null")
         etag = str(head.get("ETag", "")).strip('"')
         size = int(head.get("ContentLength", 0))
+        modified = int(head["LastModified"].timestamp()) if head.get("LastModified") else -1
         existing = self.state.get_part(part.dataset, part.key)
         if existing and existing.version_id == version and existing.status != REMOVED:
             return Outcome("DUPLICATE", part.dataset, existing.status)
@@ -324,6 +474,7 @@ class Ingest:
                         size,
                         status,
                         "" if verdict.ok else verdict.code,
+                        modified,
                     ),
                     *([self.state.change_item(part.dataset, part.key)] if changed else []),
                 ],

@@ -1,13 +1,14 @@
 """The worker's job: fold a dataset's new parts into its published statistics.
 
 One job per dataset at a time (the lease in the state table). A job:
-1. reconciles incoming/<dataset>/ against the registry (events may be late or lost);
+1. reads the registry's change markers: the parts changed since the published result;
 2. computes a partial aggregate for each accepted part whose partial is missing or stale,
    one Dask task per part, stored as partials/<dataset>/<part-id>.parquet;
-3. merges the partials of all current parts and publishes results/<dataset>/
-   (parquet/aggregate.parquet, aggregate.json, then manifest.json naming the exact object
-   versions, so a reader that starts from the manifest never mixes two results);
-4. before giving the lease back, picks up parts that arrived meanwhile.
+3. updates the manifest's tree with the changed parts (s3rollup.manifest) and publishes
+   results/<dataset>/ (parquet/aggregate.parquet, aggregate.json, then manifest.json naming
+   the exact object versions, so a reader that starts from the manifest never mixes two
+   results), then clears the markers it published;
+4. before giving the lease back, picks up parts that changed meanwhile.
 
 Run as ``python -m s3rollup.job`` with S3ROLLUP_DATASET and S3ROLLUP_JOB_ID set (the
 container overrides of the RunTask request) and the task definition's environment.

@@ -10,6 +10,8 @@ Items (pk, sk):
   registry, and deletes each one (if its token is still the one it read) once a result that
   reflects it is published.
 - ``LEASE#<dataset>``, ``LEASE``: the job that holds the dataset, until ``expires``.
+- ``RECONCILE#<dataset>``, ``CURSOR``: the key the dataset's next reconcile pass starts after
+  (none: at the start of the prefix), and when the last full sweep ended.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Part:
     partial_version: str = ""
     partial_sha256: str = ""
     sha256: str = ""
+    modified: int = -1  # the version's LastModified (epoch seconds) when decided; -1: not recorded
 
     @property
     def current(self) -> bool:
@@ -77,6 +80,7 @@ def _part_from_item(item: dict[str, Any]) -> Part:
         partial_version=s("partial_version"),
         partial_sha256=s("partial_sha256"),
         sha256=s("sha256"),
+        modified=n("modified"),
     )
 
 
@@ -103,6 +107,7 @@ class State:
         size: int,
         status: str,
         reason: str = "",
+        modified: int = -1,
     ) -> dict[str, Any]:
         """A transaction item that records a decision on one version of a part, exactly once.
 
@@ -121,6 +126,8 @@ class State:
         }
         if reason:
             item["reason"] = {"S": reason}
+        if modified >= 0:
+            item["modified"] = {"N": str(modified)}
         return {
             "Put": {
                 "TableName": self.table,
@@ -324,6 +331,47 @@ class State:
             Limit=1,
         )
         return bool(page.get("Items"))
+
+    def parts_page(self, dataset: str, after: str, limit: int) -> tuple[list[Part], bool]:
+        """One query page of a dataset's parts in key order: at most ``limit`` parts whose key
+        sorts after ``after`` ("": from the first), and whether more may follow. DynamoDB
+        orders string sort keys by their UTF-8 bytes, as S3 orders a listing."""
+        condition, values = "pk = :pk", {":pk": self.part_pk(dataset)}
+        if after:
+            condition, values = "pk = :pk AND sk > :after", {**values, ":after": {"S": after}}
+        page = self._db.query(
+            TableName=self.table,
+            KeyConditionExpression=condition,
+            ExpressionAttributeValues=values,
+            Limit=limit,
+            ConsistentRead=True,
+        )
+        return [_part_from_item(i) for i in page.get("Items", [])], "LastEvaluatedKey" in page
+
+    def _cursor_key(self, dataset: str) -> dict[str, Any]:
+        return {"pk": {"S": f"RECONCILE#{dataset}"}, "sk": {"S": "CURSOR"}}
+
+    def reconcile_cursor(self, dataset: str) -> str:
+        """The key the dataset's next reconcile pass starts after ("": the start)."""
+        item = self._db.get_item(
+            TableName=self.table, Key=self._cursor_key(dataset), ConsistentRead=True
+        ).get("Item")
+        return item["start_after"]["S"] if item and "start_after" in item else ""
+
+    def save_reconcile_cursor(self, dataset: str, after: str) -> None:
+        """Where the next pass starts; "" when a sweep has just ended (its time is kept as
+        ``swept``) and the next one starts over."""
+        now = {":t": {"N": str(int(time.time()))}}
+        if after:
+            update, values = "SET start_after = :a, updated = :t", {**now, ":a": {"S": after}}
+        else:
+            update, values = "SET updated = :t, swept = :t REMOVE start_after", now
+        self._db.update_item(
+            TableName=self.table,
+            Key=self._cursor_key(dataset),
+            UpdateExpression=update,
+            ExpressionAttributeValues=values,
+        )
 
     # ---- lease ------------------------------------------------------------------------------
 

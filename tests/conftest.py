@@ -21,10 +21,11 @@ EVENTS = ROOT / "events"
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Any]:
-    """The embedded stack with its dispatcher running (periodic reconcile off: tests call it)."""
+    """The embedded stack with its dispatcher running (periodic reconcile off: tests call it,
+    and it decides at once on the parts whose events a test dropped)."""
     from s3rollup.local import EmbeddedStack
 
-    with EmbeddedStack(port=0, stack_name="s3rollup-test", reconcile_every=0) as s:
+    with EmbeddedStack(port=0, stack_name="s3rollup-test", reconcile_every=0, reconcile_grace=0) as s:
         yield s
 
 
@@ -72,7 +73,13 @@ def bridge_stack(bridge_gateway: str) -> Iterator[Any]:
 
     saved = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     with EmbeddedStack(
-        port=0, host=bridge_gateway, stack_name="s3rollup", dispatch=False, reconcile_every=0, run_tasks=True
+        port=0,
+        host=bridge_gateway,
+        stack_name="s3rollup",
+        dispatch=False,
+        reconcile_every=0,
+        run_tasks=True,
+        reconcile_grace=0,
     ) as s:
         # This process's own clients keep talking to the session's stack.
         for k in [k for k in os.environ if k.startswith("AWS_")]:
