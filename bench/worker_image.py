@@ -222,12 +222,15 @@ def render(
         f"One part of {args.rows:,} rows (the demo's data, CSV, {args.part_bytes / 1e6:.1f} MB) per run, "
         f"a new dataset and a new container each time; {args.reps} repetitions, images interleaved. "
         + (
-            "Cold: page cache dropped (`echo 3 > /proc/sys/vm/drop_caches`) just before the run."
+            "Cold: page cache dropped (`echo 3 > /proc/sys/vm/drop_caches`) at the start of the run, "
+            "before its upload."
             if args.drop_caches
             else "Cold: page cache NOT dropped (--no-drop-caches): a new container only."
         )
         + " Warm: the same image again at once. Seconds from `docker run`, medians (min-max).",
         "",
+        *[f"- {note}" for note in args.note],
+        *([""] if args.note else []),
         "| image | size | gzip | run | JOB_STARTED | first partial | container exit | results checked |",
         "|---|---:|---:|---|---:|---:|---:|---|",
     ]
@@ -287,6 +290,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_false",
         help="do not drop the page cache before a cold run (needs no root)",
     )
+    p.add_argument("--note", action="append", default=[], help="a line for the report (what an image is)")
     p.add_argument(
         "--gzip", action="store_true", help="also report each image's gzip-compressed `docker save` size"
     )
