@@ -17,7 +17,7 @@ export SAM_CLI_TELEMETRY := 0
 # its imports from source (s3rollup.job with pandas, pyarrow and distributed: 3.3 s -> 0.9 s).
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: demo test lint typecheck template awscli unit integration lock clean bench bench-quick soak \
+.PHONY: demo test lint typecheck template awscli unit integration lock clean bench bench-quick bench-image soak \
         sam-local sam-start-lambda
 
 # The worker's native kernels (s3rollup/native/rollup.c, loaded with ctypes);
@@ -129,6 +129,11 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --quick $(ARGS)
+
+# The worker image's start, `docker run` to the first partial, cold and warm
+# (bench/worker_image.py; needs a Docker engine and a built image: bench/README.md).
+bench-image: $(STAMP)
+	$(BIN)/python bench/worker_image.py $(ARGS)
 
 # A bounded load of many small parts through the whole embedded stack (bench/soak.py):
 # throughput, upload-to-published lag, and every result checked. Not part of `make test`.

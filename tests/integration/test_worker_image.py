@@ -111,7 +111,10 @@ def test_the_image_runs_as_uid_1000_and_holds_no_build_only_file(
             "ms = (j, pandas, distributed); "
             "cached = all(os.path.exists(u.cache_from_source(m.__file__)) for m in ms); "
             "tempfile.NamedTemporaryFile(dir='/tmp').close(); "
+            "unused = [n for n in ('pip', 'pandas.tests', 'numpy._core.tests', 'pyarrow.tests', "
+            "'pyarrow._flight', 'pyarrow._s3fs') if u.find_spec(n.split('.')[0]) and u.find_spec(n)]; "
             "print(os.getuid(), os.path.exists('/build'), cached, native.kernels(), shutil.which('gcc'), "
+            "shutil.which('pip'), ','.join(unused) or '-', ','.join(os.listdir('/var/cache/apt')) or '-', "
             "oct(os.stat('/tmp').st_mode & 0o7777), sys.version_info[:2])",
         ],
         capture_output=True,
@@ -119,12 +122,18 @@ def test_the_image_runs_as_uid_1000_and_holds_no_build_only_file(
         check=False,
     )
     assert probe.returncode == 0, probe.stderr[-2000:]
-    uid, build_dir, cached, kernels, gcc, tmp_mode, _version = probe.stdout.split(" ", 6)
+    uid, build_dir, cached, kernels, gcc, pip, unused, apt_cache, tmp_mode, _version = probe.stdout.split(
+        " ", 9
+    )
     # The proxy CA bundle, the lock file and the compiler stay in the build stages; with a
     # read-only root, a job starts from compiled bytecode only if the image carries it; the
     # native kernels were compiled for the image; the new volume at /tmp took the image's mode.
     assert (uid, build_dir, cached, kernels, gcc) == ("1000", "False", "True", "native", "None")
     assert tmp_mode == "0o1777"
+    # What no process of the image loads is not in it (worker/slim_venv.py): pip, the test
+    # suites, pyarrow's Flight and S3 filesystem; nor apt's package caches.
+    assert (pip, unused) == ("None", "-")
+    assert not {"pkgcache.bin", "srcpkgcache.bin"} & set(apt_cache.split(","))
 
 
 class _Recorded:
