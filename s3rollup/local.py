@@ -1020,9 +1020,12 @@ class DaskTasks:
         """Start the task's process (in RunTask's request: DescribeTasks sees it at once)."""
         import subprocess
 
-        address = self._address()
-        self._give_address(backend, task, address)
         task._transitions = []  # moto's own lifecycle would report it STOPPED at once
+        address = self._address()
+        if address is None:  # as a task whose network interface cannot be set up
+            self._stopped(task, "ResourceInitializationError: the Dask ports are taken", None)
+            return
+        self._give_address(backend, task, address)
         name = container["name"]
         if name in self.fail_next:
             self.fail_next.discard(name)
@@ -1102,25 +1105,29 @@ class DaskTasks:
             eni.private_ip_addresses = [{"Primary": True, "PrivateIpAddress": address}]
             details["privateIPv4Address"]["value"] = address
 
-    def _address(self) -> str:
-        """A loopback address no other task here uses, where the Dask ports are free."""
+    def _address(self) -> str | None:
+        """A loopback address no other task here uses, where the Dask ports are free; None
+        when none is found within 30 s (a process on this machine listening on every
+        interface at those ports takes them on every loopback address)."""
         import random
         import socket
 
         from .job import SCHEDULER_PORT, WORKER_PORT
 
-        for _ in range(100):
+        deadline = time.monotonic() + 30
+        while True:
             address = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
-            if address in self.addresses.values():
-                continue
             try:
                 for port in (SCHEDULER_PORT, WORKER_PORT):
                     with socket.socket() as sock:
                         sock.bind((address, port))
             except OSError:
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.2)
                 continue
-            return address
-        raise ConfigError("no free loopback address for a Dask task")
+            if address not in self.addresses.values():
+                return address
 
 
 class TaskRunner:

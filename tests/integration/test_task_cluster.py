@@ -4,10 +4,8 @@ the job starts them with dask-cloudprovider's FargateCluster, exactly as on AWS.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -35,19 +33,14 @@ def start_job(stack: Any, dataset: str, job_id: str, extra: dict[str, str]) -> s
     """The job's process as the embedded ECS starts it for a RunTask of the worker task
     definition (its environment, the task role's credentials, this endpoint), with ``extra``
     in its environment as a stack deployed with those parameters would give it."""
-    settings = Settings.from_env(stack.dispatcher.env)
-    launcher = LocalLauncher(settings, stack.aws.client("ecs"), agent=stack.aws)
-    taskdef = launcher._task_definition()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
-        **launcher.task_environment(dataset, job_id, taskdef),
-        **launcher.task_credentials(job_id, taskdef),
-        "AWS_ENDPOINT_URL": stack.info.endpoint_url,
-        "AWS_REGION": stack.info.region,
-        "AWS_DEFAULT_REGION": stack.info.region,
-        **extra,
-    }
-    return subprocess.Popen([sys.executable, "-m", "s3rollup.job"], env=env, stdin=subprocess.DEVNULL)
+    launcher = LocalLauncher(
+        Settings.from_env(stack.dispatcher.env),
+        stack.aws.client("ecs"),
+        extra_env={"AWS_ENDPOINT_URL": stack.info.endpoint_url, **extra},
+        agent=stack.aws,
+    )
+    launcher.launch(dataset, job_id)
+    return launcher.processes[-1]
 
 
 def run_job(stack: Any, dataset: str, job_id: str, extra: dict[str, str], timeout: float = 240) -> int:

@@ -293,7 +293,8 @@ def test_the_job_gets_the_task_cluster_settings_from_the_parameters() -> None:
     assert env["S3ROLLUP_FARGATE_SPOT"] == {"Ref": "DaskFargateSpot"}
     assert env["S3ROLLUP_FARGATE_SCHEDULER_TASK_DEFINITION"] == {"Ref": "DaskSchedulerTaskDefinition"}
     assert env["S3ROLLUP_FARGATE_WORKER_TASK_DEFINITION"] == {"Ref": "DaskWorkerTaskDefinition"}
-    assert TEMPLATE["Parameters"]["DaskThresholdBytes"]["MinValue"] == 0
+    threshold = TEMPLATE["Parameters"]["DaskThresholdBytes"]
+    assert threshold["MinValue"] == 0 and threshold["Default"] == 10 << 30  # docs/DESIGN.md
     cluster = _of_type("AWS::ECS::Cluster")["WorkerCluster"]
     assert cluster["CapacityProviders"] == ["FARGATE", "FARGATE_SPOT"]
 
@@ -501,7 +502,7 @@ def test_only_task_sizes_fargate_offers_pass_the_template_rules() -> None:
 
 ENDPOINT_SERVICES = {
     "Gateway": {"s3", "dynamodb"},
-    "Interface": {"ecr.api", "ecr.dkr", "logs", "kms", "sts"},
+    "Interface": {"ecr.api", "ecr.dkr", "logs", "kms", "sts", "ecs", "ec2"},
 }
 
 
