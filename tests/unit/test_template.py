@@ -588,14 +588,28 @@ ECS_TASK_STOPPED: dict[str, Any] = {
 }
 
 
+TASK_DEFINITION_FAMILY = RESOURCES["WorkerTaskDefinition"]["Properties"]["Family"]
+
+
 def test_a_worker_task_that_fails_or_never_starts_raises_the_alarm() -> None:
     # A task that never starts emits no metric, so ECS's own task event is the alarm.
     rule = _of_type("AWS::Events::Rule")["WorkerTaskFailedRule"]
     assert rule["Targets"] == [{"Id": "AlarmTopic", "Arn": {"Ref": "AlarmTopic"}}]
-    pattern = rule["EventPattern"]
+    pattern = json.loads(json.dumps(rule["EventPattern"]))
     assert pattern["detail"]["clusterArn"] == [{"Fn::GetAtt": ["WorkerCluster", "Arn"]}]
+    # The job's task definition's family, as ECS names a RunTask's group (stack s3rollup).
+    assert pattern["detail"]["group"] == [{"Fn::Sub": "family:${AWS::StackName}-worker"}]
+    assert TASK_DEFINITION_FAMILY == {"Fn::Sub": "${AWS::StackName}-worker"}
+    pattern["detail"]["group"] = ["family:s3rollup-worker"]
     failed = json.loads(json.dumps(ECS_TASK_STOPPED))
     assert _event_matches(pattern, failed)
+    # A Dask task of a cluster round that stops is the job's to handle, not an alarm.
+    dask_worker = json.loads(json.dumps(failed))
+    dask_worker["detail"] |= {
+        "group": "family:s3rollup-dask-worker",
+        "containers": [{"name": "dask-worker", "exitCode": 137}],
+    }
+    assert not _event_matches(pattern, dask_worker)
     finished = json.loads(json.dumps(failed))
     finished["detail"]["containers"][0]["exitCode"] = 0
     assert not _event_matches(pattern, finished)
