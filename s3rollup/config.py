@@ -46,15 +46,20 @@ class Settings:
     reconcile_grace_seconds: int = 0
     dask_scheduler: str = ""  # address of an existing scheduler; empty: a LocalCluster
     anchor_bucket: str = ""  # Object Lock bucket the worker exports audit chain heads to
-    # A dask-cloudprovider FargateCluster is used when a round's new parts add up to more
-    # than this many bytes (0: never; the task's own LocalCluster does the work).
+    # A round whose new parts add up to more than this many bytes runs on a Dask cluster of
+    # Fargate tasks (dask-cloudprovider's FargateCluster, every resource passed in: the
+    # stack's cluster, its scheduler and worker task definitions, roles and log group);
+    # 0: never, the job task's own LocalCluster does every round.
     fargate_threshold_bytes: int = 0
-    fargate_image: str = ""  # worker image for the Dask scheduler and workers
+    fargate_vpc: str = ""  # the VPC of SUBNETS (dask-cloudprovider would look up a default VPC)
+    fargate_scheduler_task_definition: str = ""
+    fargate_worker_task_definition: str = ""
     fargate_execution_role_arn: str = ""
-    fargate_task_role_arn: str = ""
+    fargate_task_role_arn: str = ""  # the Dask workers' role
     fargate_workers: int = 4
-    fargate_worker_cpu: int = 1024  # CPU units per Dask worker task
-    fargate_worker_mem: int = 4096  # MiB per Dask worker task
+    fargate_worker_cpu: int = 4096  # CPU units per Dask worker task: one thread per 1024
+    fargate_worker_mem: int = 8192  # MiB per Dask worker task: its memory limit
+    fargate_spot: bool = False  # workers on FARGATE_SPOT, the scheduler on FARGATE
     fargate_scheduler_timeout: str = "15 minutes"  # idle scheduler shuts itself down
     fargate_log_group: str = ""
 
@@ -101,24 +106,39 @@ class Settings:
             dask_scheduler=get("DASK_SCHEDULER", ""),
             anchor_bucket=get("ANCHOR_BUCKET", ""),
             fargate_threshold_bytes=integer("FARGATE_THRESHOLD_BYTES", 0),
-            fargate_image=get("FARGATE_IMAGE", ""),
+            fargate_vpc=get("FARGATE_VPC", ""),
+            fargate_scheduler_task_definition=get("FARGATE_SCHEDULER_TASK_DEFINITION", ""),
+            fargate_worker_task_definition=get("FARGATE_WORKER_TASK_DEFINITION", ""),
             fargate_execution_role_arn=get("FARGATE_EXECUTION_ROLE_ARN", ""),
             fargate_task_role_arn=get("FARGATE_TASK_ROLE_ARN", ""),
             fargate_workers=integer("FARGATE_WORKERS", 4),
-            fargate_worker_cpu=integer("FARGATE_WORKER_CPU", 1024),
-            fargate_worker_mem=integer("FARGATE_WORKER_MEM", 4096),
+            fargate_worker_cpu=integer("FARGATE_WORKER_CPU", 4096),
+            fargate_worker_mem=integer("FARGATE_WORKER_MEM", 8192),
+            fargate_spot=get("FARGATE_SPOT", "false").lower() == "true",
             fargate_scheduler_timeout=get("FARGATE_SCHEDULER_TIMEOUT", "15 minutes"),
             fargate_log_group=get("FARGATE_LOG_GROUP", ""),
         )
         if settings.launcher not in ("ecs", "local"):
             raise ConfigError(f"{PREFIX}LAUNCHER must be 'ecs' or 'local'")
-        if settings.fargate_threshold_bytes and not (
-            settings.fargate_image and settings.ecs_cluster and settings.subnets and settings.security_groups
-        ):
-            raise ConfigError(
-                f"{PREFIX}FARGATE_THRESHOLD_BYTES needs {PREFIX}FARGATE_IMAGE, {PREFIX}ECS_CLUSTER, "
-                f"{PREFIX}SUBNETS and {PREFIX}SECURITY_GROUPS"
-            )
+        if settings.fargate_threshold_bytes:
+            needed = {
+                "ECS_CLUSTER": settings.ecs_cluster,
+                "SUBNETS": settings.subnets,
+                "SECURITY_GROUPS": settings.security_groups,
+                "FARGATE_VPC": settings.fargate_vpc,
+                "FARGATE_SCHEDULER_TASK_DEFINITION": settings.fargate_scheduler_task_definition,
+                "FARGATE_WORKER_TASK_DEFINITION": settings.fargate_worker_task_definition,
+                "FARGATE_EXECUTION_ROLE_ARN": settings.fargate_execution_role_arn,
+                "FARGATE_TASK_ROLE_ARN": settings.fargate_task_role_arn,
+                "FARGATE_LOG_GROUP": settings.fargate_log_group,
+            }
+            missing = [PREFIX + name for name, value in needed.items() if not value]
+            if missing:
+                # dask-cloudprovider would create what is not passed in (a cluster, roles,
+                # task definitions, a log group, a security group open to anywhere).
+                raise ConfigError(f"{PREFIX}FARGATE_THRESHOLD_BYTES needs {', '.join(missing)}")
+            if settings.fargate_workers < 1:
+                raise ConfigError(f"{PREFIX}FARGATE_WORKERS must be at least 1")
         if settings.reconcile_pages < 2:
             raise ConfigError(f"{PREFIX}RECONCILE_PAGES must be at least 2 (a listing and a registry page)")
         if settings.reconcile_grace_seconds < 0:

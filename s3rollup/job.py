@@ -241,33 +241,170 @@ def fetch_in_order(
             yield result
 
 
-def fargate_cluster_kwargs(settings: Settings) -> dict[str, Any]:
-    """Arguments of dask-cloudprovider's FargateCluster: everything pre-created (cluster,
-    roles, subnets, security groups), private IPs only, TLS between all Dask members."""
+# The ports of the security group (template.yaml): the scheduler's and each worker's.
+SCHEDULER_PORT, WORKER_PORT = 8786, 8787
+_NO_HTTP = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]
+
+
+def cluster_security() -> Any:
+    """TLS for one cluster: a certificate and key made here, in memory, for this cluster only;
+    the job and every member present it and trust nothing else (distributed's
+    Security.temporary, with an EC P-256 key: the members get the key and the certificate
+    in RunTask's container overrides, 8192 characters at most, where an RSA pair would take
+    most of them). Valid for a week: longer than any round (round_timeout_seconds)."""
+    from datetime import timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
     from distributed.security import Security
 
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dask-internal")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("dask-internal")]), critical=False)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=7))
+        .sign(key, hashes.SHA256())
+    )
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    pem_cert = cert.public_bytes(serialization.Encoding.PEM).decode()
+    pems = (("cert", pem_cert), ("key", pem_key))
+    return Security(
+        require_encryption=True,
+        tls_ca_file=pem_cert,
+        **{f"tls_{role}_{part}": pem for role in ("client", "scheduler", "worker") for part, pem in pems},
+    )
+
+
+def member_environment(security: Any) -> dict[str, str]:
+    """The members' TLS, and no HTTP routes, as the dask configuration their environment
+    carries."""
+    env = {
+        "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES": "[]",
+        "DASK_DISTRIBUTED__WORKER__HTTP__ROUTES": "[]",
+        "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
+        "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": security.tls_ca_file,
+    }
+    for role in ("scheduler", "worker"):
+        env[f"DASK_DISTRIBUTED__COMM__TLS__{role.upper()}__CERT"] = getattr(security, f"tls_{role}_cert")
+        env[f"DASK_DISTRIBUTED__COMM__TLS__{role.upper()}__KEY"] = getattr(security, f"tls_{role}_key")
+    return env
+
+
+def fargate_cluster_kwargs(settings: Settings, security: Any) -> dict[str, Any]:
+    """Arguments of dask-cloudprovider's FargateCluster: every resource passed in (cluster,
+    task definitions, roles, log group, subnets, security groups), so it creates none;
+    private IPs only; TLS between all Dask members (``security``, cluster_security)."""
     return {
-        "image": settings.fargate_image,
         "cluster_arn": settings.ecs_cluster,
-        "execution_role_arn": settings.fargate_execution_role_arn or None,
-        "task_role_arn": settings.fargate_task_role_arn or None,
+        "scheduler_task_definition_arn": settings.fargate_scheduler_task_definition,
+        "worker_task_definition_arn": settings.fargate_worker_task_definition,
+        "execution_role_arn": settings.fargate_execution_role_arn,
+        "task_role_arn": settings.fargate_task_role_arn,
+        "cloudwatch_logs_group": settings.fargate_log_group,
+        "vpc": settings.fargate_vpc,
         "subnets": list(settings.subnets),
         "security_groups": list(settings.security_groups),
         "fargate_use_private_ip": True,
+        "fargate_spot": settings.fargate_spot,
         "n_workers": settings.fargate_workers,
-        "worker_cpu": settings.fargate_worker_cpu,
-        "worker_mem": settings.fargate_worker_mem,
+        "worker_cpu": settings.fargate_worker_cpu,  # --nthreads: one per 1024
+        "worker_mem": settings.fargate_worker_mem,  # --memory-limit
+        "scheduler_port": SCHEDULER_PORT,
         "scheduler_timeout": settings.fargate_scheduler_timeout,
-        "cloudwatch_logs_group": settings.fargate_log_group or None,
-        # Dask members read parts themselves: they need the same stack settings.
-        "environment": {
-            "S3ROLLUP_BUCKET": settings.bucket,
-            "S3ROLLUP_KMS_KEY_ARN": settings.kms_key_arn,
-        },
+        # TLS only; workers on the one port the security group opens, and no nanny (its own
+        # port): a worker task that dies is a worker gone, its tasks run elsewhere. No
+        # dashboard, and the HTTP server distributed opens anyway serves nothing
+        # (member_environment) on the task's loopback interface only.
+        "scheduler_extra_args": ["--protocol", "tls", *_NO_HTTP],
+        "worker_extra_args": [
+            "--protocol",
+            "tls",
+            "--worker-port",
+            str(WORKER_PORT),
+            "--no-nanny",
+            *_NO_HTTP,
+        ],
+        # Dask members read parts and write partials themselves (PartialTask names the
+        # bucket and key), under the workers' task role.
+        "environment": member_environment(security),
         "tags": {"application": "s3rollup"},
-        "security": Security.temporary(),  # self-signed, per cluster: TLS on every Dask link
-        "skip_cleanup": False,
+        "security": security,
+        # Its clean-up lists and deletes clusters, task definitions, security groups and
+        # roles across the account: nothing of the kind is created here to clean up.
+        "skip_cleanup": True,
     }
+
+
+@contextlib.contextmanager
+def task_cluster(settings: Settings) -> Iterator[Any]:
+    """A FargateCluster of the stack's scheduler and worker task definitions, stopped (every
+    task: StopTask) when the block ends, however it ends."""
+    import warnings
+
+    try:
+        from dask_cloudprovider.aws import FargateCluster
+    except ImportError as exc:  # the worker image has it; a slim install may not
+        raise S3RollupError(
+            "a FargateCluster needs dask-cloudprovider[aws] (pip install 's3rollup[worker]')",
+            "MISSING_DEPENDENCY",
+        ) from exc
+    security = cluster_security()
+    started = time.monotonic()
+    try:
+        with warnings.catch_warnings():
+            # It looks for --tls options in the scheduler's arguments; TLS comes from the
+            # environment here (member_environment), so it would always warn.
+            warnings.filterwarnings("ignore", message="the cluster was instructed to connect")
+            cluster = FargateCluster(**fargate_cluster_kwargs(settings, security))
+    except Exception as exc:
+        # A cluster that fails to start stops what it started (SpecCluster closes itself).
+        raise S3RollupError(f"the Dask cluster did not start: {exc}", "CLUSTER_START_FAILED") from exc
+    log.info(
+        "dask cluster started",
+        extra={"workers": settings.fargate_workers, "seconds": round(time.monotonic() - started, 3)},
+    )
+    with cluster:
+        yield cluster
+
+
+class Clusters:
+    """The Dask client of each round of a job: a round whose new parts add up to more than
+    the threshold gets a task cluster of its own (stopped when the round ends); any other
+    round the job's LocalCluster, started on first use and kept for the job's life."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stack = contextlib.ExitStack()
+        self._local: Any = None
+
+    def __enter__(self) -> Clusters:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    @contextlib.contextmanager
+    def for_round(self, work_bytes: int) -> Iterator[Any]:
+        """The client for a round of work_bytes of new parts."""
+        s = self.settings
+        if not s.dask_scheduler and s.fargate_threshold_bytes and work_bytes > s.fargate_threshold_bytes:
+            with dask_client(s, work_bytes) as client:
+                yield client
+            return
+        if self._local is None:
+            self._local = self._stack.enter_context(dask_client(s))
+        yield self._local
 
 
 def prepare_round() -> None:
@@ -285,8 +422,8 @@ def prepare_round() -> None:
 
 @contextlib.contextmanager
 def dask_client(settings: Settings, work_bytes: int = 0) -> Iterator[Any]:
-    """A Dask client: the configured scheduler; a FargateCluster when the work is larger than
-    the threshold; else a LocalCluster sized to this task's CPUs."""
+    """A Dask client: the configured scheduler; a task cluster (task_cluster) when the work is
+    larger than the threshold; else a LocalCluster sized to this task's CPUs."""
     import dask
     from distributed import Client, LocalCluster
 
@@ -297,14 +434,7 @@ def dask_client(settings: Settings, work_bytes: int = 0) -> Iterator[Any]:
             yield client
         return
     if settings.fargate_threshold_bytes and work_bytes > settings.fargate_threshold_bytes:
-        try:
-            from dask_cloudprovider.aws import FargateCluster
-        except ImportError as exc:  # the worker image has it; a slim install may not
-            raise S3RollupError(
-                "a FargateCluster needs dask-cloudprovider[aws] (pip install 's3rollup[worker]')",
-                "MISSING_DEPENDENCY",
-            ) from exc
-        with FargateCluster(**fargate_cluster_kwargs(settings)) as cluster, Client(cluster) as client:
+        with task_cluster(settings) as cluster, Client(cluster) as client:
             yield client
         return
     # Threads in one process: part parsing and aggregation release the GIL, and a process
@@ -411,10 +541,11 @@ class Job:
             todo = self._pending()
             with contextlib.suppress(Exception):  # dask_client imports it again and says why
                 imported.result()
-            with dask_client(self.settings, sum(p.size for p in todo)) as client:
+            with Clusters(self.settings) as clusters:
                 while True:
                     lease = LeaseKeeper(self.state, self.dataset, self.job_id, self.settings.lease_seconds)
-                    with lease:
+                    # The lease is kept while a task cluster starts and stops, too.
+                    with lease, clusters.for_round(sum(p.size for p in todo)) as client:
                         self.round(client, todo, lease)
                     self.state.release_lease(self.dataset, self.job_id)
                     # Parts registered while we worked found the lease taken: they are ours.

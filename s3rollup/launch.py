@@ -111,10 +111,16 @@ class LocalLauncher:
     """
 
     def __init__(
-        self, settings: Settings, ecs: Any, extra_env: dict[str, str] | None = None, agent: Aws | None = None
+        self,
+        settings: Settings,
+        ecs: Any,
+        extra_env: dict[str, str] | None = None,
+        agent: Aws | None = None,
+        output: Any = None,
     ):
         self.settings, self._ecs = settings, ecs
         self.extra_env = dict(extra_env or {})
+        self.output = output  # where the workers' output goes (a file); None: this process's
         self.agent = agent or Aws(credentials=LOCAL_OPERATOR)
         self.processes: list[subprocess.Popen[bytes]] = []
 
@@ -152,7 +158,7 @@ class LocalLauncher:
         }
         self.processes = [p for p in self.processes if p.poll() is None]
         proc = subprocess.Popen(  # the same entry point as the container's command
-            [sys.executable, "-m", "s3rollup.job"], env=env, stdin=subprocess.DEVNULL
+            [sys.executable, "-m", "s3rollup.job"], env=env, stdin=subprocess.DEVNULL, stdout=self.output
         )
         self.processes.append(proc)
         log.info("local worker started", extra={"dataset": dataset, "job_id": job_id, "pid": proc.pid})

@@ -34,7 +34,6 @@ import time
 import uuid
 import warnings
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -196,6 +195,12 @@ class Resolver:
             return f"arn:aws:s3:::{pid}"
         if attr == "Arn" and typ == "AWS::IAM::Role":
             return f"arn:aws:iam::{self.account}:role/{pid}"
+        if attr == "Arn" and typ == "AWS::ECS::Cluster":
+            return (
+                pid
+                if pid.startswith("arn:")
+                else f"arn:aws:ecs:{self.aws.region}:{self.account}:cluster/{pid}"
+            )
         raise ConfigError(f"template: cannot resolve GetAtt {name}.{attr}")
 
     def resolve(self, node: Any) -> Any:
@@ -328,6 +333,9 @@ def provision(
     template = load_template(template_path)
     ec2 = aws.client("ec2")
     vpc = ec2.create_vpc(CidrBlock="10.42.0.0/16")["Vpc"]["VpcId"]
+    # As the VPC endpoints' private DNS needs (CreateVpcEndpoints); each task's network
+    # interface then has a private DNS name, as ECS reports it.
+    ec2.modify_vpc_attribute(VpcId=vpc, EnableDnsHostnames={"Value": True})
     subnets = [
         ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.42.{i}.0/24")["Subnet"]["SubnetId"] for i in (1, 2)
     ]
@@ -605,13 +613,15 @@ def _apply_skipped(aws: Aws, cfn: dict[str, Any], resolver: Resolver, types: set
 
 def _complete_task_definition(region: str, arn: str, props: dict[str, Any]) -> None:
     """moto's CloudFormation registers a task definition with its containers only: give it
-    the roles (RunTask passes them; ECS gives the task role's credentials to the task)."""
+    the roles (RunTask passes them; ECS gives the task role's credentials to the task) and
+    its network mode (awsvpc: each task gets a network interface of its own)."""
     from moto.ecs.models import ecs_backends
 
     account = arn.split(":")[4]
     definition = ecs_backends[account][region].describe_task_definition(arn)
     definition.task_role_arn = str(props.get("TaskRoleArn", ""))
     definition.execution_role_arn = str(props.get("ExecutionRoleArn", ""))
+    definition.network_mode = str(props.get("NetworkMode", definition.network_mode))
 
 
 def resource_policies(cfn: dict[str, Any], resolver: Resolver) -> dict[str, dict[str, Any]]:
@@ -1056,39 +1066,200 @@ def enforcing_moto_server(policies: Any, ip_address: str, port: int) -> Any:
     return _Server(ip_address=ip_address, port=port, verbose=False)
 
 
-_TASK_RUNNERS: dict[str, Callable[[dict[str, str]], None]] = {}  # by cluster ARN
+_TASK_RUNNERS: dict[str, TaskRunner] = {}  # by cluster ARN
 
 
 def run_ecs_tasks() -> None:
-    """Make the embedded ECS hand each RunTask to the runner of its cluster's stack, if the
-    stack has one (EmbeddedStack(run_tasks=True)); moto itself only records the task."""
-    from moto.ecs.models import EC2ContainerServiceBackend
+    """Make the embedded ECS hand the tasks of each cluster whose stack has a runner
+    (EmbeddedStack(run_tasks=True)) to that runner: RunTask starts them, DescribeTasks
+    reports their state, StopTask stops them. moto itself only records the tasks."""
+    from moto.ecs.models import EC2ContainerServiceBackend as Backend
 
-    if getattr(EC2ContainerServiceBackend.run_task, "_s3rollup_runs", False):
+    if getattr(Backend.run_task, "_s3rollup_runs", False):
         return
-    original = EC2ContainerServiceBackend.run_task
+    run_task, describe_tasks, stop_task = Backend.run_task, Backend.describe_tasks, Backend.stop_task
 
-    def run_task(self: Any, cluster: str, taskdef: str, count: int, overrides: Any, *a: Any, **k: Any) -> Any:
-        tasks = original(self, cluster, taskdef, count, overrides, *a, **k)
-        env = {
-            e["name"]: str(e["value"])
-            for container in (overrides or {}).get("containerOverrides", [])
-            for e in container.get("environment", [])
-        }
+    def run(self: Any, cluster: str, taskdef: str, count: int, overrides: Any, *a: Any, **k: Any) -> Any:
+        tasks = run_task(self, cluster, taskdef, count, overrides, *a, **k)
         for task in tasks:
             runner = _TASK_RUNNERS.get(task.cluster_arn)
-            if runner is not None:  # off the request's thread: the worker starts in the background
-                threading.Thread(target=runner, args=(env,), name="s3rollup-task", daemon=True).start()
+            if runner is not None:
+                runner.run(self, task)
         return tasks
 
-    run_task._s3rollup_runs = True  # type: ignore[attr-defined]
-    EC2ContainerServiceBackend.run_task = run_task  # type: ignore[method-assign,assignment]
+    def describe(self: Any, cluster: str, tasks: list[str]) -> Any:
+        found = describe_tasks(self, cluster, tasks)
+        for task in found:
+            runner = _TASK_RUNNERS.get(task.cluster_arn)
+            if runner is not None:
+                runner.dask.refresh(task)
+        return found
+
+    def stop(self: Any, cluster: str, task: str, reason: str) -> Any:
+        stopped = stop_task(self, cluster, task, reason)
+        runner = _TASK_RUNNERS.get(stopped.cluster_arn)
+        if runner is not None:
+            runner.dask.stop(stopped.task_arn)
+        return stopped
+
+    run._s3rollup_runs = True  # type: ignore[attr-defined]
+    Backend.run_task = run  # type: ignore[method-assign,assignment]
+    Backend.describe_tasks = describe  # type: ignore[method-assign,assignment]
+    Backend.stop_task = stop  # type: ignore[method-assign,assignment]
+
+
+# The containers of the Dask task definitions (template.yaml), by the names
+# dask-cloudprovider overrides.
+DASK_CONTAINERS = ("dask-scheduler", "dask-worker")
+
+
+class DaskTasks:
+    """Plays Fargate for the Dask scheduler and worker task definitions of one stack.
+
+    RunTask of either starts its container's entry point and the request's command as a
+    process here, with the task definition's environment, the request's and the task role's
+    credentials (none for a definition without one). Fargate gives each task a network
+    interface of its own: here each task gets a loopback address of its own (127.x.y.z,
+    which the embedded EC2 reports as the interface's private IP), and the process listens
+    there only (``--host``). DescribeTasks says RUNNING while the process lives, STOPPED once
+    it has ended; StopTask ends it (SIGTERM, then SIGKILL).
+    """
+
+    def __init__(self, endpoint_url: str, region: str, agent: Aws) -> None:
+        self.endpoint_url, self.region, self.agent = endpoint_url, region, agent
+        self.processes: dict[str, Any] = {}  # task ARN -> subprocess.Popen
+        self.addresses: dict[str, str] = {}  # task ARN -> its loopback address
+        # Containers whose next task never comes up (as when its image cannot be pulled).
+        self.fail_next: set[str] = set()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def container(definition: Any) -> dict[str, Any] | None:
+        """The Dask container of a task definition, or None for any other definition."""
+        containers = definition.container_definitions
+        if len(containers) == 1 and containers[0].get("name") in DASK_CONTAINERS:
+            return dict(containers[0])
+        return None
+
+    def start(self, backend: Any, task: Any, container: dict[str, Any], role: str) -> None:
+        """Start the task's process (in RunTask's request: DescribeTasks sees it at once)."""
+        import subprocess
+
+        task._transitions = []  # moto's own lifecycle would report it STOPPED at once
+        address = self._address()
+        if address is None:  # as a task whose network interface cannot be set up
+            self._stopped(task, "ResourceInitializationError: the Dask ports are taken", None)
+            return
+        self._give_address(backend, task, address)
+        name = container["name"]
+        if name in self.fail_next:
+            self.fail_next.discard(name)
+            self._stopped(task, "CannotPullContainerError: the image could not be pulled", None)
+            return
+        override: dict[str, Any] = next(
+            (o for o in task.overrides.get("containerOverrides", []) if o.get("name") == name), {}
+        )
+        command = [
+            *container.get("entryPoint", []),
+            *(override.get("command") or container.get("command", [])),
+        ]
+        if command and command[0] == "python":
+            command[0] = sys.executable  # the image's python: this environment's
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update({e["name"]: str(e["value"]) for e in container.get("environment", [])})
+        env.update({e["name"]: str(e["value"]) for e in override.get("environment", [])})
+        if role:
+            env.update(credentials_env(assume_role(self.agent, role, f"ecs-{task.id}")))
+        env.update(AWS_ENDPOINT_URL=self.endpoint_url, AWS_REGION=self.region, AWS_DEFAULT_REGION=self.region)
+        proc = subprocess.Popen(
+            [*command, "--host", address], env=env, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        with self._lock:
+            self.processes[task.task_arn] = proc
+            self.addresses[task.task_arn] = address
+        task.status = "RUNNING"
+        log.info("dask task started", extra={"container": name, "pid": proc.pid, "address": address})
+
+    def refresh(self, task: Any) -> None:
+        """Report a task whose process has ended as STOPPED, with its exit code."""
+        proc = self.processes.get(task.task_arn)
+        if proc is not None and task.status == "RUNNING" and proc.poll() is not None:
+            self._stopped(task, "Essential container in task exited", proc.returncode)
+
+    def stop(self, task_arn: str) -> None:
+        """End a task's process (StopTask): SIGTERM, SIGKILL after 10 s."""
+        import subprocess
+
+        proc = self.processes.get(task_arn)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def running(self) -> list[str]:
+        """ARNs of the tasks whose process still runs."""
+        with self._lock:
+            return [arn for arn, proc in self.processes.items() if proc.poll() is None]
+
+    def stop_all(self) -> None:
+        """End every task's process (the stack is going away)."""
+        for arn in list(self.processes):
+            self.stop(arn)
+
+    @staticmethod
+    def _stopped(task: Any, reason: str, exit_code: int | None) -> None:
+        task.status = task.desired_status = "STOPPED"
+        task.stopped_reason = reason
+        for container in task.containers:
+            container.exit_code = exit_code
+
+    @staticmethod
+    def _give_address(backend: Any, task: Any, address: str) -> None:
+        from moto.ec2.models import ec2_backends
+
+        for attachment in task.attachments:
+            details = {d["name"]: d for d in attachment["details"]}
+            eni = ec2_backends[backend.account_id][backend.region_name].get_network_interface(
+                details["networkInterfaceId"]["value"]
+            )
+            eni.private_ip_address = address
+            eni.private_ip_addresses = [{"Primary": True, "PrivateIpAddress": address}]
+            details["privateIPv4Address"]["value"] = address
+
+    def _address(self) -> str | None:
+        """A loopback address no other task here uses, where the Dask ports are free; None
+        when none is found within 30 s (a process on this machine listening on every
+        interface at those ports takes them on every loopback address)."""
+        import random
+        import socket
+
+        from .job import SCHEDULER_PORT, WORKER_PORT
+
+        deadline = time.monotonic() + 30
+        while True:
+            address = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
+            try:
+                for port in (SCHEDULER_PORT, WORKER_PORT):
+                    with socket.socket() as sock:
+                        sock.bind((address, port))
+            except OSError:
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.2)
+                continue
+            if address not in self.addresses.values():
+                return address
 
 
 class TaskRunner:
     """Plays Fargate for one stack: a RunTask of its worker task definition starts the worker
     as a process on this machine (LocalLauncher), with the task definition's environment,
-    the request's overrides and this stack's endpoint."""
+    the request's overrides and this stack's endpoint; the Dask task definitions' tasks are
+    DaskTasks'."""
 
     def __init__(self, info: StackInfo, aws: Aws) -> None:
         from .config import Settings
@@ -1102,10 +1273,29 @@ class TaskRunner:
         }
         # The launcher gives each worker the task role's credentials, as ECS does.
         self.launcher = LocalLauncher(self.settings, aws.client("ecs"), extra_env=env, agent=aws)
+        self.dask = DaskTasks(info.endpoint_url, info.region, aws)
+        # RunTask may tag its tasks when the long task ARN format is on, as it is by default
+        # on AWS (dask-cloudprovider asks ListAccountSettings; moto has no default).
+        aws.client("ecs").put_account_setting(name="taskLongArnFormat", value="enabled")
         self.started: list[str] = []
 
+    def run(self, backend: Any, task: Any) -> None:
+        """Run a task RunTask created: a Dask member, or the job its overrides name."""
+        definition = backend.describe_task_definition(task.task_definition_arn)
+        container = self.dask.container(definition)
+        if container is not None:
+            self.dask.start(backend, task, container, str(definition.task_role_arn or ""))
+            return
+        overrides = {
+            e["name"]: str(e["value"])
+            for container in task.overrides.get("containerOverrides", [])
+            for e in container.get("environment", [])
+        }
+        # Off the request's thread: the worker starts in the background.
+        threading.Thread(target=self, args=(overrides,), name="s3rollup-task", daemon=True).start()
+
     def __call__(self, overrides: dict[str, str]) -> None:
-        """Run the task RunTask asked for (its overrides name the dataset and job)."""
+        """Run the job RunTask asked for (its overrides name the dataset and job)."""
         dataset, job_id = overrides.get("S3ROLLUP_DATASET"), overrides.get("S3ROLLUP_JOB_ID")
         if not (dataset and job_id):
             log.error("RunTask without a dataset and job id: no worker started")
@@ -1119,9 +1309,10 @@ class TaskRunner:
         _TASK_RUNNERS[self.settings.ecs_cluster] = self
 
     def stop(self, timeout: float = 60) -> None:
-        """Receive no more requests; wait for the workers started."""
+        """Receive no more requests; wait for the workers started; end the Dask tasks."""
         _TASK_RUNNERS.pop(self.settings.ecs_cluster, None)
         self.launcher.wait(timeout=timeout)
+        self.dask.stop_all()
 
 
 class EmbeddedStack:

@@ -390,7 +390,8 @@ def queue_arn(url_or_name: str, region: str) -> str:
 
 
 def ecs_checks(op: str, body: dict[str, Any], region: str) -> list[Check]:
-    """ECS: RunTask on the task definition, in the cluster, passing the task's roles."""
+    """ECS: RunTask on the task definition, in the cluster, passing the task's roles (and
+    tagging its tasks); StopTask and DescribeTasks on the tasks; DescribeClusters on the clusters."""
     cluster = body.get("cluster", "default")
     cluster_arn = cluster if cluster.startswith("arn:") else _arn("ecs", region, f"cluster/{cluster}")
     ctx = {"ecs:cluster": cluster_arn}
@@ -401,7 +402,8 @@ def ecs_checks(op: str, body: dict[str, Any], region: str) -> list[Check]:
         )
         checks = [Check(f"ecs:{op}", taskdef_arn, ctx)]
         if body.get("tags"):
-            checks.append(Check("ecs:TagResource", _arn("ecs", region, "task/*"), {"ecs:CreateAction": op}))
+            new_tasks = _arn("ecs", region, f"task/{cluster_arn.rsplit('/', 1)[-1]}/*")
+            checks.append(Check("ecs:TagResource", new_tasks, {"ecs:CreateAction": op}))
         for role in _task_roles(taskdef, region, body.get("overrides", {})):
             checks.append(Check("iam:PassRole", role, {"iam:PassedToService": "ecs-tasks.amazonaws.com"}))
         return checks
@@ -410,6 +412,11 @@ def ecs_checks(op: str, body: dict[str, Any], region: str) -> list[Check]:
         return [
             Check(f"ecs:{op}", t if t.startswith("arn:") else _arn("ecs", region, f"task/{cluster}/{t}"), ctx)
             for t in tasks
+        ]
+    if op == "DescribeClusters":
+        return [
+            Check(f"ecs:{op}", c if c.startswith("arn:") else _arn("ecs", region, f"cluster/{c}"))
+            for c in body.get("clusters") or ["default"]
         ]
     return [Check(f"ecs:{op}", "*")]
 

@@ -1,16 +1,20 @@
-"""Cluster choice and the FargateCluster arguments (no cluster is started)."""
+"""Cluster choice per round and the FargateCluster arguments (no task cluster is started here:
+tests/integration/test_task_cluster.py runs one)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 
 import pytest
 
 from s3rollup.config import Settings
 from s3rollup.errors import ConfigError
-from s3rollup.job import available_cpus, dask_client, fargate_cluster_kwargs
+from s3rollup.job import available_cpus, cluster_security, dask_client, fargate_cluster_kwargs
 
 BASE = {
     "S3ROLLUP_BUCKET": "data",
@@ -24,24 +28,49 @@ BASE = {
 FARGATE = {
     **BASE,
     "S3ROLLUP_FARGATE_THRESHOLD_BYTES": str(10 << 30),
-    "S3ROLLUP_FARGATE_IMAGE": "111122223333.dkr.ecr.eu-west-1.amazonaws.com/s3rollup-worker:1",
+    "S3ROLLUP_FARGATE_VPC": "vpc-1",
+    "S3ROLLUP_FARGATE_SCHEDULER_TASK_DEFINITION": "arn:aws:ecs:eu-west-1:111122223333:task-definition/s:1",
+    "S3ROLLUP_FARGATE_WORKER_TASK_DEFINITION": "arn:aws:ecs:eu-west-1:111122223333:task-definition/w:1",
     "S3ROLLUP_FARGATE_EXECUTION_ROLE_ARN": "arn:aws:iam::111122223333:role/exec",
     "S3ROLLUP_FARGATE_TASK_ROLE_ARN": "arn:aws:iam::111122223333:role/task",
+    "S3ROLLUP_FARGATE_LOG_GROUP": "/s3rollup/s/dask",
     "S3ROLLUP_FARGATE_WORKERS": "8",
+    "S3ROLLUP_FARGATE_SPOT": "true",
 }
 
 
-def test_fargate_cluster_uses_pre_created_resources_private_ips_and_tls() -> None:
-    kwargs = fargate_cluster_kwargs(Settings.from_env(FARGATE))
+def test_fargate_cluster_gets_every_resource_so_it_creates_none() -> None:
+    # GIVEN the settings the template gives the job
+    kwargs = fargate_cluster_kwargs(Settings.from_env(FARGATE), cluster_security())
+    # THEN each resource dask-cloudprovider would otherwise create is passed in
     assert kwargs["cluster_arn"] == BASE["S3ROLLUP_ECS_CLUSTER"]
-    assert kwargs["subnets"] == ["subnet-a", "subnet-b"] and kwargs["security_groups"] == ["sg-dask"]
+    assert kwargs["scheduler_task_definition_arn"].endswith("task-definition/s:1")
+    assert kwargs["worker_task_definition_arn"].endswith("task-definition/w:1")
     assert kwargs["execution_role_arn"].endswith("role/exec") and kwargs["task_role_arn"].endswith(
         "role/task"
     )
-    assert kwargs["fargate_use_private_ip"] is True and kwargs["n_workers"] == 8
+    assert kwargs["cloudwatch_logs_group"] == "/s3rollup/s/dask" and kwargs["vpc"] == "vpc-1"
+    assert kwargs["subnets"] == ["subnet-a", "subnet-b"] and kwargs["security_groups"] == ["sg-dask"]
+    # its account-wide clean-up is off; private IPs; Spot workers; 8 of them
+    assert kwargs["skip_cleanup"] is True and kwargs["fargate_use_private_ip"] is True
+    assert kwargs["fargate_spot"] is True and kwargs["n_workers"] == 8
+
+
+def test_every_cluster_link_is_tls_with_a_certificate_of_its_own() -> None:
+    # GIVEN two clusters' security
+    first, second = cluster_security(), cluster_security()
+    kwargs = fargate_cluster_kwargs(Settings.from_env(FARGATE), first)
+    # THEN the job requires TLS, and the members get the same certificate in their environment
     assert kwargs["security"].require_encryption is True
-    assert kwargs["image"] == FARGATE["S3ROLLUP_FARGATE_IMAGE"]
-    assert set(kwargs["environment"]) == {"S3ROLLUP_BUCKET", "S3ROLLUP_KMS_KEY_ARN"}
+    env = kwargs["environment"]
+    assert env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] == "True"
+    assert env["DASK_DISTRIBUTED__COMM__TLS__CA_FILE"] == first.tls_ca_file
+    assert env["DASK_DISTRIBUTED__COMM__TLS__WORKER__KEY"] == first.tls_client_key
+    assert "--protocol" in kwargs["scheduler_extra_args"] and "tls" in kwargs["worker_extra_args"]
+    # and each cluster has its own key
+    assert first.tls_client_key != second.tls_client_key
+    # and the members' overrides fit RunTask's limit (8192 characters for all overrides)
+    assert len(json.dumps(env)) + 600 < 8192
 
 
 def test_fargate_cluster_arguments_are_accepted_by_dask_cloudprovider() -> None:
@@ -53,12 +82,51 @@ def test_fargate_cluster_arguments_are_accepted_by_dask_cloudprovider() -> None:
     accepted = set(inspect.signature(ECSCluster.__init__).parameters) | set(
         inspect.signature(SpecCluster.__init__).parameters
     )
-    assert set(fargate_cluster_kwargs(Settings.from_env(FARGATE))) <= accepted
+    assert set(fargate_cluster_kwargs(Settings.from_env(FARGATE), cluster_security())) <= accepted
 
 
-def test_a_fargate_threshold_without_its_resources_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="FARGATE_IMAGE"):
-        Settings.from_env({**BASE, "S3ROLLUP_FARGATE_THRESHOLD_BYTES": "1"})
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "S3ROLLUP_FARGATE_SCHEDULER_TASK_DEFINITION",
+        "S3ROLLUP_FARGATE_WORKER_TASK_DEFINITION",
+        "S3ROLLUP_FARGATE_EXECUTION_ROLE_ARN",
+        "S3ROLLUP_FARGATE_TASK_ROLE_ARN",
+        "S3ROLLUP_FARGATE_LOG_GROUP",
+        "S3ROLLUP_FARGATE_VPC",
+        "S3ROLLUP_SECURITY_GROUPS",
+    ],
+)
+def test_a_fargate_threshold_without_a_resource_is_a_config_error(missing: str) -> None:
+    # dask-cloudprovider would create what is missing (a security group open to anywhere...)
+    with pytest.raises(ConfigError, match=missing):
+        Settings.from_env({k: v for k, v in FARGATE.items() if k != missing})
+
+
+def test_a_round_above_the_threshold_gets_a_task_cluster_and_others_the_local_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import s3rollup.job as job
+
+    # GIVEN a job whose task cluster is recorded instead of started
+    opened: list[int] = []
+
+    @contextlib.contextmanager
+    def fake(settings: Settings, work_bytes: int = 0) -> Iterator[str]:
+        opened.append(work_bytes)
+        yield "task" if work_bytes else "local"
+
+    monkeypatch.setattr(job, "dask_client", fake)
+    threshold = int(FARGATE["S3ROLLUP_FARGATE_THRESHOLD_BYTES"])
+    # WHEN rounds of several sizes run
+    with job.Clusters(Settings.from_env(FARGATE)) as clusters:
+        got = []
+        for size in (threshold + 1, 10, threshold, threshold * 2, 5):
+            with clusters.for_round(size) as client:
+                got.append(client)
+    # THEN each round above the threshold gets a cluster of its own; the others share one
+    assert got == ["task", "local", "local", "task", "local"]
+    assert opened == [threshold + 1, 0, threshold * 2]
 
 
 def test_local_cluster_is_sized_to_the_cpus_this_process_may_use() -> None:

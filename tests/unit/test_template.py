@@ -40,9 +40,16 @@ def _as_list(value: Any) -> list[Any]:
 
 
 # Actions that support no resource-level permission, so Resource "*" is their only form:
-# ECR's login token (the execution role needs it to pull the worker image) and X-Ray's
-# trace and telemetry uploads (the function's active tracing).
-UNSCOPABLE_ACTIONS = {"ecr:GetAuthorizationToken", "xray:PutTraceSegments", "xray:PutTelemetryRecords"}
+# ECR's login token (the execution role needs it to pull the worker image), X-Ray's trace
+# and telemetry uploads (the function's active tracing), and the two reads of a task
+# cluster's start (the task ARN format, the tasks' network interfaces).
+UNSCOPABLE_ACTIONS = {
+    "ecr:GetAuthorizationToken",
+    "xray:PutTraceSegments",
+    "xray:PutTelemetryRecords",
+    "ecs:ListAccountSettings",
+    "ec2:DescribeNetworkInterfaces",
+}
 
 
 def test_no_identity_policy_grants_a_wildcard_action_or_resource() -> None:
@@ -100,7 +107,7 @@ def test_the_function_role_is_assumed_by_lambda_and_scoped() -> None:
     assert not [a for a in actions if a.startswith(("cloudwatch:", "logs:CreateLogGroup"))]
 
 
-@pytest.mark.parametrize("name", ["WorkerExecutionRole", "WorkerTaskRole"])
+@pytest.mark.parametrize("name", ["WorkerExecutionRole", "WorkerTaskRole", "DaskTaskRole"])
 def test_ecs_assumes_the_worker_roles_only_for_tasks_of_this_account(name: str) -> None:
     # The trust the ECS Developer Guide recommends against the confused deputy ("Task IAM
     # role"); aws:SourceArn cannot name one cluster, so it covers the account's tasks here.
@@ -117,11 +124,12 @@ def test_ecs_assumes_the_worker_roles_only_for_tasks_of_this_account(name: str) 
 def test_the_execution_role_pulls_only_the_worker_repository_and_writes_only_its_logs() -> None:
     (policy,) = _of_type("AWS::IAM::Role")["WorkerExecutionRole"]["Policies"]
     by_sid = {s["Sid"]: s for s in policy["PolicyDocument"]["Statement"]}
-    assert set(by_sid) == {"PullTheWorkerImage", "EcrLogin", "WriteTheWorkerLogs"}
+    assert set(by_sid) == {"PullTheWorkerImage", "EcrLogin", "WriteTheWorkerLogs", "WriteTheDaskLogs"}
     pull = by_sid["PullTheWorkerImage"]["Resource"]["Fn::Sub"]
     assert pull[0].endswith(":repository/${Repository}")
     assert "WorkerImageUri" in json.dumps(pull[1])
     assert "${WorkerLogGroup}:log-stream:" in by_sid["WriteTheWorkerLogs"]["Resource"]["Fn::Sub"]
+    assert "${DaskLogGroup}:log-stream:dask/" in by_sid["WriteTheDaskLogs"]["Resource"]["Fn::Sub"]
 
 
 CRYPTO_ACTIONS = ("kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey", "kms:ReEncrypt")
@@ -193,6 +201,102 @@ def test_the_worker_task_is_hardened() -> None:
     assert any(m["ContainerPath"] == "/tmp" for m in container["MountPoints"])
     cluster = _of_type("AWS::ECS::Cluster")["WorkerCluster"]
     assert {"Name": "containerInsights", "Value": "enabled"} in cluster["ClusterSettings"]
+
+
+DASK_DEFINITIONS = {
+    "DaskSchedulerTaskDefinition": "dask-scheduler",
+    "DaskWorkerTaskDefinition": "dask-worker",
+}
+
+
+@pytest.mark.parametrize("name", DASK_DEFINITIONS)
+def test_the_dask_tasks_are_hardened_and_named_as_dask_cloudprovider_overrides_them(name: str) -> None:
+    td = _of_type("AWS::ECS::TaskDefinition")[name]
+    assert td["RequiresCompatibilities"] == ["FARGATE"] and td["NetworkMode"] == "awsvpc"
+    assert td["ExecutionRoleArn"] == {"Fn::GetAtt": ["WorkerExecutionRole", "Arn"]}
+    # The scheduler holds no data: no task role; the workers read parts as DaskTaskRole.
+    assert td.get("TaskRoleArn") == (
+        {"Fn::GetAtt": ["DaskTaskRole", "Arn"]} if name == "DaskWorkerTaskDefinition" else None
+    )
+    (container,) = td["ContainerDefinitions"]
+    assert container["Name"] == DASK_DEFINITIONS[name]
+    assert container["Image"] == {"Ref": "WorkerImageUri"}
+    assert container["EntryPoint"] == ["python", "-m", "s3rollup.member"]
+    assert container["ReadonlyRootFilesystem"] is True
+    assert not str(container["User"]).startswith("0")
+    assert any(m["ContainerPath"] == "/tmp" for m in container["MountPoints"])
+    logs = container["LogConfiguration"]
+    assert logs["LogDriver"] == "awslogs" and logs["Options"]["awslogs-group"] == {"Ref": "DaskLogGroup"}
+    assert [p["ContainerPort"] for p in container["PortMappings"]] == [
+        8786 if name == "DaskSchedulerTaskDefinition" else 8787
+    ]
+
+
+def test_the_dask_ports_are_open_only_within_the_worker_group() -> None:
+    for name in ("WorkerSecurityGroupDaskIngress", "WorkerSecurityGroupDaskEgress"):
+        rule = RESOURCES[name]["Properties"]
+        peer = rule.get("SourceSecurityGroupId") or rule.get("DestinationSecurityGroupId")
+        assert peer == {"Ref": "WorkerSecurityGroup"} and (rule["FromPort"], rule["ToPort"]) == (8786, 8787)
+        assert "CidrIp" not in rule
+
+
+def test_the_job_role_may_run_watch_and_stop_only_the_dask_tasks_and_create_nothing() -> None:
+    (policy,) = _of_type("AWS::IAM::Role")["WorkerTaskRole"]["Policies"]
+    by_sid = {s["Sid"]: s for s in policy["PolicyDocument"]["Statement"]}
+    in_cluster = {"ArnEquals": {"ecs:cluster": {"Fn::GetAtt": ["WorkerCluster", "Arn"]}}}
+    run = by_sid["RunTheDaskTasks"]
+    assert run["Action"] == "ecs:RunTask" and run["Condition"] == in_cluster
+    assert run["Resource"] == [{"Ref": d} for d in DASK_DEFINITIONS]
+    watch = by_sid["WatchAndStopTheDaskTasks"]
+    assert set(watch["Action"]) == {"ecs:DescribeTasks", "ecs:StopTask"} and watch["Condition"] == in_cluster
+    assert watch["Resource"]["Fn::Sub"].endswith(":task/${WorkerCluster}/*")
+    passing = by_sid["PassOnlyTheDaskRoles"]
+    assert passing["Resource"] == [
+        {"Fn::GetAtt": ["DaskTaskRole", "Arn"]},
+        {"Fn::GetAtt": ["WorkerExecutionRole", "Arn"]},
+    ]
+    assert passing["Condition"] == {"StringEquals": {"iam:PassedToService": "ecs-tasks.amazonaws.com"}}
+    actions = {a for st in by_sid.values() for a in _as_list(st["Action"])}
+    never = ("Create", "Register", "Delete", "Deregister", "Authorize", "Attach", "PutRetention")
+    assert not [
+        a
+        for a in actions
+        if a.split(":")[0] in ("ecs", "iam", "ec2", "logs") and a.split(":")[1].startswith(never)
+    ]
+
+
+def test_the_dask_workers_read_parts_and_write_partials_only() -> None:
+    (policy,) = _of_type("AWS::IAM::Role")["DaskTaskRole"]["Policies"]
+    statements = policy["PolicyDocument"]["Statement"]
+    granted = {(a, json.dumps(st["Resource"])) for st in statements for a in _as_list(st["Action"])}
+    assert {a for a, _ in granted} == {
+        "s3:GetObject",
+        "s3:GetObjectVersion",
+        "s3:PutObject",
+        "kms:Decrypt",
+        "kms:GenerateDataKey",
+    }
+    for action, resource in granted:
+        if action.startswith("s3:Get"):
+            assert resource.endswith('/incoming/*"}'), resource
+        elif action == "s3:PutObject":
+            assert resource.endswith('/partials/*"}'), resource
+
+
+def test_the_job_gets_the_task_cluster_settings_from_the_parameters() -> None:
+    (container,) = _of_type("AWS::ECS::TaskDefinition")["WorkerTaskDefinition"]["ContainerDefinitions"]
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert env["S3ROLLUP_FARGATE_THRESHOLD_BYTES"] == {"Ref": "DaskThresholdBytes"}
+    assert env["S3ROLLUP_FARGATE_WORKERS"] == {"Ref": "DaskWorkers"}
+    assert env["S3ROLLUP_FARGATE_WORKER_CPU"] == {"Ref": "DaskWorkerCpu"}
+    assert env["S3ROLLUP_FARGATE_WORKER_MEM"] == {"Ref": "DaskWorkerMemory"}
+    assert env["S3ROLLUP_FARGATE_SPOT"] == {"Ref": "DaskFargateSpot"}
+    assert env["S3ROLLUP_FARGATE_SCHEDULER_TASK_DEFINITION"] == {"Ref": "DaskSchedulerTaskDefinition"}
+    assert env["S3ROLLUP_FARGATE_WORKER_TASK_DEFINITION"] == {"Ref": "DaskWorkerTaskDefinition"}
+    threshold = TEMPLATE["Parameters"]["DaskThresholdBytes"]
+    assert threshold["MinValue"] == 0 and threshold["Default"] == 10 << 30  # docs/DESIGN.md
+    cluster = _of_type("AWS::ECS::Cluster")["WorkerCluster"]
+    assert cluster["CapacityProviders"] == ["FARGATE", "FARGATE_SPOT"]
 
 
 def test_only_incoming_triggers_and_nothing_the_pipeline_writes_is_under_it() -> None:
@@ -398,7 +502,7 @@ def test_only_task_sizes_fargate_offers_pass_the_template_rules() -> None:
 
 ENDPOINT_SERVICES = {
     "Gateway": {"s3", "dynamodb"},
-    "Interface": {"ecr.api", "ecr.dkr", "logs", "kms", "sts"},
+    "Interface": {"ecr.api", "ecr.dkr", "logs", "kms", "sts", "ecs", "ec2"},
 }
 
 
@@ -484,14 +588,28 @@ ECS_TASK_STOPPED: dict[str, Any] = {
 }
 
 
+TASK_DEFINITION_FAMILY = RESOURCES["WorkerTaskDefinition"]["Properties"]["Family"]
+
+
 def test_a_worker_task_that_fails_or_never_starts_raises_the_alarm() -> None:
     # A task that never starts emits no metric, so ECS's own task event is the alarm.
     rule = _of_type("AWS::Events::Rule")["WorkerTaskFailedRule"]
     assert rule["Targets"] == [{"Id": "AlarmTopic", "Arn": {"Ref": "AlarmTopic"}}]
-    pattern = rule["EventPattern"]
+    pattern = json.loads(json.dumps(rule["EventPattern"]))
     assert pattern["detail"]["clusterArn"] == [{"Fn::GetAtt": ["WorkerCluster", "Arn"]}]
+    # The job's task definition's family, as ECS names a RunTask's group (stack s3rollup).
+    assert pattern["detail"]["group"] == [{"Fn::Sub": "family:${AWS::StackName}-worker"}]
+    assert TASK_DEFINITION_FAMILY == {"Fn::Sub": "${AWS::StackName}-worker"}
+    pattern["detail"]["group"] = ["family:s3rollup-worker"]
     failed = json.loads(json.dumps(ECS_TASK_STOPPED))
     assert _event_matches(pattern, failed)
+    # A Dask task of a cluster round that stops is the job's to handle, not an alarm.
+    dask_worker = json.loads(json.dumps(failed))
+    dask_worker["detail"] |= {
+        "group": "family:s3rollup-dask-worker",
+        "containers": [{"name": "dask-worker", "exitCode": 137}],
+    }
+    assert not _event_matches(pattern, dask_worker)
     finished = json.loads(json.dumps(failed))
     finished["detail"]["containers"][0]["exitCode"] = 0
     assert not _event_matches(pattern, finished)
