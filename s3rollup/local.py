@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ import time
 import uuid
 import warnings
 import zipfile
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,9 @@ LOCAL_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": LOCAL_OPERATOR["SecretAccessKey"],
 }
 BOOTSTRAP_BUCKET = "s3rollup-local-artifacts"
+# A lifecycle "day" of the embedded stack, in seconds: NoncurrentVersionDays (90) keeps a
+# replaced version for 90 minutes here (NoncurrentExpiry).
+LIFECYCLE_DAY_SECONDS = 60.0
 # Docker's default bridge: SAM's Lambda containers and the worker's container reach this
 # machine at its address (worker/build_local_base.sh fixes it at 172.31.250.1).
 DOCKER_BRIDGE = "docker0"
@@ -698,12 +703,40 @@ def load_handler(env: dict[str, str]) -> ModuleType:
     return module
 
 
-class Dispatcher:
+class _Background:
+    """A loop (``run``, until ``_stop`` is set) in a daemon thread of its own."""
+
+    thread_name = "s3rollup"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        """The loop."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Run in a background thread."""
+        self._thread = threading.Thread(target=self.run, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop and wait for it."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+
+class Dispatcher(_Background):
     """Polls the ingest queue and invokes the handler as Lambda's SQS integration would."""
+
+    thread_name = "s3rollup-dispatcher"
 
     def __init__(
         self, info: StackInfo, aws: Aws, reconcile_every: float = 5.0, log_level: str | None = None
     ) -> None:
+        super().__init__()
         self.info, self.aws = info, aws
         self.reconcile_every = reconcile_every
         env = dict(info.function_env)
@@ -730,8 +763,6 @@ class Dispatcher:
         self.queue_url = self.aws.client("sqs").get_queue_url(
             QueueName=info.outputs["IngestQueueUrl"].rsplit("/", 1)[-1]
         )["QueueUrl"]
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.invocations = 0
         self.failures = 0
 
@@ -810,16 +841,9 @@ class Dispatcher:
                 log.error("dispatcher poll failed", extra={"error": type(exc).__name__})
                 time.sleep(0.5)
 
-    def start(self) -> None:
-        """Run in a background thread."""
-        self._thread = threading.Thread(target=self.run, name="s3rollup-dispatcher", daemon=True)
-        self._thread.start()
-
     def stop(self) -> None:
         """Stop polling and wait for local workers."""
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=10)
+        super().stop()
         launcher = getattr(self.app.service(), "launcher", None)
         if launcher is not None and hasattr(launcher, "wait"):
             launcher.wait(timeout=60)
@@ -907,6 +931,110 @@ class _ListingCopy:
         return listed
 
 
+def untrack_moto_instances() -> None:
+    """Make moto forget the model instances it made once nothing else holds them.
+
+    moto appends every instance of its models (each S3 object version and every copy of one,
+    each DynamoDB item, each SQS message, ...) to a per-class list for the life of the
+    process, used only to reset its backends, which the embedded stack never does: its
+    memory grew with every request that created an object, deleted or not. Here instances
+    are not tracked; an S3 version no bucket holds any more closes its buffer when collected.
+    """
+    from moto.core.common_models import BaseModel
+    from moto.s3.models import FakeKey
+
+    if getattr(BaseModel.__new__, "_s3rollup_untracked", False):
+        return
+
+    def new(cls: type, *args: Any, **kwargs: Any) -> Any:
+        return super(BaseModel, cls).__new__(cls)  # type: ignore[misc]
+
+    new._s3rollup_untracked = True  # type: ignore[attr-defined]
+    BaseModel.__new__ = staticmethod(new)  # type: ignore[method-assign]
+    for cls in _model_classes(BaseModel):
+        cls.instances_tracked.clear()  # type: ignore[attr-defined]
+    # Collected, not leaked: dispose without moto's "not disposed of in time" warning.
+    FakeKey.__del__ = lambda self: self.dispose()  # type: ignore[method-assign]
+
+
+def _model_classes(base: type) -> list[type]:
+    out, todo = [], [base]
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return [c for c in out if "instances_tracked" in c.__dict__]
+
+
+class NoncurrentExpiry(_Background):
+    """Runs the buckets' NoncurrentVersionExpiration lifecycle rules, which moto keeps but
+    never runs, with a day scaled to ``day_seconds``.
+
+    Every publish writes new versions of a dataset's manifest, partials and results, and
+    every replaced part leaves its old version: on AWS the rule removes each version
+    NoncurrentDays after it stopped being current; here it is removed NoncurrentDays x
+    ``day_seconds`` after that, so an embedded stack that runs for days holds the versions of
+    a bounded window rather than every version ever written. A removed version disappears as
+    S3's lifecycle removes it: from listings and GETs of its version id. Current versions are
+    never removed (the rules for current objects, transitions and delete markers are not run).
+    """
+
+    thread_name = "s3rollup-lifecycle"
+
+    def __init__(self, day_seconds: float) -> None:
+        super().__init__()
+        self.day_seconds = day_seconds
+        self.removed = 0
+
+    def sweep(self) -> int:
+        """Remove the noncurrent versions whose time is up in every bucket; return how many."""
+        import datetime
+
+        from moto.core.utils import utcnow
+        from moto.s3.models import s3_backends
+
+        from .local_iam import ACCOUNT
+
+        removed = 0
+        now = utcnow()
+        for bucket in list(s3_backends[ACCOUNT]["aws"].buckets.values()):
+            rules = [
+                (
+                    r.filter.prefix
+                    if r.filter is not None and r.filter.prefix is not None
+                    else r.prefix or "",
+                    float(r.nve_noncurrent_days),
+                )
+                for r in bucket.rules
+                if r.status == "Enabled" and r.nve_noncurrent_days is not None
+            ]
+            if not rules:
+                continue
+            for name in list(bucket.keys.keys()):
+                days = [d for prefix, d in rules if name.startswith(prefix)]
+                versions = bucket.keys.getlist(name) or []
+                if not days or len(versions) < 2:
+                    continue
+                cutoff = now - datetime.timedelta(seconds=min(days) * self.day_seconds)
+                # A version became noncurrent when the next one was written; the last is current.
+                expired = [v for v, nxt in itertools.pairwise(list(versions)) if nxt.last_modified < cutoff]
+                for version in expired:
+                    # In place on moto's own list: a concurrent write appends to the same list.
+                    with contextlib.suppress(ValueError):
+                        versions.remove(version)
+                removed += len(expired)
+        self.removed += removed
+        return removed
+
+    def run(self) -> None:
+        """Sweep until stopped, a few times per scaled day (at most once a second)."""
+        while not self._stop.wait(min(60.0, max(1.0, self.day_seconds / 4))):
+            try:
+                self.sweep()
+            except Exception as exc:  # keep sweeping: one bad pass must not stop the bound
+                log.error("noncurrent version expiry failed", extra={"error": type(exc).__name__})
+
+
 def enforcing_moto_server(policies: Any, ip_address: str, port: int) -> Any:
     """moto's threaded server, with every request authorized by local_iam first."""
     from moto.moto_server.threaded_moto_server import ThreadedMotoServer
@@ -977,7 +1105,7 @@ class TaskRunner:
         }
         # The launcher gives each worker the task role's credentials, as ECS does.
         self.launcher = LocalLauncher(self.settings, aws.client("ecs"), extra_env=env, agent=aws)
-        self.started: list[str] = []
+        self.started: deque[str] = deque(maxlen=1000)  # the latest job ids started
 
     def __call__(self, overrides: dict[str, str]) -> None:
         """Run the task RunTask asked for (its overrides name the dataset and job)."""
@@ -1012,8 +1140,11 @@ class EmbeddedStack:
         log_level: str | None = None,
         host: str = "127.0.0.1",
         run_tasks: bool = True,
+        lifecycle_day_seconds: float = LIFECYCLE_DAY_SECONDS,
     ) -> None:
         self.port, self.stack_name, self.region = port, stack_name, region
+        # The buckets' noncurrent-version expiration runs with a day this long (NoncurrentExpiry).
+        self.expiry = NoncurrentExpiry(lifecycle_day_seconds)
         self.dispatch, self.reconcile_every, self.log_level = dispatch, reconcile_every, log_level
         self.host, self.run_tasks = check_listen_address(host), run_tasks
         self.server: Any = None
@@ -1035,6 +1166,7 @@ class EmbeddedStack:
 
         serialize_dynamodb()
         light_version_listings()
+        untrack_moto_instances()
         # Loopback, or the Docker bridge's gateway: the embedded endpoint is for this machine
         # and its containers (check_listen_address).
         self.policies = local_iam.Policies(self.region)
@@ -1050,6 +1182,7 @@ class EmbeddedStack:
         os.environ["AWS_REGION"] = os.environ["AWS_DEFAULT_REGION"] = self.region
         self.aws = Aws(self.region, endpoint)
         self.info = provision(self.aws, self.stack_name, policies=self.policies)
+        self.expiry.start()
         if self.run_tasks:
             self.tasks = TaskRunner(self.info, self.aws)
             self.tasks.register()
@@ -1074,6 +1207,7 @@ class EmbeddedStack:
             self.dispatcher.stop()
         if self.tasks:
             self.tasks.stop()
+        self.expiry.stop()
         if self.server:
             self.server.stop()
         # The process's environment as it was: another stack may still be serving it.
