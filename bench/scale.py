@@ -121,11 +121,18 @@ class Rss:
         self._stop.set()
 
 
-def requests_since(before: dict[tuple[str, str], int], label: str) -> dict[str, int]:
-    """Requests that reached the endpoint since ``before`` from one principal, by API."""
-    out = {
-        api: n - before.get((who, api), 0) for (who, api), n in local_iam.requests().items() if who == label
-    }
+Counts = dict[str, dict[tuple[str, str], int]]
+
+
+def counts() -> Counts:
+    """The endpoint's counts so far: requests and bytes, by (principal, API)."""
+    return {"requests": local_iam.requests(), "bytes": local_iam.transferred()}
+
+
+def requests_since(before: Counts, label: str, what: str = "requests") -> dict[str, int]:
+    """Requests (or their bytes) at the endpoint since ``before`` from one principal, by API."""
+    now, then = counts()[what], before[what]
+    out = {api: n - then.get((who, api), 0) for (who, api), n in now.items() if who == label}
     return {api: n for api, n in sorted(out.items()) if n > 0}
 
 
@@ -212,7 +219,9 @@ class Bench:
             parts = [self.part(self.dataset, i)[:2] for i in batch]
             with silent(self.stack), ThreadPoolExecutor(16) as pool:
                 list(pool.map(lambda kb: self.put(*kb), parts))
-            with ThreadPoolExecutor(8) as pool:
+            # A few deciders at once, as concurrent function invocations: each decision appends to
+            # the dataset's audit chain, whose head is one item (more threads only retry more).
+            with ThreadPoolExecutor(self.args.seed_threads) as pool:
                 outcomes = list(
                     pool.map(lambda kb: self.seeder.sync(parse_part_key(kb[0]), "bench:seed"), parts)
                 )
@@ -235,9 +244,10 @@ class Bench:
         runs: list[float] = []
         job_reqs: list[dict[str, int]] = []
         fn_reqs: list[dict[str, int]] = []
+        job_bytes: list[dict[str, int]] = []
         for rep in range(self.args.reps):
             key, body, _ = self.part(self.dataset, self.next_index)
-            before = local_iam.requests()
+            before = counts()
             t0 = time.perf_counter()
             version = self.put(key, body)
             t1 = wait(
@@ -247,17 +257,23 @@ class Bench:
             runs.append(t1 - t0)
             job_reqs.append(requests_since(before, self.worker))
             fn_reqs.append(requests_since(before, self.fn_role))
+            job_bytes.append(requests_since(before, self.worker, "bytes"))
             self.next_index += 1
             self.count += 1
             say(f"  +1 at N={self.count - 1}: {runs[-1]:.2f}s ({rep + 1}/{self.args.reps})")
-        self.results["plus1"][n] = {"seconds": runs, "job": job_reqs, "function": fn_reqs}
+        self.results["plus1"][n] = {
+            "seconds": runs,
+            "job": job_reqs,
+            "function": fn_reqs,
+            "job_bytes": job_bytes,
+        }
 
     def delete(self, n: int) -> None:
         """A part deleted, its event delivered: seconds until published without it."""
         key = self.part(self.dataset, 0)[0]
         if published_version(self.aws, self.bucket, self.dataset, key) is None:
             raise RuntimeError(f"delete: {key} is not published")
-        before = local_iam.requests()
+        before = counts()
         t0 = time.perf_counter()
         self.aws.s3.delete_object(Bucket=self.bucket, Key=key)
         # moto sends no delete notifications: send the queue the one S3 would.
@@ -292,7 +308,7 @@ class Bench:
 
         passes: list[dict[str, Any]] = []
         while found() < len(dropped) and len(passes) < self.args.max_passes:
-            before = local_iam.requests()
+            before = counts()
             t0 = time.perf_counter()
             failed = self.function.reconcile_all(actor="bench:reconcile", start=len(passes))
             seconds = time.perf_counter() - t0
@@ -331,9 +347,9 @@ class Bench:
             with lock:
                 uploaded[key] = (version, time.perf_counter())
 
-        before = local_iam.requests()
+        before = counts()
         t0 = time.perf_counter()
-        timed_out = False
+        timed_out, said = False, 0.0
         with ThreadPoolExecutor(self.args.threads) as pool:
             futures = [pool.submit(put, i) for i in range(n)]
             while len(seen) < n:
@@ -346,8 +362,10 @@ class Bench:
                     for key, version in listed.items():
                         if key not in seen and uploaded.get(key, ("", 0.0))[0] == version:
                             seen[key] = now
-                say(f"  bulk: {len(uploaded)} uploaded, {len(seen)} published, {now - t0:.0f}s")
-                time.sleep(self.args.poll)
+                if now - said > 10:
+                    say(f"  bulk: {len(uploaded)} uploaded, {len(seen)} published, {now - t0:.0f}s")
+                    said = now
+                time.sleep(max(self.args.poll, 0.5))  # the whole manifest is read each time
             for f in futures:
                 f.result()
         wall = (max(seen.values()) if seen else time.perf_counter()) - t0
@@ -461,7 +479,15 @@ def report(results: dict[str, Any], args: argparse.Namespace, commit: str) -> li
             "",
         ]
         lines += _by_api_table("job: API", {f"N={n:,}": _median_requests(r["job"]) for n, r in plus1.items()})
-        lines += ["", "... and the ingest function (execution role: handler, RunTask):", ""]
+        lines += ["", "Bytes per +1 job (request and response bodies, median over the runs):", ""]
+        lines += _by_api_table(
+            "job: API (bytes)", {f"N={n:,}": _median_requests(r["job_bytes"]) for n, r in plus1.items()}
+        )
+        lines += [
+            "",
+            "... and the ingest function (execution role: handler, RunTask, the dispatcher's polls):",
+            "",
+        ]
         lines += _by_api_table(
             "function: API", {f"N={n:,}": _median_requests(r["function"]) for n, r in plus1.items()}
         )
@@ -557,6 +583,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=100)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--seed-batch", type=int, default=1000, help="parts per seeding job")
+    p.add_argument("--seed-threads", type=int, default=4, help="parts decided at once while seeding")
     p.add_argument("--delete-n", type=int, default=5000)
     p.add_argument("--reconcile-n", type=int, default=20000)
     p.add_argument("--dropped", type=int, default=10, help="parts whose events the reconcile measure drops")
@@ -570,7 +597,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     p.add_argument(
         "--moto-unbounded",
         action="store_true",
-        help="for comparison: moto tracks every instance it makes, and no noncurrent version expires",
+        help="for comparison: moto as it comes (tracks every instance it makes, copies whole tables per "
+        "transaction) and no noncurrent version expires",
     )
     p.add_argument("--out", help="report file (default bench/results/<UTC date>-scale[-k].md; .json beside)")
     args = p.parse_args(argv)
@@ -586,7 +614,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     commit = _commit()
     day = LIFECYCLE_DAY_SECONDS
     if args.moto_unbounded:
-        local.untrack_moto_instances = lambda: None
+        local.untrack_moto_instances = local.light_transactions = lambda: None
         day = 1e7  # 90 "days" are 28 years: nothing expires during a run
     with EmbeddedStack(
         stack_name="s3rollup-scale", log_level="WARNING", reconcile_every=0, lifecycle_day_seconds=day

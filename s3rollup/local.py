@@ -870,6 +870,97 @@ def serialize_dynamodb() -> None:
     DynamoHandler.call_action = call_action  # type: ignore[method-assign]
 
 
+_TRANSACTION = threading.local()
+
+
+def light_transactions() -> None:
+    """Make the embedded DynamoDB's TransactWriteItems cost what it touches, not its tables.
+
+    To roll a failed transaction back, moto deep-copies every table the transaction names
+    before it starts, whatever their size: each registry or audit write copied every item of
+    both tables, so a write's time grew with the parts and records stored (and, with moto's
+    instance tracker, its memory too). Here only the items the transaction names are saved
+    (one copy each) and put back if it fails; the tables themselves are not copied. Requests
+    are serialised (serialize_dynamodb), so nothing else changes those items meanwhile.
+    """
+    import moto.dynamodb.models as ddb_models
+
+    if isinstance(ddb_models.copy, _TransactionCopy):
+        return
+    original = ddb_models.DynamoDBBackend.transact_write_items
+
+    def transact_write_items(self: Any, transact_items: list[dict[str, Any]]) -> Any:
+        saved = _touched_items(self, transact_items)
+        _TRANSACTION.active = True
+        try:
+            return original(self, transact_items)
+        except Exception:
+            for table, hash_key, range_key, item in saved:
+                _put_back(table, hash_key, range_key, item)
+            raise
+        finally:
+            _TRANSACTION.active = False
+
+    ddb_models.DynamoDBBackend.transact_write_items = transact_write_items  # type: ignore[method-assign]
+    ddb_models.copy = _TransactionCopy(ddb_models.copy, ddb_models.Table)  # type: ignore[assignment]
+
+
+def _touched_items(backend: Any, transact_items: list[dict[str, Any]]) -> list[tuple[Any, Any, Any, Any]]:
+    """(table, hash key, range key, a copy of the item or None) for each item a transaction
+    names (moto itself reports unknown tables and malformed keys)."""
+    import copy
+
+    from moto.dynamodb.models.dynamo_type import DynamoType
+
+    saved = []
+    for entry in transact_items:
+        try:
+            _, op = next(iter(entry.items()))
+            table = backend.get_table(op["TableName"])
+            key = op["Item"] if "Item" in op else op["Key"]
+            hash_key = DynamoType(key[table.hash_key_attr])
+            range_key = DynamoType(key[table.range_key_attr]) if table.range_key_attr else None
+            item = table.get_item(hash_key, range_key)
+        except Exception:  # noqa: S112 - moto refuses the transaction and says why
+            continue
+        saved.append((table, hash_key, range_key, copy.deepcopy(item)))
+    return saved
+
+
+def _put_back(table: Any, hash_key: Any, range_key: Any, item: Any) -> None:
+    """Restore one item as it was before a failed transaction (None: it did not exist)."""
+    if range_key is None:
+        if item is None:
+            table.items.pop(hash_key, None)
+        else:
+            table.items[hash_key] = item
+        return
+    if item is not None:
+        table.items[hash_key][range_key] = item
+        return
+    partition = table.items.get(hash_key)
+    if partition is not None:
+        partition.pop(range_key, None)
+        if not partition:
+            del table.items[hash_key]
+
+
+class _TransactionCopy:
+    """moto.dynamodb.models' ``copy`` module, but a table is not copied inside a transaction
+    (light_transactions)."""
+
+    def __init__(self, module: Any, table_class: type) -> None:
+        self._module, self._table_class = module, table_class
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def deepcopy(self, obj: Any, memo: Any = None) -> Any:
+        if getattr(_TRANSACTION, "active", False) and isinstance(obj, self._table_class):
+            return obj  # the rollback copy: the items touched are saved instead
+        return self._module.deepcopy(obj, memo)
+
+
 _LISTING = threading.local()
 
 
@@ -1165,6 +1256,7 @@ class EmbeddedStack:
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
         serialize_dynamodb()
+        light_transactions()
         light_version_listings()
         untrack_moto_instances()
         # Loopback, or the Docker bridge's gateway: the embedded endpoint is for this machine

@@ -74,6 +74,7 @@ _DECISIONS: Counter[tuple[str, str, bool]] = Counter()
 _DENIALS: list[Record] = []
 _DENIALS_SEEN = 0
 _REQUESTS: Counter[tuple[str, str]] = Counter()
+_BYTES: Counter[tuple[str, str]] = Counter()
 _RECORDS_LOCK = threading.Lock()
 _EXPECTED: set[tuple[str, str]] = set()
 
@@ -120,6 +121,12 @@ def requests() -> dict[tuple[str, str], int]:
         return dict(_REQUESTS)
 
 
+def transferred() -> dict[tuple[str, str], int]:
+    """Bytes of those requests' bodies and their responses' bodies, by (principal, API)."""
+    with _RECORDS_LOCK:
+        return dict(_BYTES)
+
+
 def _logical(principal: str) -> str:
     # role/local-<stack>-<persona> -> <persona>; role/<stack>-<LogicalId>-<suffix> -> <LogicalId>
     persona = re.fullmatch(r"role/local-.+-(producer|reader|operator)", principal)
@@ -147,9 +154,23 @@ def _record(rec: Record) -> None:
                 _DENIALS.append(rec)
 
 
-def _count_request(label: str, api: str) -> None:
+def _count_request(label: str, api: str, body_bytes: int) -> None:
     with _RECORDS_LOCK:
         _REQUESTS[(label, api)] += 1
+        _BYTES[(label, api)] += body_bytes
+
+
+def _counting(label: str, api: str, head: bool, start_response: Callable[..., Any]) -> Callable[..., Any]:
+    """start_response, counting the response body's bytes (its Content-Length; a HEAD has none)."""
+
+    def counted(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        length = next((v for k, v in headers if k.lower() == "content-length"), "0")
+        if not head and length.isdigit():
+            with _RECORDS_LOCK:
+                _BYTES[(label, api)] += int(length)
+        return start_response(status, headers, exc_info)
+
+    return counted
 
 
 # ---- the policies the stack deployed ------------------------------------------------------
@@ -796,7 +817,9 @@ class Enforcer:
             checks = checks_for(call)
         except Exception as exc:  # a request the mapping cannot read: refuse it, loudly
             checks = [Check(f"{call.service}:Unreadable{type(exc).__name__}", "*")]
-        _count_request(label, api_name(call, checks))
+        api = api_name(call, checks)
+        _count_request(label, api, int(environ.get("CONTENT_LENGTH") or 0))
+        start_response = _counting(label, api, call.method == "HEAD", start_response)
         for check in checks:
             decision = self.decide(principal, label, check)
             if not decision.allowed:

@@ -32,7 +32,7 @@ def test_every_request_is_counted_by_api_by_the_client_and_at_the_endpoint(stack
     aws = Aws(stack.region, stack.info.endpoint_url)
     out = stack.info.outputs
     bucket, sse = out["DataBucketName"], {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": out["DataKeyArn"]}
-    before = local_iam.requests()
+    before, bytes_before = local_iam.requests(), local_iam.transferred()
     # WHEN it makes a known sequence of calls: 3 PUTs, a GET, a listing in pages of one
     # key (3 pages), a HEAD of a missing key (404) and 2 reads of a DynamoDB item
     for i in range(3):
@@ -58,6 +58,9 @@ def test_every_request_is_counted_by_api_by_the_client_and_at_the_endpoint(stack
     # AND the endpoint counted the same requests for the root (among its other calls)
     seen = _delta(before, "root")
     assert {api: seen.get(api, 0) for api in expected} == expected
+    # AND the bytes of the one GET's response: the object's one byte
+    got = local_iam.transferred()[("root", "s3.GetObject")] - bytes_before.get(("root", "s3.GetObject"), 0)
+    assert got == 1
 
 
 def test_a_job_logs_its_requests_by_api_as_the_endpoint_counted_them(
@@ -128,3 +131,56 @@ def test_the_endpoints_records_stay_bounded_and_keep_every_count(stack: Any) -> 
     before = pairs_before.get(("root", "s3:ListAllMyBuckets"), (0, 0))
     assert local_iam.pairs()[("root", "s3:ListAllMyBuckets")] == (before[0] + n, before[1])
     assert local_iam.unexpected_denials() == []
+
+
+def test_a_cancelled_transaction_leaves_every_item_it_named_as_it_was(stack: Any, dataset: str) -> None:
+    # GIVEN an item in the state table
+    db, table = stack.aws.dynamodb, stack.info.outputs["StateTableName"]
+
+    def key(sk: str) -> dict[str, Any]:
+        return {"pk": {"S": f"bench#{dataset}"}, "sk": {"S": sk}}
+
+    def items() -> list[dict[str, Any]]:
+        return list(
+            db.query(
+                TableName=table,
+                KeyConditionExpression="pk = :pk",
+                ExpressionAttributeValues={":pk": key("")["pk"]},
+                ConsistentRead=True,
+            )["Items"]
+        )
+
+    db.put_item(TableName=table, Item={**key("b"), "n": {"N": "1"}})
+    # WHEN a transaction puts a new item, updates that one, then fails a condition
+    with pytest.raises(ClientError) as cancelled:
+        db.transact_write_items(
+            TransactItems=[
+                {"Put": {"TableName": table, "Item": {**key("a"), "n": {"N": "1"}}}},
+                {
+                    "Update": {
+                        "TableName": table,
+                        "Key": key("b"),
+                        "UpdateExpression": "SET n = :two",
+                        "ExpressionAttributeValues": {":two": {"N": "2"}},
+                    }
+                },
+                {
+                    "Put": {
+                        "TableName": table,
+                        "Item": {**key("c"), "n": {"N": "1"}},
+                        "ConditionExpression": "attribute_exists(sk)",
+                    }
+                },
+            ]
+        )
+    assert cancelled.value.response["Error"]["Code"] == "TransactionCanceledException"
+    # THEN nothing of it remains: no new items, the updated one as it was
+    assert items() == [{**key("b"), "n": {"N": "1"}}]
+    # AND the same transaction without the failing condition applies whole
+    db.transact_write_items(
+        TransactItems=[
+            {"Put": {"TableName": table, "Item": {**key("a"), "n": {"N": "1"}}}},
+            {"Delete": {"TableName": table, "Key": key("b")}},
+        ]
+    )
+    assert items() == [{**key("a"), "n": {"N": "1"}}]
