@@ -444,9 +444,15 @@ def _by_api_table(title: str, columns: dict[str, dict[str, float]]) -> list[str]
     lines = [f"| {title} | " + " | ".join(columns) + " |"]
     lines.append("|---|" + "---:|" * len(columns))
     for api in apis:
-        lines.append(f"| `{api}` | " + " | ".join(f"{c.get(api, 0):g}" for c in columns.values()) + " |")
-    lines.append("| **total** | " + " | ".join(f"**{sum(c.values()):g}**" for c in columns.values()) + " |")
+        lines.append(f"| `{api}` | " + " | ".join(_num(c.get(api, 0)) for c in columns.values()) + " |")
+    lines.append(
+        "| **total** | " + " | ".join(f"**{_num(sum(c.values()))}**" for c in columns.values()) + " |"
+    )
     return lines
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if x == int(x) else f"{x:,.1f}"
 
 
 def _mib(n: int) -> str:
@@ -460,7 +466,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, commit: str) -> li
         "",
         f"`bench/scale.py {' '.join(args.argv)}`: one dataset of {args.rows}-row parts (the demo's "
         f"schema, seed {args.seed}); {args.reps} runs per N; {os.cpu_count()} CPUs (shared); load average "
-        f"{args.load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
+        f"{results['load'][0]:.1f} at the start, {results['load'][1]:.1f} at the end.",
         "",
     ]
     plus1 = results["plus1"]
@@ -515,8 +521,9 @@ def report(results: dict[str, Any], args: argparse.Namespace, commit: str) -> li
     for n, r in results["reconcile"].items():
         found = "all found" if r["all_found"] else "NOT all found"
         lines += [f"## Scheduled reconcile at N = {n:,}, {r['dropped']} events dropped", ""]
+        passes = f"{len(r['passes'])} pass" + ("" if len(r["passes"]) == 1 else "es")
         lines += [
-            f"{len(r['passes'])} passes, {found}.",
+            f"{passes}, {found}.",
             "",
             "| pass | seconds | found | requests (function) |",
         ]
@@ -602,7 +609,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     )
     p.add_argument("--out", help="report file (default bench/results/<UTC date>-scale[-k].md; .json beside)")
     args = p.parse_args(argv)
-    args.argv, args.load = argv, os.getloadavg()
+    args.argv = argv
     unknown = set(args.only) - set(MEASURES)
     if unknown:
         p.error(f"--only: no measure {sorted(unknown)}; choose from {','.join(MEASURES)}")
@@ -620,9 +627,11 @@ def main(argv: Iterable[str] | None = None) -> int:
         stack_name="s3rollup-scale", log_level="WARNING", reconcile_every=0, lifecycle_day_seconds=day
     ) as stack:
         bench = Bench(stack, args)
+        bench.results["load"] = [os.getloadavg()[0]]
         try:
             bench.run()
         finally:
+            bench.results["load"].append(os.getloadavg()[0])
             lines = report(bench.results, args, commit)
             path = _out_path(args)
             path.parent.mkdir(parents=True, exist_ok=True)
