@@ -16,6 +16,7 @@ from s3rollup.config import Settings
 from s3rollup.demo import generate_part
 from s3rollup.job import Job
 from s3rollup.local import NoncurrentExpiry, component_role
+from tests.conftest import wait_for
 from tests.helpers import put_part, silent, task_aws, wait_published
 
 pytestmark = pytest.mark.integration
@@ -71,6 +72,8 @@ def test_a_job_logs_its_requests_by_api_as_the_endpoint_counted_them(
     with silent(stack):
         keys = [put_part(stack, dataset, f"p{i}.csv", f) for i, f in enumerate(frames)]
     aws = task_aws(stack)
+    # ... and no other job running (the endpoint counts the task role's requests, any job's)
+    wait_for(lambda: all(p.poll() is not None for p in stack.tasks.launcher.processes), timeout=300)
     label = f"role/{component_role(stack.aws, stack.info.stack_name, 'worker').rsplit('/', 1)[1]}"
     before = local_iam.requests()
     # WHEN the job runs
