@@ -17,7 +17,7 @@ export SAM_CLI_TELEMETRY := 0
 # its imports from source (s3rollup.job with pandas, pyarrow and distributed: 3.3 s -> 0.9 s).
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: demo test lint typecheck template awscli unit integration lock clean bench bench-quick bench-image soak \
+.PHONY: demo test lint typecheck template awscli unit integration lock clean bench bench-quick bench-image soak scale \
         sam-local sam-start-lambda
 
 # The worker's native kernels (s3rollup/native/rollup.c, loaded with ctypes);
@@ -139,6 +139,11 @@ bench-image: $(STAMP)
 # throughput, upload-to-published lag, and every result checked. Not part of `make test`.
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py $(ARGS)
+
+# What one more part costs as a dataset grows, on the embedded stack (bench/scale.py; hours
+# with the defaults). Not part of `make test`.
+scale: $(BENCH_STAMP)
+	$(BIN)/python bench/scale.py $(ARGS)
 
 clean:
 	rm -rf $(NATIVE) $(VENV) $(SAM_VENV) $(CHECKOV_VENV) $(AWS_VENV) .aws-sam .pytest_cache .mypy_cache .ruff_cache .bench-cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
@@ -42,7 +43,11 @@ def object_at(bucket: str, key: str, version_id: str | None) -> dict[str, str]:
 
 
 class Aws:
-    """A thread-safe cache of boto3 clients for one region and endpoint."""
+    """A thread-safe cache of boto3 clients for one region and endpoint.
+
+    Every HTTP request its clients send (retries and pages included) is counted by API,
+    e.g. ``s3.GetObject``: ``requests()`` is what this cache's user cost in AWS requests.
+    """
 
     def __init__(
         self,
@@ -59,6 +64,8 @@ class Aws:
         self._session: boto3.session.Session | None = None
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._requests: Counter[str] = Counter()
+        self._requests_lock = threading.Lock()
 
     def _new_session(self) -> boto3.session.Session:
         if self.credentials:
@@ -83,10 +90,24 @@ class Aws:
             if service not in self._clients:
                 if self._session is None:
                     self._session = self._new_session()
-                self._clients[service] = self._session.client(  # type: ignore[call-overload]
+                client = self._session.client(  # type: ignore[call-overload]
                     service, endpoint_url=self.endpoint_url, config=_CONFIG
                 )
+                # before-send fires once per HTTP attempt: each is a billed request.
+                client.meta.events.register("before-send", self._count)
+                self._clients[service] = client
             return self._clients[service]
+
+    def _count(self, event_name: str = "", **_: Any) -> None:
+        # event_name: "before-send.<service>.<Operation>"; returning None lets the request go.
+        api = event_name.split(".", 1)[-1]
+        with self._requests_lock:
+            self._requests[api] += 1
+
+    def requests(self) -> dict[str, int]:
+        """Requests sent so far by this cache's clients, by API (``s3.GetObject``: n), sorted."""
+        with self._requests_lock:
+            return dict(sorted(self._requests.items()))
 
     @property
     def s3(self) -> Any:

@@ -585,6 +585,8 @@ class Job:
         metrics.add_metric(name="RowsRolledUp", unit=MetricUnit.Count, value=self.rows_aggregated)
         metrics.add_metric(name="PartsAggregated", unit=MetricUnit.Count, value=self.parts_aggregated)
         metrics.add_metric(name="RollupSeconds", unit=MetricUnit.Seconds, value=seconds)
+        requests = self.aws.requests()  # every AWS request of the job's clients, by API
+        metrics.add_metric(name="AwsRequests", unit=MetricUnit.Count, value=sum(requests.values()))
         metrics.flush_metrics()
         log.info(
             event.lower().replace("_", " "),
@@ -597,6 +599,7 @@ class Job:
                 "part_seconds": {step: round(v, 3) for step, v in self.part_seconds.items()},
                 "segments_written": self.segments_written,
                 "partials_merged": self.partials_merged,
+                "requests": requests,
             },
         )
 

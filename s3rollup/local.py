@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ import time
 import uuid
 import warnings
 import zipfile
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -53,6 +55,9 @@ LOCAL_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": LOCAL_OPERATOR["SecretAccessKey"],
 }
 BOOTSTRAP_BUCKET = "s3rollup-local-artifacts"
+# A lifecycle "day" of the embedded stack, in seconds: NoncurrentVersionDays (90) keeps a
+# replaced version for 90 minutes here (NoncurrentExpiry).
+LIFECYCLE_DAY_SECONDS = 60.0
 # Docker's default bridge: SAM's Lambda containers and the worker's container reach this
 # machine at its address (worker/build_local_base.sh fixes it at 172.31.250.1).
 DOCKER_BRIDGE = "docker0"
@@ -714,12 +719,40 @@ def load_handler(env: dict[str, str]) -> ModuleType:
     return module
 
 
-class Dispatcher:
+class _Background:
+    """A loop (``run``, until ``_stop`` is set) in a daemon thread of its own."""
+
+    thread_name = "s3rollup"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        """The loop."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Run in a background thread."""
+        self._thread = threading.Thread(target=self.run, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop and wait for it."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+
+class Dispatcher(_Background):
     """Polls the ingest queue and invokes the handler as Lambda's SQS integration would."""
+
+    thread_name = "s3rollup-dispatcher"
 
     def __init__(
         self, info: StackInfo, aws: Aws, reconcile_every: float = 5.0, log_level: str | None = None
     ) -> None:
+        super().__init__()
         self.info, self.aws = info, aws
         self.reconcile_every = reconcile_every
         env = dict(info.function_env)
@@ -746,8 +779,6 @@ class Dispatcher:
         self.queue_url = self.aws.client("sqs").get_queue_url(
             QueueName=info.outputs["IngestQueueUrl"].rsplit("/", 1)[-1]
         )["QueueUrl"]
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._reconciler: threading.Thread | None = None
         self.invocations = 0
         self.failures = 0
@@ -839,16 +870,9 @@ class Dispatcher:
         except Exception as exc:  # the next run tries again; each dataset's failure is logged
             log.error("reconcile failed", extra={"error": type(exc).__name__})
 
-    def start(self) -> None:
-        """Run in a background thread."""
-        self._thread = threading.Thread(target=self.run, name="s3rollup-dispatcher", daemon=True)
-        self._thread.start()
-
     def stop(self) -> None:
         """Stop polling and wait for local workers."""
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=10)
+        super().stop()
         if self._reconciler:
             self._reconciler.join(timeout=60)
         launcher = getattr(self.app.service(), "launcher", None)
@@ -981,6 +1005,97 @@ def _partition_rows(
     return [part[r] for r in ranges[start:stop]]
 
 
+_TRANSACTION = threading.local()
+
+
+def light_transactions() -> None:
+    """Make the embedded DynamoDB's TransactWriteItems cost what it touches, not its tables.
+
+    To roll a failed transaction back, moto deep-copies every table the transaction names
+    before it starts, whatever their size: each registry or audit write copied every item of
+    both tables, so a write's time grew with the parts and records stored (and, with moto's
+    instance tracker, its memory too). Here only the items the transaction names are saved
+    (one copy each) and put back if it fails; the tables themselves are not copied. Requests
+    are serialised (serialize_dynamodb), so nothing else changes those items meanwhile.
+    """
+    import moto.dynamodb.models as ddb_models
+
+    if isinstance(ddb_models.copy, _TransactionCopy):
+        return
+    original = ddb_models.DynamoDBBackend.transact_write_items
+
+    def transact_write_items(self: Any, transact_items: list[dict[str, Any]]) -> Any:
+        saved = _touched_items(self, transact_items)
+        _TRANSACTION.active = True
+        try:
+            return original(self, transact_items)
+        except Exception:
+            for table, hash_key, range_key, item in saved:
+                _put_back(table, hash_key, range_key, item)
+            raise
+        finally:
+            _TRANSACTION.active = False
+
+    ddb_models.DynamoDBBackend.transact_write_items = transact_write_items  # type: ignore[method-assign]
+    ddb_models.copy = _TransactionCopy(ddb_models.copy, ddb_models.Table)  # type: ignore[assignment]
+
+
+def _touched_items(backend: Any, transact_items: list[dict[str, Any]]) -> list[tuple[Any, Any, Any, Any]]:
+    """(table, hash key, range key, a copy of the item or None) for each item a transaction
+    names (moto itself reports unknown tables and malformed keys)."""
+    import copy
+
+    from moto.dynamodb.models.dynamo_type import DynamoType
+
+    saved = []
+    for entry in transact_items:
+        try:
+            _, op = next(iter(entry.items()))
+            table = backend.get_table(op["TableName"])
+            key = op["Item"] if "Item" in op else op["Key"]
+            hash_key = DynamoType(key[table.hash_key_attr])
+            range_key = DynamoType(key[table.range_key_attr]) if table.range_key_attr else None
+            item = table.get_item(hash_key, range_key)
+        except Exception:  # noqa: S112 - moto refuses the transaction and says why
+            continue
+        saved.append((table, hash_key, range_key, copy.deepcopy(item)))
+    return saved
+
+
+def _put_back(table: Any, hash_key: Any, range_key: Any, item: Any) -> None:
+    """Restore one item as it was before a failed transaction (None: it did not exist)."""
+    if range_key is None:
+        if item is None:
+            table.items.pop(hash_key, None)
+        else:
+            table.items[hash_key] = item
+        return
+    if item is not None:
+        table.items[hash_key][range_key] = item
+        return
+    partition = table.items.get(hash_key)
+    if partition is not None:
+        partition.pop(range_key, None)
+        if not partition:
+            del table.items[hash_key]
+
+
+class _TransactionCopy:
+    """moto.dynamodb.models' ``copy`` module, but a table is not copied inside a transaction
+    (light_transactions)."""
+
+    def __init__(self, module: Any, table_class: type) -> None:
+        self._module, self._table_class = module, table_class
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def deepcopy(self, obj: Any, memo: Any = None) -> Any:
+        if getattr(_TRANSACTION, "active", False) and isinstance(obj, self._table_class):
+            return obj  # the rollback copy: the items touched are saved instead
+        return self._module.deepcopy(obj, memo)
+
+
 _LISTING = threading.local()
 
 
@@ -1040,6 +1155,110 @@ class _ListingCopy:
         listed: Any = object.__new__(cls)
         listed.__dict__.update(version.__dict__)
         return listed
+
+
+def untrack_moto_instances() -> None:
+    """Make moto forget the model instances it made once nothing else holds them.
+
+    moto appends every instance of its models (each S3 object version and every copy of one,
+    each DynamoDB item, each SQS message, ...) to a per-class list for the life of the
+    process, used only to reset its backends, which the embedded stack never does: its
+    memory grew with every request that created an object, deleted or not. Here instances
+    are not tracked; an S3 version no bucket holds any more closes its buffer when collected.
+    """
+    from moto.core.common_models import BaseModel
+    from moto.s3.models import FakeKey
+
+    if getattr(BaseModel.__new__, "_s3rollup_untracked", False):
+        return
+
+    def new(cls: type, *args: Any, **kwargs: Any) -> Any:
+        return super(BaseModel, cls).__new__(cls)  # type: ignore[misc]
+
+    new._s3rollup_untracked = True  # type: ignore[attr-defined]
+    BaseModel.__new__ = staticmethod(new)  # type: ignore[method-assign]
+    for cls in _model_classes(BaseModel):
+        cls.instances_tracked.clear()  # type: ignore[attr-defined]
+    # Collected, not leaked: dispose without moto's "not disposed of in time" warning.
+    FakeKey.__del__ = lambda self: self.dispose()  # type: ignore[method-assign]
+
+
+def _model_classes(base: type) -> list[type]:
+    out, todo = [], [base]
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return [c for c in out if "instances_tracked" in c.__dict__]
+
+
+class NoncurrentExpiry(_Background):
+    """Runs the buckets' NoncurrentVersionExpiration lifecycle rules, which moto keeps but
+    never runs, with a day scaled to ``day_seconds``.
+
+    Every publish writes new versions of a dataset's manifest, partials and results, and
+    every replaced part leaves its old version: on AWS the rule removes each version
+    NoncurrentDays after it stopped being current; here it is removed NoncurrentDays x
+    ``day_seconds`` after that, so an embedded stack that runs for days holds the versions of
+    a bounded window rather than every version ever written. A removed version disappears as
+    S3's lifecycle removes it: from listings and GETs of its version id. Current versions are
+    never removed (the rules for current objects, transitions and delete markers are not run).
+    """
+
+    thread_name = "s3rollup-lifecycle"
+
+    def __init__(self, day_seconds: float) -> None:
+        super().__init__()
+        self.day_seconds = day_seconds
+        self.removed = 0
+
+    def sweep(self) -> int:
+        """Remove the noncurrent versions whose time is up in every bucket; return how many."""
+        import datetime
+
+        from moto.core.utils import utcnow
+        from moto.s3.models import s3_backends
+
+        from .local_iam import ACCOUNT
+
+        removed = 0
+        now = utcnow()
+        for bucket in list(s3_backends[ACCOUNT]["aws"].buckets.values()):
+            rules = [
+                (
+                    r.filter.prefix
+                    if r.filter is not None and r.filter.prefix is not None
+                    else r.prefix or "",
+                    float(r.nve_noncurrent_days),
+                )
+                for r in bucket.rules
+                if r.status == "Enabled" and r.nve_noncurrent_days is not None
+            ]
+            if not rules:
+                continue
+            for name in list(bucket.keys.keys()):
+                days = [d for prefix, d in rules if name.startswith(prefix)]
+                versions = bucket.keys.getlist(name) or []
+                if not days or len(versions) < 2:
+                    continue
+                cutoff = now - datetime.timedelta(seconds=min(days) * self.day_seconds)
+                # A version became noncurrent when the next one was written; the last is current.
+                expired = [v for v, nxt in itertools.pairwise(list(versions)) if nxt.last_modified < cutoff]
+                for version in expired:
+                    # In place on moto's own list: a concurrent write appends to the same list.
+                    with contextlib.suppress(ValueError):
+                        versions.remove(version)
+                removed += len(expired)
+        self.removed += removed
+        return removed
+
+    def run(self) -> None:
+        """Sweep until stopped, a few times per scaled day (at most once a second)."""
+        while not self._stop.wait(min(60.0, max(1.0, self.day_seconds / 4))):
+            try:
+                self.sweep()
+            except Exception as exc:  # keep sweeping: one bad pass must not stop the bound
+                log.error("noncurrent version expiry failed", extra={"error": type(exc).__name__})
 
 
 def enforcing_moto_server(policies: Any, ip_address: str, port: int) -> Any:
@@ -1277,7 +1496,7 @@ class TaskRunner:
         # RunTask may tag its tasks when the long task ARN format is on, as it is by default
         # on AWS (dask-cloudprovider asks ListAccountSettings; moto has no default).
         aws.client("ecs").put_account_setting(name="taskLongArnFormat", value="enabled")
-        self.started: list[str] = []
+        self.started: deque[str] = deque(maxlen=1000)  # the latest job ids started
 
     def run(self, backend: Any, task: Any) -> None:
         """Run a task RunTask created: a Dask member, or the job its overrides name."""
@@ -1329,11 +1548,14 @@ class EmbeddedStack:
         host: str = "127.0.0.1",
         run_tasks: bool = True,
         reconcile_grace: int | None = None,
+        lifecycle_day_seconds: float = LIFECYCLE_DAY_SECONDS,
     ) -> None:
         """``reconcile_grace`` deploys the stack with that ReconcileGraceSeconds (tests that
         drop an event and reconcile at once use 0); None keeps the template's default."""
         self.port, self.stack_name, self.region = port, stack_name, region
         self.reconcile_grace = reconcile_grace
+        # The buckets' noncurrent-version expiration runs with a day this long (NoncurrentExpiry).
+        self.expiry = NoncurrentExpiry(lifecycle_day_seconds)
         self.dispatch, self.reconcile_every, self.log_level = dispatch, reconcile_every, log_level
         self.host, self.run_tasks = check_listen_address(host), run_tasks
         self.server: Any = None
@@ -1355,7 +1577,9 @@ class EmbeddedStack:
 
         serialize_dynamodb()
         partition_queries()
+        light_transactions()
         light_version_listings()
+        untrack_moto_instances()
         # Loopback, or the Docker bridge's gateway: the embedded endpoint is for this machine
         # and its containers (check_listen_address).
         self.policies = local_iam.Policies(self.region)
@@ -1374,6 +1598,7 @@ class EmbeddedStack:
             {} if self.reconcile_grace is None else {"ReconcileGraceSeconds": str(self.reconcile_grace)}
         )
         self.info = provision(self.aws, self.stack_name, policies=self.policies, parameters=overrides)
+        self.expiry.start()
         if self.run_tasks:
             self.tasks = TaskRunner(self.info, self.aws)
             self.tasks.register()
@@ -1398,6 +1623,7 @@ class EmbeddedStack:
             self.dispatcher.stop()
         if self.tasks:
             self.tasks.stop()
+        self.expiry.stop()
         if self.server:
             self.server.stop()
         # The process's environment as it was: another stack may still be serving it.

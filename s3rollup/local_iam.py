@@ -26,6 +26,7 @@ import re
 import threading
 import uuid
 import xml.etree.ElementTree as ET
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,8 +63,18 @@ class Record:
     context: dict[str, Any] = field(default_factory=dict)  # the condition keys it was decided on
 
 
-# Every decision made in this process (all embedded stacks), for the suite's IAM table.
-RECORDS: list[Record] = []
+# What the endpoints of this process (all embedded stacks) decided, in bounded memory: a
+# count per (principal, action, allowed), the latest decisions as a sample, the refusals no
+# test expected (kept up to a cap: each is a finding), and a count of requests by
+# (principal, API). A long-running `s3rollup up` makes millions of decisions.
+RECORDS_KEPT = 1000  # the latest decisions kept in RECORDS
+DENIALS_KEPT = 1000  # the unexpected refusals kept in full (all are counted)
+RECORDS: deque[Record] = deque(maxlen=RECORDS_KEPT)
+_DECISIONS: Counter[tuple[str, str, bool]] = Counter()
+_DENIALS: list[Record] = []
+_DENIALS_SEEN = 0
+_REQUESTS: Counter[tuple[str, str]] = Counter()
+_BYTES: Counter[tuple[str, str]] = Counter()
 _RECORDS_LOCK = threading.Lock()
 _EXPECTED: set[tuple[str, str]] = set()
 
@@ -79,20 +90,41 @@ def expected_denial(principal: str, action: str) -> Iterator[None]:
 
 
 def unexpected_denials() -> list[Record]:
-    """Refusals no test expected: calls the code makes that IAM would deny."""
+    """Refusals no test expected: calls the code makes that IAM would deny (the first
+    DENIALS_KEPT of them; denial_count() counts them all)."""
     with _RECORDS_LOCK:
-        return [r for r in RECORDS if not r.allowed and not r.reason.startswith("expected:")]
+        return list(_DENIALS)
+
+
+def denial_count() -> int:
+    """How many refusals no test expected, kept or not."""
+    with _RECORDS_LOCK:
+        return _DENIALS_SEEN
 
 
 def pairs() -> dict[tuple[str, str], tuple[int, int]]:
     """(principal, action) -> (calls allowed, calls refused), roles named by their logical id."""
     out: dict[tuple[str, str], tuple[int, int]] = {}
     with _RECORDS_LOCK:
-        for r in RECORDS:
-            key = (_logical(r.principal), r.action)
-            allowed, refused = out.get(key, (0, 0))
-            out[key] = (allowed + r.allowed, refused + (not r.allowed))
+        decisions = list(_DECISIONS.items())
+    for (principal, action, allowed), n in decisions:
+        key = (_logical(principal), action)
+        ok, no = out.get(key, (0, 0))
+        out[key] = (ok + n, no) if allowed else (ok, no + n)
     return dict(sorted(out.items()))
+
+
+def requests() -> dict[tuple[str, str], int]:
+    """Requests that reached the endpoints so far, by (principal, API), e.g.
+    ("role/<task role>", "s3.GetObject"); refused ones included."""
+    with _RECORDS_LOCK:
+        return dict(_REQUESTS)
+
+
+def transferred() -> dict[tuple[str, str], int]:
+    """Bytes of those requests' bodies and their responses' bodies, by (principal, API)."""
+    with _RECORDS_LOCK:
+        return dict(_BYTES)
 
 
 def _logical(principal: str) -> str:
@@ -112,8 +144,33 @@ def pairs_table(rows: dict[tuple[str, str], tuple[int, int]]) -> list[str]:
 
 
 def _record(rec: Record) -> None:
+    global _DENIALS_SEEN
     with _RECORDS_LOCK:
         RECORDS.append(rec)
+        _DECISIONS[(rec.principal, rec.action, rec.allowed)] += 1
+        if not rec.allowed and not rec.reason.startswith("expected:"):
+            _DENIALS_SEEN += 1
+            if len(_DENIALS) < DENIALS_KEPT:
+                _DENIALS.append(rec)
+
+
+def _count_request(label: str, api: str, body_bytes: int) -> None:
+    with _RECORDS_LOCK:
+        _REQUESTS[(label, api)] += 1
+        _BYTES[(label, api)] += body_bytes
+
+
+def _counting(label: str, api: str, head: bool, start_response: Callable[..., Any]) -> Callable[..., Any]:
+    """start_response, counting the response body's bytes (its Content-Length; a HEAD has none)."""
+
+    def counted(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        length = next((v for k, v in headers if k.lower() == "content-length"), "0")
+        if not head and length.isdigit():
+            with _RECORDS_LOCK:
+                _BYTES[(label, api)] += int(length)
+        return start_response(status, headers, exc_info)
+
+    return counted
 
 
 # ---- the policies the stack deployed ------------------------------------------------------
@@ -641,6 +698,39 @@ def parse_call(environ: dict[str, Any]) -> tuple[Call, str] | None:
     return call, access_key
 
 
+_S3_API = {  # an S3 request's first IAM action -> its API, where the two differ
+    "s3:GetObjectVersion": "GetObject",
+    "s3:DeleteObjectVersion": "DeleteObject",
+    "s3:ListBucketVersions": "ListObjectVersions",
+    "s3:GetBucketNotification": "GetBucketNotificationConfiguration",
+    "s3:PutBucketNotification": "PutBucketNotificationConfiguration",
+}
+
+
+def api_name(call: Call, checks: list[Check]) -> str:
+    """The API a request called, as botocore names it: ``s3.GetObject``, ``dynamodb.Query``."""
+    if call.service in _JSON_SERVICES:
+        return f"{call.service}.{call.headers.get('x-amz-target', '.').rsplit('.', 1)[-1]}"
+    if call.service in _QUERY_SERVICES:
+        return f"{call.service}.{call.form().get('Action', 'Unknown')}"
+    if call.service != "s3" or not checks:
+        return f"{call.service}.{checks[0].action.split(':', 1)[-1] if checks else 'Unknown'}"
+    action = checks[0].action
+    if call.method == "HEAD":
+        return "s3.HeadObject" if "/" in call.path.lstrip("/") else "s3.HeadBucket"
+    if action == "s3:ListBucket":
+        return "s3.ListObjectsV2" if call.query.get("list-type") == "2" else "s3.ListObjects"
+    if call.method == "POST" and "delete" in call.query:
+        return "s3.DeleteObjects"
+    if action == "s3:PutObject" and "uploads" in call.query:
+        return "s3.CreateMultipartUpload"
+    if action == "s3:PutObject" and "uploadId" in call.query:
+        return "s3.UploadPart" if call.method == "PUT" else "s3.CompleteMultipartUpload"
+    if action == "s3:PutObject" and "x-amz-copy-source" in call.headers:
+        return "s3.CopyObject"
+    return f"s3.{_S3_API.get(action, action.split(':', 1)[-1])}"
+
+
 def checks_for(call: Call) -> list[Check]:
     """Every IAM request one call makes, the key uses through services included."""
     if call.service == "s3":
@@ -734,6 +824,9 @@ class Enforcer:
             checks = checks_for(call)
         except Exception as exc:  # a request the mapping cannot read: refuse it, loudly
             checks = [Check(f"{call.service}:Unreadable{type(exc).__name__}", "*")]
+        api = api_name(call, checks)
+        _count_request(label, api, int(environ.get("CONTENT_LENGTH") or 0))
+        start_response = _counting(label, api, call.method == "HEAD", start_response)
         for check in checks:
             decision = self.decide(principal, label, check)
             if not decision.allowed:

@@ -156,8 +156,13 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.section("AWS calls by principal (IAM enforced at the embedded endpoint)")
     for line in local_iam.pairs_table(pairs):
         terminalreporter.write_line(line)
-    for r in config.stash.get(_DENIED, []):
+    denied = config.stash.get(_DENIED, [])
+    for r in denied:
         terminalreporter.write_line(f"REFUSED {r.principal} {r.action} {r.resource}: {r.reason}", red=True)
+    if local_iam.denial_count() > len(denied):
+        terminalreporter.write_line(
+            f"... and {local_iam.denial_count() - len(denied)} more refused", red=True
+        )
 
 
 @pytest.hookimpl(trylast=True)
