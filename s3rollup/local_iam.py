@@ -77,6 +77,22 @@ _REQUESTS: Counter[tuple[str, str]] = Counter()
 _BYTES: Counter[tuple[str, str]] = Counter()
 _RECORDS_LOCK = threading.Lock()
 _EXPECTED: set[tuple[str, str]] = set()
+_CAPTURES: list[tuple[str, list[Record]]] = []
+
+
+@contextmanager
+def captured(principal: str) -> Iterator[list[Record]]:
+    """Every decision on principal's requests while inside, in order: what one component
+    called, whatever RECORDS keeps."""
+    calls: list[Record] = []
+    entry = (principal, calls)
+    with _RECORDS_LOCK:
+        _CAPTURES.append(entry)
+    try:
+        yield calls
+    finally:
+        with _RECORDS_LOCK:
+            _CAPTURES.remove(entry)
 
 
 @contextmanager
@@ -147,6 +163,9 @@ def _record(rec: Record) -> None:
     global _DENIALS_SEEN
     with _RECORDS_LOCK:
         RECORDS.append(rec)
+        for principal, calls in _CAPTURES:
+            if principal == rec.principal:
+                calls.append(rec)
         _DECISIONS[(rec.principal, rec.action, rec.allowed)] += 1
         if not rec.allowed and not rec.reason.startswith("expected:"):
             _DENIALS_SEEN += 1

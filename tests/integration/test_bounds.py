@@ -17,7 +17,7 @@ from s3rollup.demo import generate_part
 from s3rollup.job import Job
 from s3rollup.local import NoncurrentExpiry, component_role
 from tests.conftest import wait_for
-from tests.helpers import put_part, silent, task_aws, wait_published
+from tests.helpers import put_part, register_quietly, silent, task_aws, wait_published
 
 pytestmark = pytest.mark.integration
 
@@ -71,6 +71,7 @@ def test_a_job_logs_its_requests_by_api_as_the_endpoint_counted_them(
     frames = [generate_part(i, 100, seed=8) for i in range(2)]
     with silent(stack):
         keys = [put_part(stack, dataset, f"p{i}.csv", f) for i, f in enumerate(frames)]
+    register_quietly(stack, dataset)
     aws = task_aws(stack)
     # ... and no other job running (the endpoint counts the task role's requests, any job's)
     wait_for(lambda: all(p.poll() is not None for p in stack.tasks.launcher.processes), timeout=300)

@@ -68,33 +68,19 @@ def test_a_cluster_round_survives_a_killed_worker_equals_pandas_and_calls_only_w
 ) -> None:
     # GIVEN 20 parts, and a job rolling them up on a task cluster of 2 workers
     final = upload_silently(stack, dataset, parts=20, rows=5_000, seed=20)
-    role, first = job_role(stack), len(local_iam.RECORDS)
+    role = job_role(stack)
     dask = stack.tasks.dask
     before = set(dask.processes)
-    job = start_job(stack, dataset, "job-cluster", CLUSTER)
-    bucket, s3 = stack.info.outputs["DataBucketName"], stack.aws.s3
-
-    def partials() -> int:
-        listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"partials/{dataset}/")
-        return int(listing.get("KeyCount", 0))
-
-    # WHEN one worker task dies (SIGKILL, as a reclaimed Spot task would) once the round has
-    # computed its first partial
-    wait_for(lambda: partials() > 0 or job.poll() is not None, timeout=180, interval=0.05)
-    started = {arn: p for arn, p in dask.processes.items() if arn not in before}
-    workers = [p for p in started.values() if "dask-worker" in p.args and p.poll() is None]
-    done_before_kill = partials()
-    assert len(started) == 3 and len(workers) == 2 and job.poll() is None
-    workers[0].kill()
-    # THEN the round still ends, with the result of pandas at 1e-9, every part aggregated once
-    assert job.wait(timeout=240) == 0
-    assert done_before_kill < len(final), "the kill came after the round"
+    # WHEN one worker task dies mid-round (every call of the job's role recorded)
+    with local_iam.captured(role) as calls:
+        job = start_job(stack, dataset, "job-cluster", CLUSTER)
+        _kill_a_worker_mid_round(stack, dataset, job, before, len(final))
+    # THEN the round still ends, with the result of pandas at 1e-9
     assert_result_is(stack, dataset, final, timeout=10)
     # and the scheduler and both workers (each a process of its own) are stopped
     assert dask.running() == []
     # and the job's role called exactly these for the cluster, each allowed by the policy the
     # template gives it, none creating or registering anything
-    calls = [r for r in local_iam.RECORDS[first:] if r.principal == role]
     assert calls and all(r.allowed for r in calls), [r for r in calls if not r.allowed]
     cluster_calls = sorted(
         {(r.action, r.resource) for r in calls if not r.action.startswith(("s3:", "dynamodb:", "kms:"))}
@@ -118,6 +104,25 @@ def test_a_cluster_round_survives_a_killed_worker_equals_pandas_and_calls_only_w
     assert run_job(stack, local, "job-local", {}) == 0
     assert comparable(audit_records(stack, dataset)) == comparable(audit_records(stack, local))
     assert state(stack).lease(dataset) is None and state(stack).lease(local) is None
+
+
+def _kill_a_worker_mid_round(stack: Any, dataset: str, job: Any, before: set[str], parts: int) -> None:
+    """One worker task dies (SIGKILL, as a reclaimed Spot task would) once the round has computed
+    its first partial; the round still ends, with every part aggregated once."""
+    bucket, s3, dask = stack.info.outputs["DataBucketName"], stack.aws.s3, stack.tasks.dask
+
+    def partials() -> int:
+        listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"partials/{dataset}/")
+        return int(listing.get("KeyCount", 0))
+
+    wait_for(lambda: partials() > 0 or job.poll() is not None, timeout=180, interval=0.05)
+    started = {arn: p for arn, p in dask.processes.items() if arn not in before}
+    workers = [p for p in started.values() if "dask-worker" in p.args and p.poll() is None]
+    done_before_kill = partials()
+    assert len(started) == 3 and len(workers) == 2 and job.poll() is None
+    workers[0].kill()
+    assert job.wait(timeout=240) == 0
+    assert done_before_kill < parts, "the kill came after the round"
 
 
 def test_a_scheduler_task_that_never_comes_up_fails_the_job_and_leaves_nothing(
