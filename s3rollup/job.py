@@ -752,7 +752,7 @@ class Job:
                 part = current.get(key)
                 changes[key] = _entry(part) if part is not None and part.current else None
             try:
-                new_tree, merged = update.apply(tree, merger.load(prev["merged_partial"]), changes)
+                new_tree, merged = update.apply(tree, lambda: merger.load(prev["merged_partial"]), changes)
             except ManifestError as exc:
                 if exc.code != "SEGMENT_MISSING":
                     # The root's SHA-256 is in the audit chain: this is tampering or corruption.

@@ -211,10 +211,11 @@ class Update(Generic[F]):
     written: set[str] = field(default_factory=set)  # ids of the segments it wrote
 
     def apply(
-        self, tree: Mapping[str, Any], merged: F | None, changes: Mapping[str, Entry | None]
+        self, tree: Mapping[str, Any], merged: Callable[[], F] | None, changes: Mapping[str, Entry | None]
     ) -> tuple[dict[str, Any], F]:
-        """The new tree and its merge, given the current tree, its merge (None: read it from the
-        children when needed) and changes (key -> its new entry, or None to take it out).
+        """The new tree and its merge, given the current tree, how to read its merge (called only
+        when only parts were added; None: merge the children's) and changes (key -> its new
+        entry, or None to take it out).
 
         An entry equal to the current one, or the removal of an absent key, changes nothing.
         """
@@ -234,9 +235,9 @@ class Update(Generic[F]):
             children = load_node(self.objects, only["node"])["children"]
             level -= 1
         if delta == [] and merged is not None:
-            total = merged  # nothing changed
+            total = merged()  # nothing changed
         elif delta is not None and merged is not None:
-            total = self._merge([merged, *delta])
+            total = self._merge([merged(), *delta])
         else:
             total = self._merge(self.merger.load(c["merged"]) for c in children)
         new_tree = {

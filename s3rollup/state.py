@@ -84,6 +84,17 @@ def _part_from_item(item: dict[str, Any]) -> Part:
     )
 
 
+def _conditional(call: Any, **request: Any) -> bool:
+    """Make one conditional write; False when its condition does not hold (nothing written)."""
+    try:
+        call(**request)
+        return True
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+            return False
+        raise
+
+
 class State:
     """Parts and leases in the state table."""
 
@@ -305,19 +316,14 @@ class State:
     def clear_change(self, dataset: str, key: str, token: str) -> bool:
         """Delete key's marker if it is still the one read (token); False when it changed since,
         so the newer change stays announced."""
-        try:
-            self._db.delete_item(
-                TableName=self.table,
-                Key={"pk": self.change_pk(dataset), "sk": {"S": key}},
-                ConditionExpression="#t = :t",
-                ExpressionAttributeNames={"#t": "token"},
-                ExpressionAttributeValues={":t": {"S": token}},
-            )
-            return True
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
-                return False
-            raise
+        return _conditional(
+            self._db.delete_item,
+            TableName=self.table,
+            Key={"pk": self.change_pk(dataset), "sk": {"S": key}},
+            ConditionExpression="#t = :t",
+            ExpressionAttributeNames={"#t": "token"},
+            ExpressionAttributeValues={":t": {"S": token}},
+        )
 
     def waiting(self, dataset: str) -> bool:
         """True when a change to the dataset's parts is not in its published result yet (one
@@ -381,57 +387,42 @@ class State:
     def acquire_lease(self, dataset: str, job_id: str, seconds: int) -> bool:
         """Take the dataset's lease for job_id if it is free, expired or already ours."""
         now = int(time.time())
-        try:
-            self._db.put_item(
-                TableName=self.table,
-                Item={
-                    **self._lease_key(dataset),
-                    "job_id": {"S": job_id},
-                    "expires": {"N": str(now + seconds)},
-                    "taken": {"N": str(now)},
-                },
-                ConditionExpression="attribute_not_exists(pk) OR expires < :now OR job_id = :me",
-                ExpressionAttributeValues={":now": {"N": str(now)}, ":me": {"S": job_id}},
-            )
-            return True
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
-                return False
-            raise
+        return _conditional(
+            self._db.put_item,
+            TableName=self.table,
+            Item={
+                **self._lease_key(dataset),
+                "job_id": {"S": job_id},
+                "expires": {"N": str(now + seconds)},
+                "taken": {"N": str(now)},
+            },
+            ConditionExpression="attribute_not_exists(pk) OR expires < :now OR job_id = :me",
+            ExpressionAttributeValues={":now": {"N": str(now)}, ":me": {"S": job_id}},
+        )
 
     def renew_lease(self, dataset: str, job_id: str, seconds: int) -> bool:
         """Extend our lease; False when it is no longer ours."""
-        try:
-            self._db.update_item(
-                TableName=self.table,
-                Key=self._lease_key(dataset),
-                UpdateExpression="SET expires = :e",
-                ConditionExpression="job_id = :me",
-                ExpressionAttributeValues={
-                    ":e": {"N": str(int(time.time()) + seconds)},
-                    ":me": {"S": job_id},
-                },
-            )
-            return True
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
-                return False
-            raise
+        return _conditional(
+            self._db.update_item,
+            TableName=self.table,
+            Key=self._lease_key(dataset),
+            UpdateExpression="SET expires = :e",
+            ConditionExpression="job_id = :me",
+            ExpressionAttributeValues={
+                ":e": {"N": str(int(time.time()) + seconds)},
+                ":me": {"S": job_id},
+            },
+        )
 
     def release_lease(self, dataset: str, job_id: str) -> bool:
         """Give the lease back if we hold it."""
-        try:
-            self._db.delete_item(
-                TableName=self.table,
-                Key=self._lease_key(dataset),
-                ConditionExpression="job_id = :me",
-                ExpressionAttributeValues={":me": {"S": job_id}},
-            )
-            return True
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
-                return False
-            raise
+        return _conditional(
+            self._db.delete_item,
+            TableName=self.table,
+            Key=self._lease_key(dataset),
+            ConditionExpression="job_id = :me",
+            ExpressionAttributeValues={":me": {"S": job_id}},
+        )
 
     def lease(self, dataset: str) -> dict[str, Any] | None:
         """The current lease item (job_id, expires) or None."""

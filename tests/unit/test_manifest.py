@@ -113,7 +113,8 @@ class Published:
 
     def publish(self, changes: dict[str, dict[str, Any] | None]) -> Update[Counter[str]]:
         update: Update[Counter[str]] = Update(DATASET, self.objects, self.merger, fanout=self.fanout)
-        self.tree, self.merged = update.apply(self.tree, self.merged, changes)
+        merged = self.merged
+        self.tree, self.merged = update.apply(self.tree, None if merged is None else lambda: merged, changes)
         update.delete_dropped(lambda key, exc: pytest.fail(f"delete of {key} failed: {exc}"))
         self.last = update
         return update
