@@ -202,6 +202,23 @@ class AuditLog:
                 return
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
+    def last(self, chain: str) -> dict[str, Any] | None:
+        """The chain's last record, read through its head: two reads however long the chain
+        is. None when the chain is empty."""
+        seq, _ = self._head(chain)
+        if seq == 0:
+            return None
+        item = self._db.get_item(
+            TableName=self.table,
+            Key={"chain": {"S": chain}, "seq": {"N": str(seq)}},
+            ConsistentRead=True,
+        ).get("Item")
+        if item is None:
+            raise AuditError(f"audit chain {chain!r}: its head names record {seq}, which is missing")
+        record: dict[str, Any] = json.loads(item["record"]["S"])
+        record["_seq_key"] = seq
+        return record
+
     def head(self, chain: str) -> tuple[int, str]:
         """(last sequence number, last hash) of a chain; (0, GENESIS) when empty."""
         return self._head(chain)

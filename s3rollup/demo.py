@@ -177,8 +177,8 @@ def wait_until_idle(state: Any, log: Any, dataset: str, timeout: float = 60) -> 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if state.lease(dataset) is None:
-            records = list(log.records(dataset))
-            if records and records[-1]["event"] in ("JOB_FINISHED", "JOB_FAILED"):
+            last = log.last(dataset)
+            if last is not None and last["event"] in ("JOB_FINISHED", "JOB_FAILED"):
                 return True
         time.sleep(0.2)
     return False

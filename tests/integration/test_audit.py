@@ -46,6 +46,12 @@ def test_concurrent_appends_make_one_gap_free_chain(stack: Any, dataset: str) ->
         f"incoming/{dataset}/{t}-{i}.csv" for t in range(8) for i in range(10)
     )
     assert log.verify(dataset) == (80, None)
+    # AND the last record, read through the head, is the chain's last
+    assert log.last(dataset) == records[-1]
+
+
+def test_an_empty_chain_has_no_last_record(stack: Any, dataset: str) -> None:
+    assert _log(stack).last(f"{dataset}-never-written") is None
 
 
 def _tamper(stack: Any, chain: str, seq: int, change: Any) -> None:
