@@ -6,8 +6,10 @@ processes; periodic reconcile off: the reconcile measure calls it), grows one da
 
 - ``plus1``: one more part, from the producer's upload to the manifest naming it at its
   version, through the whole path (S3 notification, queue, dispatcher and handler, RunTask,
-  the job's process, publish); ``--reps`` times; and the requests each +1 made at the
-  endpoint, by API, of the job (worker task role) and of the function (execution role);
+  the job's process, publish); ``--reps`` times, each right after a +1 on a control dataset
+  that stays at ``--control-n`` parts, so that the machine's load weighs on both alike; and
+  the requests each +1 made at the endpoint, by API, of the job (worker task role) and of the
+  function (execution role);
 - at every N, peak RSS of this process (the endpoint, dispatcher and handler; the seeding's
   in-process ingest too) and of the job processes, over each N's stage;
 - ``delete``: at N = ``--delete-n``, a part deleted (and its event delivered, as S3 sends
@@ -40,6 +42,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -152,6 +155,15 @@ def wait(predicate: Callable[[], bool], timeout: float, poll: float, what: str) 
         time.sleep(poll)
 
 
+@dataclass
+class Grown:
+    """A dataset the bench grows: its name, parts in it, the index of its next part."""
+
+    name: str
+    count: int = 0
+    next_index: int = 0
+
+
 class Bench:
     """One embedded stack, one growing dataset, and what is measured on them."""
 
@@ -174,9 +186,8 @@ class Bench:
         self.launcher = stack.tasks.launcher
         self.worker = "role/" + component_role(self.aws, stack.info.stack_name, "worker").rsplit("/", 1)[1]
         self.fn_role = "role/" + stack.info.function_role_arn.rsplit("/", 1)[1]
-        self.dataset = "scale"
-        self.count = 0  # parts in the dataset
-        self.next_index = 0
+        self.grown = Grown("scale")  # the dataset grown to each N
+        self.control = Grown("scale-control")  # stays at --control-n parts, measured alongside
         self.rss = Rss()
         self.results: dict[str, Any] = {"plus1": {}, "rss": {}, "delete": {}, "reconcile": {}, "bulk": {}}
 
@@ -199,9 +210,10 @@ class Bench:
         )
         return str(resp["VersionId"])
 
-    def published_at(self, key: str, version: str | None) -> Callable[[], bool]:
+    def published_at(self, key: str, version: str | None, dataset: str = "") -> Callable[[], bool]:
         """Whether the dataset's manifest names key at version (None: does not name it)."""
-        return lambda: published_version(self.aws, self.bucket, self.dataset, key) == version
+        dataset = dataset or self.grown.name
+        return lambda: published_version(self.aws, self.bucket, dataset, key) == version
 
     def jobs_done(self) -> bool:
         """No job process is running, and the dataset's chain ends a job with no lease held."""
@@ -215,12 +227,14 @@ class Bench:
 
     # ---- seeding -----------------------------------------------------------------------------
 
-    def seed(self, target: int) -> None:
-        """Grow the dataset to target parts through the real ingest and job code."""
+    def seed(self, target: int, ds: Grown | None = None) -> None:
+        """Grow a dataset (the grown one by default) to target parts through the real ingest
+        and job code."""
+        ds = ds or self.grown
         started = time.perf_counter()
-        while self.count < target:
-            batch = range(self.next_index, self.next_index + min(self.args.seed_batch, target - self.count))
-            parts = [self.part(self.dataset, i)[:2] for i in batch]
+        while ds.count < target:
+            batch = range(ds.next_index, ds.next_index + min(self.args.seed_batch, target - ds.count))
+            parts = [self.part(ds.name, i)[:2] for i in batch]
             with silent(self.stack), ThreadPoolExecutor(16) as pool:
                 list(pool.map(lambda kb: self.put(*kb), parts))
             # A few deciders at once, as concurrent function invocations: each decision appends to
@@ -232,50 +246,65 @@ class Bench:
             accepted = sum(o.decision == "ACCEPTED" for o in outcomes)
             if accepted != len(parts):
                 raise RuntimeError(f"seeding: {accepted} of {len(parts)} parts accepted: {outcomes[:3]}")
-            self.launcher.launch(self.dataset, f"seed-{uuid.uuid4().hex}")
-            self.idle(self.dataset)
-            self.next_index += len(parts)
-            self.count += len(parts)
-            published = len(published_parts(self.aws, self.bucket, self.dataset))
-            if published != self.count:
-                raise RuntimeError(f"seeding: {published} parts published, {self.count} expected")
-            say(f"  seeded {self.count}/{target} parts ({time.perf_counter() - started:.0f}s)")
+            self.launcher.launch(ds.name, f"seed-{uuid.uuid4().hex}")
+            self.idle(ds.name)
+            ds.next_index += len(parts)
+            ds.count += len(parts)
+            published = len(published_parts(self.aws, self.bucket, ds.name))
+            if published != ds.count:
+                raise RuntimeError(f"seeding: {published} parts published, {ds.count} expected")
+            say(f"  seeded {ds.name} {ds.count}/{target} parts ({time.perf_counter() - started:.0f}s)")
 
     # ---- measures ----------------------------------------------------------------------------
 
     def plus1(self, n: int) -> None:
-        """One more part, upload to published, --reps times."""
+        """One more part, upload to published, --reps times; each run right after one on the
+        control dataset (--control-n parts), so the two are timed side by side."""
         runs: list[float] = []
+        control: list[float] = []
         job_reqs: list[dict[str, int]] = []
         fn_reqs: list[dict[str, int]] = []
         job_bytes: list[dict[str, int]] = []
         for rep in range(self.args.reps):
-            key, body, _ = self.part(self.dataset, self.next_index)
-            before = counts()
-            t0 = time.perf_counter()
-            version = self.put(key, body)
-            t1 = wait(
-                self.published_at(key, version), self.args.timeout, self.args.poll, f"+1 at N={self.count}"
-            )
-            self.idle(self.dataset)
-            runs.append(t1 - t0)
+            if self.control.count:
+                control.append(self.one_more(self.control)[0])
+            seconds, before = self.one_more(self.grown)
+            runs.append(seconds)
             job_reqs.append(requests_since(before, self.worker))
             fn_reqs.append(requests_since(before, self.fn_role))
             job_bytes.append(requests_since(before, self.worker, "bytes"))
-            self.next_index += 1
-            self.count += 1
-            say(f"  +1 at N={self.count - 1}: {runs[-1]:.2f}s ({rep + 1}/{self.args.reps})")
+            side = f", control {control[-1]:.2f}s" if control else ""
+            say(f"  +1 at N={self.grown.count - 1}: {runs[-1]:.2f}s{side} ({rep + 1}/{self.args.reps})")
         self.results["plus1"][n] = {
             "seconds": runs,
+            "control_seconds": control,
+            "control_n": self.control.count - len(control),
             "job": job_reqs,
             "function": fn_reqs,
             "job_bytes": job_bytes,
         }
 
+    def one_more(self, ds: Grown) -> tuple[float, Counts]:
+        """One more part into ds, upload to published: (seconds, the counts before it)."""
+        key, body, _ = self.part(ds.name, ds.next_index)
+        before = counts()
+        t0 = time.perf_counter()
+        version = self.put(key, body)
+        t1 = wait(
+            self.published_at(key, version, ds.name),
+            self.args.timeout,
+            self.args.poll,
+            f"+1 at N={ds.count} ({ds.name})",
+        )
+        self.idle(ds.name)
+        ds.next_index += 1
+        ds.count += 1
+        return t1 - t0, before
+
     def delete(self, n: int) -> None:
         """A part deleted, its event delivered: seconds until published without it."""
-        key = self.part(self.dataset, 0)[0]
-        if published_version(self.aws, self.bucket, self.dataset, key) is None:
+        key = self.part(self.grown.name, 0)[0]
+        if published_version(self.aws, self.bucket, self.grown.name, key) is None:
             raise RuntimeError(f"delete: {key} is not published")
         before = counts()
         t0 = time.perf_counter()
@@ -286,11 +315,11 @@ class Bench:
             self.published_at(key, None),
             self.args.timeout,
             self.args.poll,
-            f"delete at N={self.count}",
+            f"delete at N={self.grown.count}",
         )
-        self.idle(self.dataset)
-        self.count -= 1
-        say(f"  delete at N={self.count + 1}: {t1 - t0:.2f}s")
+        self.idle(self.grown.name)
+        self.grown.count -= 1
+        say(f"  delete at N={self.grown.count + 1}: {t1 - t0:.2f}s")
         self.results["delete"][n] = {
             "seconds": t1 - t0,
             "job": requests_since(before, self.worker),
@@ -302,12 +331,12 @@ class Bench:
         dropped = {}
         with silent(self.stack):
             for _ in range(self.args.dropped):
-                key, body, _ = self.part(self.dataset, self.next_index)
+                key, body, _ = self.part(self.grown.name, self.grown.next_index)
                 dropped[key] = self.put(key, body)
-                self.next_index += 1
+                self.grown.next_index += 1
 
         def found() -> int:
-            parts = (self.state.get_part(self.dataset, k) for k in dropped)
+            parts = (self.state.get_part(self.grown.name, k) for k in dropped)
             return sum(p is not None and p.version_id == dropped[p.key] for p in parts)
 
         passes: list[dict[str, Any]] = []
@@ -324,13 +353,13 @@ class Bench:
                     "failed": failed,
                 }
             )
-            say(f"  reconcile pass {len(passes)} at N={self.count}: {seconds:.2f}s, {found()} found")
+            say(f"  reconcile pass {len(passes)} at N={self.grown.count}: {seconds:.2f}s, {found()} found")
         for key, version in dropped.items():
             wait(
                 self.published_at(key, version), self.args.timeout, self.args.poll, "dropped parts published"
             )
-        self.idle(self.dataset)
-        self.count += len(dropped)
+        self.idle(self.grown.name)
+        self.grown.count += len(dropped)
         self.results["reconcile"][n] = {
             "passes": passes,
             "dropped": len(dropped),
@@ -405,6 +434,9 @@ class Bench:
         if "reconcile" in only:
             stops.add(self.args.reconcile_n)
         self.rss.reset()
+        if "plus1" in only and self.args.control_n:
+            say(f"control: seeding {self.args.control_n} parts")
+            self.seed(self.args.control_n, self.control)
         for n in sorted(stops):
             say(f"N={n}: seeding")
             self.seed(n)
@@ -476,13 +508,29 @@ def report(results: dict[str, Any], args: argparse.Namespace, commit: str) -> li
     plus1 = results["plus1"]
     if plus1:
         lines += ["## +1 part, upload to published manifest", ""]
-        lines += ["| parts already in the dataset | runs (s) | median (s) | x median at the first N |"]
-        lines += ["|---:|---|---:|---:|"]
+        control_n = next(iter(plus1.values())).get("control_n")
+        if control_n:
+            lines += [
+                f"Each run is timed right after a +1 on a control dataset of {control_n} parts (and the "
+                "few added since), in the same stack: `x control` is the ratio of the medians of "
+                "those side-by-side runs.",
+                "",
+            ]
+        lines += [
+            "| parts already in the dataset | runs (s) | median (s) | x median at the first N "
+            "| control runs (s) | control median (s) | x control |"
+        ]
+        lines += ["|---:|---|---:|---:|---|---:|---:|"]
         first = statistics.median(next(iter(plus1.values()))["seconds"])
         for n, r in plus1.items():
             med = statistics.median(r["seconds"])
             runs = ", ".join(f"{s:.2f}" for s in r["seconds"])
-            lines.append(f"| {n:,} | {runs} | {med:.2f} | {med / first:.2f} |")
+            ctl = r.get("control_seconds") or []
+            side = "| | |"
+            if ctl:
+                cmed = statistics.median(ctl)
+                side = f"{', '.join(f'{s:.2f}' for s in ctl)} | {cmed:.2f} | {med / cmed:.2f} |"
+            lines.append(f"| {n:,} | {runs} | {med:.2f} | {med / first:.2f} | {side}")
         lines += [
             "",
             "Requests per +1 at the endpoint (median over the runs), the job (worker task role):",
@@ -591,6 +639,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     )
     p.add_argument("--only", type=_csv(str), default=list(MEASURES), help=f"measures: {','.join(MEASURES)}")
     p.add_argument("--reps", type=int, default=5, help="+1 runs per N (the median is reported)")
+    p.add_argument(
+        "--control-n",
+        type=int,
+        default=50,
+        help="parts of the control dataset, +1'd alongside each +1 run (0: no control)",
+    )
     p.add_argument("--rows", type=int, default=100)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--seed-batch", type=int, default=1000, help="parts per seeding job")
