@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -188,3 +189,60 @@ def test_a_cancelled_transaction_leaves_every_item_it_named_as_it_was(stack: Any
         ]
     )
     assert items() == [{**key("a"), "n": {"N": "1"}}]
+
+
+def test_the_endpoint_routes_requests_without_listing_its_packages(stack: Any, monkeypatch: Any) -> None:
+    # GIVEN the running endpoint, and every directory listing counted from now on
+    import os
+
+    listed: list[str] = []
+    listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda path=".": listed.append(str(path)) or listdir(path))
+    # WHEN requests to several services are routed
+    stack.aws.s3.list_buckets()
+    stack.aws.dynamodb.list_tables()
+    stack.aws.client("sqs").list_queues()
+    # THEN they were answered, and no request listed moto's package directory to route itself
+    assert [p for p in listed if "moto" in p] == []
+
+
+def test_object_bytes_are_sealed_on_disk_and_access_logs_come_in_batches(stack: Any, dataset: str) -> None:
+    from moto.s3.models import s3_backends
+
+    from s3rollup import local_objects
+    from s3rollup.local_iam import ACCOUNT
+
+    s3, out = stack.aws.s3, stack.info.outputs
+    bucket = out["DataBucketName"]
+    target = s3.get_bucket_logging(Bucket=bucket)["LoggingEnabled"]["TargetBucket"]
+    backend = s3_backends[ACCOUNT]["aws"]
+    batches, files = local_objects.BATCHES, local_objects.FILES  # as the stack set them up
+    assert batches is not None and files is not None
+    batches.flush(backend)
+    logs_before = {o["Key"] for o in s3.list_objects_v2(Bucket=target, Prefix="data/").get("Contents", [])}
+    # GIVEN a part whose cells are personal data, uploaded, read back and headed 20 times
+    marker = f"jane.doe.{uuid.uuid4().hex}@example.com"
+    body = f"id,value1,value2,value3,category\n1,0.5,1.5,2.5,{marker}\n".encode()
+    key = f"incoming/{dataset}/sealed.csv"
+    s3.put_object(
+        Bucket=bucket, Key=key, Body=body, ServerSideEncryption="aws:kms", SSEKMSKeyId=out["DataKeyArn"]
+    )
+    for _ in range(20):
+        assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == body
+        s3.head_object(Bucket=bucket, Key=key)
+    # THEN no file of the endpoint's holds the part's bytes in the clear
+    for name in os.listdir(files.path):
+        with open(os.path.join(files.path, name), "rb") as f:
+            assert marker.encode() not in f.read()
+    # AND the 41 requests' access-log records come in one object, not one object each
+    assert batches.flush(backend) >= 1
+    new = sorted(
+        {o["Key"] for o in s3.list_objects_v2(Bucket=target, Prefix="data/")["Contents"]} - logs_before
+    )
+    records = [
+        line
+        for name in new
+        for line in s3.get_object(Bucket=target, Key=name)["Body"].read().decode().splitlines()
+        if key in line
+    ]
+    assert len(records) >= 41 and len(new) < 5

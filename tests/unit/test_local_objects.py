@@ -1,0 +1,115 @@
+"""The embedded endpoint's object bytes in sealed files, and its access logs in batches."""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+import pytest
+from cryptography.exceptions import InvalidTag
+
+from s3rollup.local_objects import AccessLogBatches, ObjectFiles, SealedBuffer
+
+
+@pytest.fixture
+def files() -> Any:
+    store = ObjectFiles()
+    yield store
+    store.remove()
+
+
+def test_a_buffer_reads_back_what_moto_writes_as_a_file_would(files: ObjectFiles) -> None:
+    # GIVEN a buffer written as moto's FakeKey writes its value
+    buf = SealedBuffer(files, 5 * 2**20)
+    buf.seek(0)
+    buf.truncate()
+    buf.write(b"id,value1\n1,0.5\n")
+    # THEN it reads back whole, in chunks, and from a position, like a file
+    buf.seek(0)
+    assert buf.read() == b"id,value1\n1,0.5\n"
+    buf.seek(0)
+    assert [buf.read(7), buf.read(7), buf.read(7), buf.read(7)] == [b"id,valu", b"e1\n1,0.", b"5\n", b""]
+    buf.seek(3)
+    assert buf.read(5) == b"value"
+    # WHEN it is rewritten shorter, then written in place
+    buf.seek(0)
+    buf.truncate()
+    buf.write(b"abc")
+    buf.seek(1)
+    buf.write(b"XY")
+    buf.seek(0)
+    assert buf.read() == b"aXY"
+    # AND an empty value has no file
+    buf.seek(0)
+    buf.truncate()
+    buf.seek(0)
+    assert buf.read() == b"" and os.listdir(files.path) == []
+
+
+def test_the_bytes_on_disk_are_sealed_private_and_gone_when_closed(files: ObjectFiles) -> None:
+    secret = b"customer,jane.doe@example.com,42\n" * 10
+    buf = SealedBuffer(files)
+    buf.write(secret)
+    (name,) = os.listdir(files.path)
+    path = os.path.join(files.path, name)
+    # THEN the directory and the file are the process user's alone, and hold no plaintext
+    assert stat.S_IMODE(os.stat(files.path).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with open(path, "rb") as f:
+        on_disk = f.read()
+    assert b"jane.doe" not in on_disk and len(on_disk) == len(secret) + 12 + 16
+    # AND another store's key (another process) cannot open it
+    other = ObjectFiles()
+    try:
+        with pytest.raises(InvalidTag):
+            other.read(path)
+    finally:
+        other.remove()
+    # WHEN the buffer is closed (moto disposes a version no bucket holds)
+    buf.close()
+    assert os.listdir(files.path) == []
+    with pytest.raises(ValueError):
+        buf.read()
+
+
+def test_a_file_moved_to_another_objects_name_does_not_open(files: ObjectFiles) -> None:
+    a, b = SealedBuffer(files), SealedBuffer(files)
+    a.write(b"part a")
+    b.write(b"part b")
+    pa, pb = a._path, b._path
+    assert pa and pb
+    os.replace(pa, pb)  # b's file now holds a's sealed bytes
+    b.seek(0)
+    with pytest.raises(InvalidTag):
+        b.read()
+
+
+class _Backend:
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], str] = {}
+
+    def put_object(self, bucket: str, key: str, value: str) -> None:
+        self.objects[(bucket, key)] = value
+
+
+def test_access_log_records_are_written_many_to_an_object_and_none_is_lost() -> None:
+    backend, batches = _Backend(), AccessLogBatches(seconds=3600, most=100)
+    # WHEN 250 records come for one target prefix, and 3 for another
+    for i in range(250):
+        batches.add(backend, "logs", f"data/2026-12-07-00-00-00-{i:016X}", f"record {i}")
+    for i in range(3):
+        batches.add(backend, "logs", f"other/x/2026-{i}", f"other {i}")
+    # THEN two full batches were written as they filled; the rest waits for its time or a flush
+    assert len(backend.objects) == 2
+    assert batches.flush(backend) == 2
+    lines = [line for v in backend.objects.values() for line in v.splitlines()]
+    assert sorted(lines) == sorted([f"record {i}" for i in range(250)] + [f"other {i}" for i in range(3)])
+    assert {k[1].rsplit("/", 1)[0] for k in backend.objects} == {"data", "other/x"}
+    assert all(b == "logs" for b, _ in backend.objects)
+
+
+def test_an_access_log_batch_is_written_once_its_time_is_up() -> None:
+    backend, batches = _Backend(), AccessLogBatches(seconds=0.0, most=1000)
+    batches.add(backend, "logs", "data/a", "one")
+    assert list(backend.objects.values()) == ["one\n"]
