@@ -1605,6 +1605,7 @@ class EmbeddedStack:
         list_moto_modules_once()
         local_objects.seal_object_bytes()
         local_objects.batch_access_logs()
+        local_objects.index_key_names()
         # Loopback, or the Docker bridge's gateway: the embedded endpoint is for this machine
         # and its containers (check_listen_address).
         self.policies = local_iam.Policies(self.region)

@@ -113,3 +113,59 @@ def test_an_access_log_batch_is_written_once_its_time_is_up() -> None:
     backend, batches = _Backend(), AccessLogBatches(seconds=0.0, most=1000)
     batches.add(backend, "logs", "data/a", "one")
     assert list(backend.objects.values()) == ["one\n"]
+
+
+def test_a_listing_from_the_sorted_names_pages_as_moto_does() -> None:
+    import random
+
+    from moto.s3.models import S3Backend, s3_backends
+
+    from s3rollup import local
+    from s3rollup.local_iam import ACCOUNT
+    from s3rollup.local_objects import index_key_names
+
+    local.untrack_moto_instances()
+    index_key_names()
+    ours = S3Backend.list_objects_v2
+    theirs = ours._s3rollup_moto  # type: ignore[attr-defined]
+    backend = s3_backends[ACCOUNT]["aws"]
+    name = f"listing-{random.getrandbits(32):08x}"
+    backend.create_bucket(name, "us-east-1")
+    backend.put_bucket_versioning(name, "Enabled")
+    rng = random.Random(7)
+    alphabet = ["a", "b", "a/", "b/", "c/d", "!", "~", "é", "0"]
+    written: list[str] = []
+    # GIVEN keys added, overwritten, deleted (a delete marker) and removed for good
+    for _ in range(400):
+        key = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5)))
+        backend.put_object(name, key, b"x")
+        written.append(key)
+        roll = rng.random()
+        if roll < 0.1:
+            backend.delete_object(name, rng.choice(written))
+        elif roll < 0.15:
+            gone = rng.choice(written)
+            for version in list(backend.get_bucket(name).keys.getlist(gone) or []):
+                backend.delete_object(name, gone, version_id=version.version_id)
+    bucket = backend.get_bucket(name)
+
+    def walk(listing: Any, prefix: str, delimiter: str | None, size: int, start: str | None) -> list[Any]:
+        pages, token = [], None
+        while True:
+            keys, truncated, token = listing(backend, bucket, prefix, delimiter, token, start, size)
+            pages.append(([k if isinstance(k, str) else (k.name, k.version_id) for k in keys], truncated))
+            start = None
+            if not truncated:
+                return pages
+
+    # THEN every listing, page by page, is moto's own
+    checked = 0
+    for prefix in ["", "a", "a/", "b/", "c/", "zz", "é"]:
+        for delimiter in [None, "/", "d"]:
+            for size in [1, 3, 1000]:
+                for start in [None, "a/", "b", "c/d"]:
+                    assert walk(ours, prefix, delimiter, size, start) == walk(
+                        theirs, prefix, delimiter, size, start
+                    ), (prefix, delimiter, size, start)
+                    checked += 1
+    assert checked == 7 * 3 * 3 * 4
