@@ -13,7 +13,8 @@ processes; periodic reconcile off: the reconcile measure calls it), grows one da
 - at every N, peak RSS of this process (the endpoint, dispatcher and handler; the seeding's
   in-process ingest too) and of the job processes, over each N's stage;
 - ``delete``: at N = ``--delete-n``, a part deleted (and its event delivered, as S3 sends
-  it: moto sends none): seconds until the manifest no longer names it;
+  it: moto sends none): seconds until the manifest no longer names it; ``--reps`` times,
+  each followed by a +1 on the same dataset, timed side by side;
 - ``reconcile``: at N = ``--reconcile-n``, ``--dropped`` parts uploaded with no event, then
   scheduled reconcile passes (``Ingest.reconcile_all``, as the function runs it) until the
   registry has them all: seconds and requests per pass, passes needed;
@@ -302,28 +303,41 @@ class Bench:
         return t1 - t0, before
 
     def delete(self, n: int) -> None:
-        """A part deleted, its event delivered: seconds until published without it."""
-        key = self.part(self.grown.name, 0)[0]
-        if published_version(self.aws, self.bucket, self.grown.name, key) is None:
-            raise RuntimeError(f"delete: {key} is not published")
-        before = counts()
-        t0 = time.perf_counter()
-        self.aws.s3.delete_object(Bucket=self.bucket, Key=key)
-        # moto sends no delete notifications: send the queue the one S3 would.
-        trigger_ingest(self.aws, self.out["IngestQueueUrl"], self.bucket, key)
-        t1 = wait(
-            self.published_at(key, None),
-            self.args.timeout,
-            self.args.poll,
-            f"delete at N={self.grown.count}",
-        )
-        self.idle(self.grown.name)
-        self.grown.count -= 1
-        say(f"  delete at N={self.grown.count + 1}: {t1 - t0:.2f}s")
+        """A part deleted, its event delivered: seconds until published without it; --reps
+        times (parts 0, 1, ...), each followed by a +1 on the same dataset, so the two are
+        timed side by side."""
+        runs: list[float] = []
+        plus1: list[float] = []
+        jobs: list[dict[str, int]] = []
+        functions: list[dict[str, int]] = []
+        for rep in range(self.args.reps):
+            key = self.part(self.grown.name, rep)[0]
+            if published_version(self.aws, self.bucket, self.grown.name, key) is None:
+                raise RuntimeError(f"delete: {key} is not published")
+            before = counts()
+            t0 = time.perf_counter()
+            self.aws.s3.delete_object(Bucket=self.bucket, Key=key)
+            # moto sends no delete notifications: send the queue the one S3 would.
+            trigger_ingest(self.aws, self.out["IngestQueueUrl"], self.bucket, key)
+            t1 = wait(
+                self.published_at(key, None),
+                self.args.timeout,
+                self.args.poll,
+                f"delete at N={self.grown.count}",
+            )
+            self.idle(self.grown.name)
+            runs.append(t1 - t0)
+            jobs.append(requests_since(before, self.worker))
+            functions.append(requests_since(before, self.fn_role))
+            say(f"  delete at N={self.grown.count}: {runs[-1]:.2f}s")
+            self.grown.count -= 1
+            plus1.append(self.one_more(self.grown)[0])
+            say(f"  then +1 at N={self.grown.count - 1}: {plus1[-1]:.2f}s")
         self.results["delete"][n] = {
-            "seconds": t1 - t0,
-            "job": requests_since(before, self.worker),
-            "function": requests_since(before, self.fn_role),
+            "seconds": runs,
+            "plus1_seconds": plus1,
+            "job": jobs,
+            "function": functions,
         }
 
     def reconcile(self, n: int) -> None:
@@ -562,13 +576,29 @@ def report(results: dict[str, Any], args: argparse.Namespace, commit: str) -> li
             )
         lines.append("")
     for n, r in results["delete"].items():
-        lines += [
-            f"## One part deleted at N = {n:,}",
-            "",
-            f"Published without it after {r['seconds']:.2f} s.",
-            "",
-        ]
-        lines += _by_api_table("requests: API", {"job": r["job"], "function": r["function"]})
+        runs = r["seconds"] if isinstance(r["seconds"], list) else [r["seconds"]]
+        lines += [f"## One part deleted at N = {n:,}", ""]
+        if r.get("plus1_seconds"):
+            med, p1 = statistics.median(runs), statistics.median(r["plus1_seconds"])
+            lines += [
+                "Each delete is followed by a +1 on the same dataset; seconds until published without "
+                "the part, and with the new one:",
+                "",
+                "| | runs (s) | median (s) |",
+                "|---|---|---:|",
+                f"| delete | {', '.join(f'{s:.2f}' for s in runs)} | {med:.2f} |",
+                f"| +1 | {', '.join(f'{s:.2f}' for s in r['plus1_seconds'])} | {p1:.2f} |",
+                "",
+                f"Delete / +1: **{med / p1:.2f}x**.",
+                "",
+                "Requests per delete (median over the runs):",
+                "",
+            ]
+            job, fn = _median_requests(r["job"]), _median_requests(r["function"])
+        else:
+            lines += [f"Published without it after {runs[0]:.2f} s.", ""]
+            job, fn = r["job"], r["function"]
+        lines += _by_api_table("requests: API", {"job": job, "function": fn})
         lines.append("")
     for n, r in results["reconcile"].items():
         found = "all found" if r["all_found"] else "NOT all found"
