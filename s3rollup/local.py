@@ -1184,6 +1184,49 @@ def untrack_moto_instances() -> None:
     FakeKey.__del__ = lambda self: self.dispose()  # type: ignore[method-assign]
 
 
+# How long the embedded SQS keeps a queue's approximate message counts (approximate_queue_counts).
+QUEUE_COUNT_SECONDS = 1.0
+
+
+def approximate_queue_counts() -> None:
+    """Let moto's SQS count a queue's messages at most once a second, not on every request.
+
+    moto computes a queue's ApproximateNumberOfMessages (and ...Delayed, ...NotVisible) by
+    walking every message in it, and computes all three whenever anything reads the queue's
+    attributes: for each SendMessage (each S3 notification) and, on ReceiveMessage, for
+    each message it considers. With thousands of notifications queued, every request's cost
+    grew with the backlog: a bulk upload's notifications and deliveries slowed to a few parts
+    a second. SQS itself calls these counts approximate; here each is kept for
+    QUEUE_COUNT_SECONDS per queue.
+    """
+    from moto.sqs.models import Queue
+
+    names = (
+        "approximate_number_of_messages",
+        "approximate_number_of_messages_delayed",
+        "approximate_number_of_messages_not_visible",
+    )
+    if getattr(getattr(Queue, names[0]).fget, "_s3rollup_kept", False):
+        return
+
+    def kept(name: str, count: Any) -> property:
+        def get(self: Any) -> int:
+            counts = self.__dict__.setdefault("_s3rollup_counts", {})
+            now = time.monotonic()
+            hit = counts.get(name)
+            if hit is not None and now - hit[0] < QUEUE_COUNT_SECONDS:
+                return int(hit[1])
+            value = int(count(self))
+            counts[name] = (now, value)
+            return value
+
+        get._s3rollup_kept = True  # type: ignore[attr-defined]
+        return property(get)
+
+    for name in names:
+        setattr(Queue, name, kept(name, getattr(Queue, name).fget))
+
+
 def list_moto_modules_once() -> None:
     """Let moto's server list its own package once, not on every request.
 
@@ -1603,6 +1646,7 @@ class EmbeddedStack:
         light_version_listings()
         untrack_moto_instances()
         list_moto_modules_once()
+        approximate_queue_counts()
         local_objects.seal_object_bytes()
         local_objects.batch_access_logs()
         local_objects.index_key_names()
