@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import threading
@@ -701,6 +702,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     unknown = set(args.only) - set(MEASURES)
     if unknown:
         p.error(f"--only: no measure {sorted(unknown)}; choose from {','.join(MEASURES)}")
+    # A run started in the background inherits SIGINT ignored: `kill -INT` still stops it with
+    # the report of what was measured so far (written in the finally below).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.tracemalloc:
         import tracemalloc
 
