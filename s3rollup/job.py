@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 # What a round computes with (pandas, pyarrow, the native kernels: s3rollup.stats and
 # s3rollup.parse) and distributed are imported when a round needs them, or ahead of it on a
@@ -250,8 +250,9 @@ def cluster_security() -> Any:
     """TLS for one cluster: a certificate and key made here, in memory, for this cluster only;
     the job and every member present it and trust nothing else (distributed's
     Security.temporary, with an EC P-256 key: the members get the key and the certificate
-    in RunTask's container overrides, 8192 characters at most, where an RSA pair would take
-    most of them). Valid for a week: longer than any round (round_timeout_seconds)."""
+    sealed (seal_cluster_tls) in RunTask's container overrides, 8192 characters at most,
+    where an RSA pair would take most of them). Valid for a week: longer than any round
+    (round_timeout_seconds)."""
     from datetime import timedelta
 
     from cryptography import x509
@@ -286,25 +287,33 @@ def cluster_security() -> Any:
     )
 
 
-def member_environment(security: Any) -> dict[str, str]:
-    """The members' TLS, and no HTTP routes, as the dask configuration their environment
-    carries."""
-    env = {
+def seal_cluster_tls(security: Any, kms: Any, key_arn: str) -> dict[str, str]:
+    """The cluster's certificate and key encrypted under the stack's key for the members
+    (member.seal_tls), under a cluster id made here: RunTask's parameters are recorded by
+    CloudTrail and returned by DescribeTasks, so the key never travels in them in clear."""
+    from secrets import token_hex
+
+    from .member import seal_tls
+
+    return seal_tls(kms, key_arn, token_hex(8), security.tls_scheduler_cert, security.tls_scheduler_key)
+
+
+def member_environment(sealed: dict[str, str]) -> dict[str, str]:
+    """The members' environment: TLS required, no HTTP routes (as dask configuration), and
+    the cluster's sealed TLS (seal_cluster_tls), which each member opens itself."""
+    return {
         "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES": "[]",
         "DASK_DISTRIBUTED__WORKER__HTTP__ROUTES": "[]",
         "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
-        "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": security.tls_ca_file,
+        **sealed,
     }
-    for role in ("scheduler", "worker"):
-        env[f"DASK_DISTRIBUTED__COMM__TLS__{role.upper()}__CERT"] = getattr(security, f"tls_{role}_cert")
-        env[f"DASK_DISTRIBUTED__COMM__TLS__{role.upper()}__KEY"] = getattr(security, f"tls_{role}_key")
-    return env
 
 
-def fargate_cluster_kwargs(settings: Settings, security: Any) -> dict[str, Any]:
+def fargate_cluster_kwargs(settings: Settings, security: Any, sealed: dict[str, str]) -> dict[str, Any]:
     """Arguments of dask-cloudprovider's FargateCluster: every resource passed in (cluster,
     task definitions, roles, log group, subnets, security groups), so it creates none;
-    private IPs only; TLS between all Dask members (``security``, cluster_security)."""
+    private IPs only; TLS between all Dask members (``security``, cluster_security; the
+    members' copy ``sealed``, seal_cluster_tls)."""
     return {
         "cluster_arn": settings.ecs_cluster,
         "scheduler_task_definition_arn": settings.fargate_scheduler_task_definition,
@@ -337,7 +346,7 @@ def fargate_cluster_kwargs(settings: Settings, security: Any) -> dict[str, Any]:
         ],
         # Dask members read parts and write partials themselves (PartialTask names the
         # bucket and key), under the workers' task role.
-        "environment": member_environment(security),
+        "environment": member_environment(sealed),
         "tags": {"application": "s3rollup"},
         "security": security,
         # Its clean-up lists and deletes clusters, task definitions, security groups and
@@ -362,11 +371,19 @@ def task_cluster(settings: Settings) -> Iterator[Any]:
     security = cluster_security()
     started = time.monotonic()
     try:
+        sealed = seal_cluster_tls(security, _aws().client("kms"), settings.kms_key_arn)
+    except (ClientError, BotoCoreError) as exc:
+        code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+        raise S3RollupError(
+            f"the Dask cluster's TLS could not be sealed (KMS Encrypt: {code or reason_code(exc)})",
+            "CLUSTER_START_FAILED",
+        ) from exc
+    try:
         with warnings.catch_warnings():
             # It looks for --tls options in the scheduler's arguments; TLS comes from the
             # environment here (member_environment), so it would always warn.
             warnings.filterwarnings("ignore", message="the cluster was instructed to connect")
-            cluster = FargateCluster(**fargate_cluster_kwargs(settings, security))
+            cluster = FargateCluster(**fargate_cluster_kwargs(settings, security, sealed))
     except Exception as exc:
         # A cluster that fails to start stops what it started (SpecCluster closes itself).
         raise S3RollupError(f"the Dask cluster did not start: {exc}", "CLUSTER_START_FAILED") from exc

@@ -509,6 +509,29 @@ def _task_roles(taskdef: str, region: str, overrides: dict[str, Any]) -> list[st
     return sorted({r for r in roles if r})
 
 
+def kms_direct_check(op: str, body: dict[str, Any], region: str) -> Check:
+    """A KMS request made to KMS itself: on the key it names (a Decrypt naming none, on the
+    key its ciphertext names, as KMS decides it), with the request context KMS gives a key
+    policy: kms:CallerAccount and kms:EncryptionContext:<key> for each pair of the request's
+    encryption context (no kms:ViaService: no service made it)."""
+    key_id = body.get("KeyId") or (_ciphertext_key(body.get("CiphertextBlob")) if op == "Decrypt" else None)
+    ctx: dict[str, Any] = {"kms:CallerAccount": ACCOUNT}
+    ctx.update({f"kms:EncryptionContext:{k}": v for k, v in (body.get("EncryptionContext") or {}).items()})
+    return Check(f"kms:{op}", key_arn(key_id, region) if key_id else "*", ctx)
+
+
+def _ciphertext_key(blob: str | None) -> str | None:
+    """The key id a ciphertext of the embedded KMS names (moto's format), None if unreadable."""
+    import base64
+
+    from moto.kms.utils import _deserialize_ciphertext_blob
+
+    try:
+        return str(_deserialize_ciphertext_blob(base64.b64decode(blob or "")).key_id) or None
+    except Exception:  # not a ciphertext: KMS itself refuses it
+        return None
+
+
 def json_checks(call: Call) -> list[Check]:
     """The IAM requests of a JSON-protocol request (X-Amz-Target names the operation)."""
     op = call.headers.get("x-amz-target", ".").rsplit(".", 1)[-1]
@@ -518,7 +541,7 @@ def json_checks(call: Call) -> list[Check]:
     if call.service == "ecs":
         return ecs_checks(op, body, region)
     if call.service == "kms":
-        return [Check(f"kms:{op}", key_arn(body["KeyId"], region) if "KeyId" in body else "*")]
+        return [kms_direct_check(op, body, region)]
     if call.service == "sqs":
         # SQS authorizes a batch as its single-message action (SendMessageBatch as SendMessage).
         op = op.removesuffix("Batch")

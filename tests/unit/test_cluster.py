@@ -9,12 +9,20 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from s3rollup.config import Settings
 from s3rollup.errors import ConfigError
-from s3rollup.job import available_cpus, cluster_security, dask_client, fargate_cluster_kwargs
+from s3rollup.job import (
+    available_cpus,
+    cluster_security,
+    dask_client,
+    fargate_cluster_kwargs,
+    seal_cluster_tls,
+)
+from s3rollup.member import tls_context
 
 BASE = {
     "S3ROLLUP_BUCKET": "data",
@@ -39,9 +47,29 @@ FARGATE = {
 }
 
 
+class SealingKms:
+    """KMS Encrypt as a test double: a ciphertext as long as the plaintext plus an
+    overhead above KMS's own (a symmetric key's ciphertext adds its key's id, an IV and a
+    tag to the plaintext), and each request kept."""
+
+    OVERHEAD = 512
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+
+    def encrypt(self, **request: Any) -> dict[str, Any]:
+        self.requests.append(request)
+        return {"CiphertextBlob": os.urandom(len(request["Plaintext"]) + self.OVERHEAD)}
+
+
+def kwargs_for(security: Any, kms: SealingKms | None = None) -> dict[str, Any]:
+    sealed = seal_cluster_tls(security, kms or SealingKms(), BASE["S3ROLLUP_KMS_KEY_ARN"])
+    return fargate_cluster_kwargs(Settings.from_env(FARGATE), security, sealed)
+
+
 def test_fargate_cluster_gets_every_resource_so_it_creates_none() -> None:
     # GIVEN the settings the template gives the job
-    kwargs = fargate_cluster_kwargs(Settings.from_env(FARGATE), cluster_security())
+    kwargs = kwargs_for(cluster_security())
     # THEN each resource dask-cloudprovider would otherwise create is passed in
     assert kwargs["cluster_arn"] == BASE["S3ROLLUP_ECS_CLUSTER"]
     assert kwargs["scheduler_task_definition_arn"].endswith("task-definition/s:1")
@@ -56,21 +84,36 @@ def test_fargate_cluster_gets_every_resource_so_it_creates_none() -> None:
     assert kwargs["fargate_spot"] is True and kwargs["n_workers"] == 8
 
 
-def test_every_cluster_link_is_tls_with_a_certificate_of_its_own() -> None:
-    # GIVEN two clusters' security
+def test_every_cluster_link_is_tls_with_a_certificate_of_its_own_sealed_for_the_members() -> None:
+    # GIVEN two clusters' security, each sealed for its members
     first, second = cluster_security(), cluster_security()
-    kwargs = fargate_cluster_kwargs(Settings.from_env(FARGATE), first)
-    # THEN the job requires TLS, and the members get the same certificate in their environment
+    kms = SealingKms()
+    kwargs, other = kwargs_for(first, kms), kwargs_for(second, kms)
+    # THEN the job requires TLS, and so do the members
     assert kwargs["security"].require_encryption is True
     env = kwargs["environment"]
     assert env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] == "True"
-    assert env["DASK_DISTRIBUTED__COMM__TLS__CA_FILE"] == first.tls_ca_file
-    assert env["DASK_DISTRIBUTED__COMM__TLS__WORKER__KEY"] == first.tls_client_key
     assert "--protocol" in kwargs["scheduler_extra_args"] and "tls" in kwargs["worker_extra_args"]
-    # and each cluster has its own key
+    # and the members' environment has no key and no certificate, only their ciphertext
+    assert "PRIVATE KEY" not in json.dumps(env) and "CERTIFICATE" not in json.dumps(env)
+    assert not [name for name in env if name.startswith("DASK_DISTRIBUTED__COMM__TLS")]
+    # encrypted under the stack's key, for this cluster and the purpose the policies name
+    request = kms.requests[0]
+    assert request["KeyId"] == env["S3ROLLUP_KMS_KEY_ARN"] == BASE["S3ROLLUP_KMS_KEY_ARN"]
+    assert request["EncryptionContext"] == tls_context(env["S3ROLLUP_DASK_CLUSTER"])
+    assert request["EncryptionContext"]["s3rollup:purpose"] == "dask-cluster-tls"
+    assert json.loads(request["Plaintext"]) == {"cert": first.tls_ca_file, "key": first.tls_client_key}
+    # and each cluster has its own key and its own id
     assert first.tls_client_key != second.tls_client_key
-    # and the members' overrides fit RunTask's limit (8192 characters for all overrides)
-    assert len(json.dumps(env)) + 600 < 8192
+    assert env["S3ROLLUP_DASK_CLUSTER"] != other["environment"]["S3ROLLUP_DASK_CLUSTER"]
+    # and the members' overrides fit RunTask's limit (8192 characters for all overrides),
+    # with the worker's command and a ciphertext larger than KMS's
+    command = ["dask-worker", "tls://10.0.0.1:8786", "--name", "x" * 36, *kwargs["worker_extra_args"]]
+    environment = [{"name": k, "value": v} for k, v in env.items()]  # as RunTask takes it
+    overrides = {
+        "containerOverrides": [{"name": "dask-worker", "environment": environment, "command": command}]
+    }
+    assert len(json.dumps(overrides)) + 600 < 8192
 
 
 def test_fargate_cluster_arguments_are_accepted_by_dask_cloudprovider() -> None:
@@ -82,7 +125,7 @@ def test_fargate_cluster_arguments_are_accepted_by_dask_cloudprovider() -> None:
     accepted = set(inspect.signature(ECSCluster.__init__).parameters) | set(
         inspect.signature(SpecCluster.__init__).parameters
     )
-    assert set(fargate_cluster_kwargs(Settings.from_env(FARGATE), cluster_security())) <= accepted
+    assert set(kwargs_for(cluster_security())) <= accepted
 
 
 @pytest.mark.parametrize(
@@ -193,3 +236,31 @@ def test_local_cluster_sends_each_message_as_it_comes_and_still_delivers_them_al
         futures = client.map(lambda i: i * i, range(500), pure=False)
         assert client.gather(futures) == [i * i for i in range(500)]
         assert client.submit(sum, range(10), pure=False).result() == 45
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({}, "missing S3ROLLUP_DASK_TLS, S3ROLLUP_DASK_CLUSTER, S3ROLLUP_KMS_KEY_ARN"),
+        (
+            {"S3ROLLUP_DASK_TLS": "not base64!", "S3ROLLUP_DASK_CLUSTER": "c1", "S3ROLLUP_KMS_KEY_ARN": "k"},
+            "the sealed TLS of cluster c1 is not base64",
+        ),
+    ],
+)
+def test_a_member_without_its_sealed_tls_starts_nothing_and_says_why(
+    env: dict[str, str], says: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from s3rollup import member
+
+    # GIVEN a member task whose environment has no usable sealed TLS
+    for name in (member.SEALED_TLS, member.CLUSTER_ID, member.KEY_ARN):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # WHEN it starts
+    code = member.main(["dask-scheduler", "--protocol", "tls"])
+    # THEN it exits with NO_TLS before any Dask member starts, saying why
+    assert code == member.NO_TLS
+    assert says in capsys.readouterr().err
+    assert "DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__KEY" not in os.environ

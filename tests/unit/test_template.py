@@ -107,7 +107,9 @@ def test_the_function_role_is_assumed_by_lambda_and_scoped() -> None:
     assert not [a for a in actions if a.startswith(("cloudwatch:", "logs:CreateLogGroup"))]
 
 
-@pytest.mark.parametrize("name", ["WorkerExecutionRole", "WorkerTaskRole", "DaskTaskRole"])
+@pytest.mark.parametrize(
+    "name", ["WorkerExecutionRole", "WorkerTaskRole", "DaskTaskRole", "DaskSchedulerRole"]
+)
 def test_ecs_assumes_the_worker_roles_only_for_tasks_of_this_account(name: str) -> None:
     # The trust the ECS Developer Guide recommends against the confused deputy ("Task IAM
     # role"); aws:SourceArn cannot name one cluster, so it covers the account's tasks here.
@@ -214,10 +216,10 @@ def test_the_dask_tasks_are_hardened_and_named_as_dask_cloudprovider_overrides_t
     td = _of_type("AWS::ECS::TaskDefinition")[name]
     assert td["RequiresCompatibilities"] == ["FARGATE"] and td["NetworkMode"] == "awsvpc"
     assert td["ExecutionRoleArn"] == {"Fn::GetAtt": ["WorkerExecutionRole", "Arn"]}
-    # The scheduler holds no data: no task role; the workers read parts as DaskTaskRole.
-    assert td.get("TaskRoleArn") == (
-        {"Fn::GetAtt": ["DaskTaskRole", "Arn"]} if name == "DaskWorkerTaskDefinition" else None
-    )
+    # The scheduler holds no data: its role only opens the cluster's TLS; the workers read
+    # parts as DaskTaskRole.
+    role = "DaskTaskRole" if name == "DaskWorkerTaskDefinition" else "DaskSchedulerRole"
+    assert td["TaskRoleArn"] == {"Fn::GetAtt": [role, "Arn"]}
     (container,) = td["ContainerDefinitions"]
     assert container["Name"] == DASK_DEFINITIONS[name]
     assert container["Image"] == {"Ref": "WorkerImageUri"}
@@ -252,6 +254,7 @@ def test_the_job_role_may_run_watch_and_stop_only_the_dask_tasks_and_create_noth
     assert watch["Resource"]["Fn::Sub"].endswith(":task/${WorkerCluster}/*")
     passing = by_sid["PassOnlyTheDaskRoles"]
     assert passing["Resource"] == [
+        {"Fn::GetAtt": ["DaskSchedulerRole", "Arn"]},
         {"Fn::GetAtt": ["DaskTaskRole", "Arn"]},
         {"Fn::GetAtt": ["WorkerExecutionRole", "Arn"]},
     ]
@@ -265,10 +268,24 @@ def test_the_job_role_may_run_watch_and_stop_only_the_dask_tasks_and_create_noth
     ]
 
 
-def test_the_dask_workers_read_parts_and_write_partials_only() -> None:
-    (policy,) = _of_type("AWS::IAM::Role")["DaskTaskRole"]["Policies"]
-    statements = policy["PolicyDocument"]["Statement"]
-    granted = {(a, json.dumps(st["Resource"])) for st in statements for a in _as_list(st["Action"])}
+# The encryption context of a Dask cluster's sealed TLS (s3rollup.member.tls_context), and
+# only called directly (kms:ViaService absent): what every statement allowing it requires.
+SEALED_TLS = {
+    "StringEquals": {"kms:EncryptionContext:s3rollup:purpose": "dask-cluster-tls"},
+    "Null": {"kms:ViaService": "true"},
+}
+THROUGH_SERVICES = {"Null": {"kms:ViaService": "false"}}
+KEY = {"Fn::GetAtt": ["DataKey", "Arn"]}
+
+
+def _statements(role: str) -> dict[str, dict[str, Any]]:
+    (policy,) = _of_type("AWS::IAM::Role")[role]["Policies"]
+    return {s["Sid"]: s for s in policy["PolicyDocument"]["Statement"]}
+
+
+def test_the_dask_workers_read_parts_write_partials_and_open_the_cluster_tls_only() -> None:
+    by_sid = _statements("DaskTaskRole")
+    granted = {(a, json.dumps(st["Resource"])) for st in by_sid.values() for a in _as_list(st["Action"])}
     assert {a for a, _ in granted} == {
         "s3:GetObject",
         "s3:GetObjectVersion",
@@ -281,6 +298,81 @@ def test_the_dask_workers_read_parts_and_write_partials_only() -> None:
             assert resource.endswith('/incoming/*"}'), resource
         elif action == "s3:PutObject":
             assert resource.endswith('/partials/*"}'), resource
+    # The key through S3 only (parts and partials), and directly only for the cluster's TLS.
+    through_s3 = by_sid["UseTheDataKeyThroughS3"]
+    assert through_s3["Resource"] == KEY
+    assert through_s3["Condition"] == {
+        "StringEquals": {"kms:ViaService": {"Fn::Sub": "s3.${AWS::Region}.amazonaws.com"}}
+    }
+    tls = by_sid["OpenTheDaskClusterTls"]
+    assert (tls["Action"], tls["Resource"], tls["Condition"]) == ("kms:Decrypt", KEY, SEALED_TLS)
+    kms = [st for st in by_sid.values() if any(a.startswith("kms:") for a in _as_list(st["Action"]))]
+    assert len(kms) == 2
+
+
+def test_the_dask_scheduler_may_only_open_the_cluster_tls() -> None:
+    by_sid = _statements("DaskSchedulerRole")
+    assert list(by_sid) == ["OpenTheDaskClusterTls"]
+    tls = by_sid["OpenTheDaskClusterTls"]
+    assert (tls["Effect"], tls["Action"], tls["Resource"], tls["Condition"]) == (
+        "Allow",
+        "kms:Decrypt",
+        KEY,
+        SEALED_TLS,
+    )
+
+
+def test_only_the_job_seals_the_cluster_tls_and_only_the_dask_roles_open_it() -> None:
+    # The job encrypts, under the purpose's context only, and never decrypts directly.
+    job = _statements("WorkerTaskRole")
+    seal = job["SealTheDaskClusterTls"]
+    assert (seal["Action"], seal["Resource"], seal["Condition"]) == ("kms:Encrypt", KEY, SEALED_TLS)
+    # The function and the job use the key through services only: no direct Decrypt.
+    function = {
+        s["Sid"]: s
+        for s in _of_type("AWS::IAM::Role")["IngestFunctionRole"]["Policies"][0]["PolicyDocument"][
+            "Statement"
+        ]
+    }
+    for by_sid in (job, function):
+        assert by_sid["UseTheDataKey"]["Condition"] == THROUGH_SERVICES
+    direct = {
+        (role, a)
+        for role in ("IngestFunctionRole", "WorkerTaskRole", "DaskTaskRole", "DaskSchedulerRole")
+        for st in _statements(role).values()
+        for a in _as_list(st["Action"])
+        if a.startswith("kms:")
+        and st.get("Condition", {}).get("Null") != {"kms:ViaService": "false"}
+        and "kms:ViaService" not in st.get("Condition", {}).get("StringEquals", {})
+    }
+    assert direct == {
+        ("WorkerTaskRole", "kms:Encrypt"),
+        ("DaskTaskRole", "kms:Decrypt"),
+        ("DaskSchedulerRole", "kms:Decrypt"),
+    }
+    # and the key policy allows that direct use to the stack's roles, under that purpose only
+    key = _of_type("AWS::KMS::Key")["DataKey"]
+    statements = {s["Sid"]: s for s in key["KeyPolicy"]["Statement"]}
+    sealing = statements["StackRolesSealDaskClusterTls"]
+    assert sorted(sealing["Action"]) == ["kms:Decrypt", "kms:Encrypt"]
+    assert sealing["Condition"] == {
+        "ArnLike": {
+            "aws:PrincipalArn": {
+                "Fn::Sub": "arn:${AWS::Partition}:iam::${AWS::AccountId}:role/${AWS::StackName}-*"
+            }
+        },
+        **SEALED_TLS,
+    }
+    # and no other statement allows kms:Encrypt to a principal of the account
+    encrypting = [
+        sid
+        for sid, st in statements.items()
+        if "AWS" in st["Principal"] and any(a.startswith("kms:Encrypt") for a in _as_list(st["Action"]))
+    ]
+    assert encrypting == ["StackRolesSealDaskClusterTls"]
+    # and, from private subnets, the KMS endpoint lets the job's Encrypt through
+    (endpoint,) = RESOURCES["KmsEndpoint"]["Properties"]["PolicyDocument"]["Statement"]
+    assert "kms:Encrypt" in endpoint["Action"] and endpoint["Resource"] == KEY
 
 
 def test_the_job_gets_the_task_cluster_settings_from_the_parameters() -> None:
