@@ -10,7 +10,8 @@ endpoint's memory grew by about 90 KB per part, past 2 GiB before 20,000 parts.
 - ``seal_object_bytes``: each version's bytes go to a file of their own in a private
   directory (0700, files 0600), sealed with AES-GCM under a key that exists only in this
   process's memory: plaintext personal data never reaches the disk, and the files are
-  unreadable once the process is gone (the directory is removed at exit too). moto still
+  unreadable once the process is gone (the directory is removed at exit, or by the next
+  process's start when it was killed). moto still
   holds each version's metadata; a GET reads and opens the file, which the page cache keeps
   fast.
 - ``batch_access_logs``: access-log records are delivered as S3 delivers them, many records
@@ -36,13 +37,37 @@ ACCESS_LOG_SECONDS = 10.0  # the longest a record waits for its batch's object
 ACCESS_LOG_RECORDS = 1000  # records per log object at most
 
 
+_PREFIX = "s3rollup-objects-"
+
+
+def remove_orphans(parent: str | None = None) -> list[str]:
+    """Remove the object directories whose process is gone (killed before its exit could
+    remove them; their files were unreadable anyway, the key went with the process).
+    Returns the directories removed."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(parent):
+        pid = name[len(_PREFIX) :].split("-", 1)[0]
+        if not name.startswith(_PREFIX) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(name)
+        except PermissionError:  # another user's process: alive, and not ours to touch
+            continue
+    return removed
+
+
 class ObjectFiles:
     """The directory of sealed object files, and the key that seals them."""
 
     def __init__(self) -> None:
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-        self.path = tempfile.mkdtemp(prefix="s3rollup-objects-")  # mode 0700
+        remove_orphans()
+        self.path = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")  # mode 0700
         self._aead = AESGCM(AESGCM.generate_key(bit_length=256))
         atexit.register(self.remove)
 

@@ -169,3 +169,24 @@ def test_a_listing_from_the_sorted_names_pages_as_moto_does() -> None:
                     ), (prefix, delimiter, size, start)
                     checked += 1
     assert checked == 7 * 3 * 3 * 4
+
+
+def test_the_directories_of_processes_that_are_gone_are_removed(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from s3rollup.local_objects import remove_orphans
+
+    # GIVEN the directory of a process that was killed, one of a live process, and another
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead = tmp_path / f"s3rollup-objects-{int(gone.stdout)}-abc"
+    alive = tmp_path / f"s3rollup-objects-{os.getpid()}-def"
+    other = tmp_path / "s3rollup-objects-not-a-pid"
+    for d in (dead, alive, other):
+        d.mkdir()
+        (d / "f").write_bytes(b"sealed")
+    # WHEN orphans are removed
+    removed = remove_orphans(str(tmp_path))
+    # THEN only the dead process's directory is gone
+    assert removed == [dead.name]
+    assert not dead.exists() and alive.exists() and other.exists()
