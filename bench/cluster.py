@@ -1,8 +1,8 @@
-"""The same parts through the job's LocalCluster and through a task cluster, side by side.
+"""The same parts through the job's own threads and through a task cluster, side by side.
 
 Runs the embedded stack and, per repetition and per mode, the job's own process as the
 embedded ECS starts it (its task definition's environment, its task role): once with the
-stack's settings (every round on the job's LocalCluster), once as a stack deployed with
+stack's settings (every round on the job's own threads), once as a stack deployed with
 DaskThresholdBytes=1 and DaskWorkers=N (every round on a task cluster: a `dask scheduler`
 and N `dask worker` processes, each started by RunTask of its task definition). Each run
 gets a fresh dataset holding copies of the same parts; every result is checked against
@@ -125,13 +125,13 @@ def main(argv: list[str] | None = None) -> int:
 
     csv_mb = sum(len(b) for b in bodies) / 1e6
     lines = [
-        f"# Task cluster against the job's LocalCluster ({datetime.now(UTC):%Y-%m-%d})",
+        f"# Task cluster against the job's own threads ({datetime.now(UTC):%Y-%m-%d})",
         "",
         f"{args.parts} parts x {args.rows:,} rows ({csv_mb:.1f} MB of CSV), {args.workers} workers "
-        f"(1 thread each) against the job's LocalCluster; medians of {args.reps} runs each, "
+        f"(1 thread each) against the job's own threads; medians of {args.reps} runs each, "
         "alternating, in one run of `bench/cluster.py` on the embedded stack (2 shared cores).",
         "",
-        "| | LocalCluster | task cluster | ratio |",
+        "| | job's threads | task cluster | ratio |",
         "|---|---:|---:|---:|",
         f"| cluster start (RunTask to all RUNNING), s | - | {med('cluster', 'cluster_start'):.2f} | |",
         f"| job (lease to JOB_FINISHED), s | {med('local', 'job'):.2f} | {med('cluster', 'job'):.2f} "

@@ -61,6 +61,8 @@ MAIN_CANDIDATES = (
     "polars+sha256",
     "duckdb",
 )
+# --baseline: s3rollup-engine as another checkout's code runs it, beside this one's.
+BASELINE = "s3rollup-engine@baseline"
 # Seconds to minutes a run: --slow-reps may give them fewer repetitions than the others.
 SLOW_CANDIDATES = ("pandas-seed", "dask-seed", "dask-cpus")
 VALUES = ("value1", "value2", "value3")
@@ -364,14 +366,15 @@ def run_child(spec: dict[str, Any], log: Path, timeout: float, poll: float) -> d
     process. ``process_s`` is the child's wall time, from spawn to exit (the wrapper's).
     """
     usage = Path(spec["out"]).with_suffix(".rusage.json")
+    child = Path(spec.get("child", CHILD))  # another checkout's, for --baseline
     t0 = time.perf_counter()
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(WRAP), str(usage), sys.executable, str(CHILD), json.dumps(spec)],
+            [sys.executable, "-I", "-S", str(WRAP), str(usage), sys.executable, str(child), json.dumps(spec)],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            cwd=ROOT,
+            cwd=child.parent.parent,
             start_new_session=True,  # its own process group: a timeout ends all of it
         )
     ps = psutil.Process(proc.pid)
@@ -460,6 +463,18 @@ def plan(args: argparse.Namespace, tmp: Path) -> tuple[list[Run], list[str]]:
                 }
                 if cand == "s3rollup-engine":
                     spec["tmp"] = str(tmp)  # where its tasks store the partials
+                    if args.baseline:
+                        # The same candidate from another checkout's bench/ and s3rollup/.
+                        runs.append(
+                            Run(
+                                f"s3rollup-engine@{args.baseline.name}",
+                                BASELINE,
+                                fmt,
+                                {**spec, "child": str(args.baseline / "bench" / "candidates.py")},
+                                main.reference,
+                                profile=name,
+                            )
+                        )
                 elif cand == "polars+sha256":
                     spec.update(sha256=True, cpus=cpus)
                 elif cand == "dask-seed":
@@ -614,7 +629,8 @@ def _stage_table(runs: list[Run]) -> list[str]:
     """Median stage times of the s3rollup runs: where the engine's time goes."""
     lines = []
     keys = (
-        "cluster_start",
+        "cluster_start",  # a --baseline from before the job's own threads: its LocalCluster's
+        "tasks_start",
         "tasks_wall",
         "new_partial",
         "task_read_sum",
@@ -626,6 +642,7 @@ def _stage_table(runs: list[Run]) -> list[str]:
         "merge",
         "finalize",
         "cluster_close",
+        "tasks_close",
         "seconds",
     )
     rows = [r for r in runs if r.candidate.startswith("s3rollup") and r.stages]
@@ -918,7 +935,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profiles",
         default=",".join(PROFILES),
         help="comma-separated data profiles (default all): "
-        + "; ".join(f"{k}: {v.about}" for k, v in PROFILES.items()),
+        + "; ".join(f"{k}: {v.about}" for k, v in PROFILES.items()).replace("%", "%%"),
     )
     p.add_argument(
         "--candidates",
@@ -948,6 +965,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="smoke test of the harness: 4 x 50,000 rows, 1 rep, CSV, no dask-seed, incremental N=4; "
         "options given explicitly win; result under .bench-cache/results",
+    )
+    p.add_argument(
+        "--baseline",
+        type=lambda x: Path(x).resolve(),
+        help="another s3rollup checkout (e.g. `git archive` of an earlier commit, its native kernels "
+        "built) whose s3rollup-engine runs beside this one's, labelled by the directory's name",
     )
     p.add_argument(
         "--cache-dir", type=Path, default=ROOT / ".bench-cache", help="data cache (default .bench-cache)"

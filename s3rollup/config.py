@@ -44,12 +44,12 @@ class Settings:
     # still be on its way (0: decides them at once).
     reconcile_pages: int = 20
     reconcile_grace_seconds: int = 0
-    dask_scheduler: str = ""  # address of an existing scheduler; empty: a LocalCluster
+    dask_scheduler: str = ""  # address of an existing scheduler; empty: the job's own threads
     anchor_bucket: str = ""  # Object Lock bucket the worker exports audit chain heads to
     # A round whose new parts add up to more than this many bytes runs on a Dask cluster of
     # Fargate tasks (dask-cloudprovider's FargateCluster, every resource passed in: the
     # stack's cluster, its scheduler and worker task definitions, roles and log group);
-    # 0: never, the job task's own LocalCluster does every round.
+    # 0: never, the job task's own threads do every round.
     fargate_threshold_bytes: int = 0
     fargate_vpc: str = ""  # the VPC of SUBNETS (dask-cloudprovider would look up a default VPC)
     fargate_scheduler_task_definition: str = ""

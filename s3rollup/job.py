@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from botocore.exceptions import BotoCoreError, ClientError
 
 # What a round computes with (pandas, pyarrow, the native kernels: s3rollup.stats and
-# s3rollup.parse) and distributed are imported when a round needs them, or ahead of it on a
-# thread of their own while the job waits on S3 and DynamoDB (prepare_round): a few tenths
-# of a second of every job's process.
+# s3rollup.parse) is imported when a round needs it, or ahead of it on a thread of its own
+# while the job waits on S3 and DynamoDB (prepare_round): a few tenths of a second of every
+# job's process. distributed only for a round on a Dask cluster.
 from .audit import AuditLog, Duplicate, export_head
 from .aws import Aws, object_at
 from .config import Settings, available_cpus
@@ -74,7 +74,7 @@ _process_aws: Aws | None = None
 
 def _aws() -> Aws:
     # One client cache per process: Dask tasks may run in other processes or machines. In
-    # the job's own process (its LocalCluster), main() has put the job's cache here.
+    # the job's own process (LocalTasks' threads), main() has put the job's cache here.
     global _process_aws
     if _process_aws is None:
         _process_aws = Aws()
@@ -395,15 +395,69 @@ def task_cluster(settings: Settings) -> Iterator[Any]:
         yield cluster
 
 
+class LocalTasks:
+    """A round's tasks on threads of the job's own process, one per CPU of its task.
+
+    Parsing and aggregation release the GIL, so threads use every CPU; the tasks find the
+    job's clients (job._aws()). Nothing listens, nothing is serialized, and nothing of
+    distributed is imported or started: a Dask cluster in this process (a LocalCluster
+    with one worker) ran the same tasks on the same threads, after 0.4-0.5 s of
+    distributed's imports, its start and its HTTP servers."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+
+    def run(self, fn: Callable[..., _R], *iterables: Iterable[Any], timeout: float | None = None) -> list[_R]:
+        """fn over the items, in order; TimeoutError when not all finished in time."""
+        from concurrent.futures import wait
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="s3rollup-task")
+        futures = [self._pool.submit(fn, *args) for args in zip(*iterables, strict=True)]
+        _, pending = wait(futures, timeout=timeout)
+        if pending:
+            for f in pending:
+                f.cancel()
+            raise TimeoutError
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        """Let the threads go (a task still running, after a timeout, is not waited for)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+class ClusterTasks:
+    """A round's tasks on a Dask cluster (a configured scheduler or a task cluster)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def run(self, fn: Callable[..., _R], *iterables: Iterable[Any], timeout: float | None = None) -> list[_R]:
+        """fn over the items, in order, one Dask task each; TimeoutError when not all
+        finished in time (all workers gone: Dask would wait for new ones forever)."""
+        from distributed import wait
+
+        futures = self.client.map(fn, *iterables, pure=False)
+        wait(futures, timeout=timeout)
+        return list(self.client.gather(futures))
+
+
+Tasks = LocalTasks | ClusterTasks
+
+
 class Clusters:
-    """The Dask client of each round of a job: a round whose new parts add up to more than
-    the threshold gets a task cluster of its own (stopped when the round ends); any other
-    round the job's LocalCluster, started on first use and kept for the job's life."""
+    """Where each round of a job runs its tasks: on the configured Dask scheduler when there
+    is one; a round whose new parts add up to more than the threshold on a task cluster of
+    its own (stopped when the round ends); any other round on the job's own threads
+    (LocalTasks, kept for the job's life)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._stack = contextlib.ExitStack()
-        self._local: Any = None
+        self._local: LocalTasks | None = None
 
     def __enter__(self) -> Clusters:
         return self
@@ -412,37 +466,32 @@ class Clusters:
         self._stack.close()
 
     @contextlib.contextmanager
-    def for_round(self, work_bytes: int) -> Iterator[Any]:
-        """The client for a round of work_bytes of new parts."""
+    def for_round(self, work_bytes: int) -> Iterator[Tasks]:
+        """Where a round of work_bytes of new parts runs."""
         s = self.settings
-        if not s.dask_scheduler and s.fargate_threshold_bytes and work_bytes > s.fargate_threshold_bytes:
-            with dask_client(s, work_bytes) as client:
-                yield client
+        if s.dask_scheduler or (s.fargate_threshold_bytes and work_bytes > s.fargate_threshold_bytes):
+            with dask_client(s) as client:
+                yield ClusterTasks(client)
             return
         if self._local is None:
-            self._local = self._stack.enter_context(dask_client(s))
+            self._local = LocalTasks(available_cpus())
+            self._stack.callback(self._local.close)
         yield self._local
 
 
 def prepare_round() -> None:
     """What a round needs before it starts, done ahead (the job does it while it waits on
     S3 and DynamoDB): import what computes partials and merges them (s3rollup.stats:
-    pandas, pyarrow, the native kernels), import distributed, and read the versions of the
-    packages Dask's members compare when a worker registers (distributed.versions: package
-    metadata read from disk, and a `uname -p` process), once per process."""
-    from distributed.versions import get_versions
-
+    pandas, pyarrow, the native kernels). distributed is imported only by a round that runs
+    on a Dask cluster (dask_client)."""
     from . import stats  # noqa: F401  (imported for what it imports)
-
-    get_versions()
 
 
 @contextlib.contextmanager
-def dask_client(settings: Settings, work_bytes: int = 0) -> Iterator[Any]:
-    """A Dask client: the configured scheduler; a task cluster (task_cluster) when the work is
-    larger than the threshold; else a LocalCluster sized to this task's CPUs."""
-    import dask
-    from distributed import Client, LocalCluster
+def dask_client(settings: Settings) -> Iterator[Any]:
+    """A client of a Dask cluster: the configured scheduler, else a task cluster of its own
+    (task_cluster)."""
+    from distributed import Client
 
     # distributed sets its own loggers to INFO on import; its chatter is not ours to ship.
     logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -450,57 +499,8 @@ def dask_client(settings: Settings, work_bytes: int = 0) -> Iterator[Any]:
         with Client(settings.dask_scheduler, timeout="30s") as client:
             yield client
         return
-    if settings.fargate_threshold_bytes and work_bytes > settings.fargate_threshold_bytes:
-        with task_cluster(settings) as cluster, Client(cluster) as client:
-            yield client
-        return
-    # Threads in one process: part parsing and aggregation release the GIL, and a process
-    # pool would only add start-up time and copies on a small task.
-    with (
-        # Nothing is served over HTTP (no dashboard, metrics, info or proxy routes): the
-        # job's own cluster has no other client. distributed still opens its HTTP servers.
-        dask.config.set({"distributed.scheduler.http.routes": [], "distributed.worker.http.routes": []}),
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=available_cpus(),
-            processes=False,
-            # None still means distributed's default, every interface on :8787: the scheduler
-            # and the worker always serve HTTP. Loopback only, on free ports.
-            dashboard_address="127.0.0.1:0",
-            worker_dashboard_address="127.0.0.1:0",
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        _send_at_once(client, cluster)
+    with task_cluster(settings) as cluster, Client(cluster) as client:
         yield client
-
-
-def _send_at_once(client: Any, cluster: Any) -> None:
-    """Let the in-process cluster's message streams send each message as it comes.
-
-    distributed batches the messages between client, scheduler and worker, waiting 10 ms
-    (client to scheduler), 5 ms (scheduler to worker) and 2 ms (back) after each send
-    before the next, to spare a network round trip per message. In one process there is
-    no network: the wait was the whole latency of a task's dispatch and result (about
-    10 ms of each, against 2 ms), and a new cluster's first task waited for the deadline
-    its client's set-up messages had left (13 ms against 3 ms).
-    """
-    from distributed.utils import sync
-
-    streams = [
-        client.scheduler_comm,
-        *cluster.scheduler.client_comms.values(),
-        *cluster.scheduler.stream_comms.values(),
-        *(w.batched_stream for w in cluster.workers.values()),
-    ]
-
-    async def unbatch() -> None:
-        for stream in streams:
-            stream.interval = 0
-            stream.next_deadline = None
-            stream.waker.set()  # its sender wakes: sends what waits, else waits for the next
-
-    sync(client.loop, unbatch)
 
 
 def task_actor() -> str:
@@ -562,8 +562,8 @@ class Job:
                 while True:
                     lease = LeaseKeeper(self.state, self.dataset, self.job_id, self.settings.lease_seconds)
                     # The lease is kept while a task cluster starts and stops, too.
-                    with lease, clusters.for_round(sum(p.size for p in todo)) as client:
-                        self.round(client, todo, lease)
+                    with lease, clusters.for_round(sum(p.size for p in todo)) as tasks_on:
+                        self.round(tasks_on, todo, lease)
                     self.state.release_lease(self.dataset, self.job_id)
                     # Parts registered while we worked found the lease taken: they are ours.
                     if not self.state.waiting(self.dataset) or not self.state.acquire_lease(
@@ -630,7 +630,7 @@ class Job:
         parts = self.state.get_parts(self.dataset, self.changes)
         return [parts[k] for k in sorted(parts) if parts[k].needs_partial]
 
-    def round(self, client: Any, todo: list[Part], lease: LeaseKeeper) -> None:
+    def round(self, tasks_on: Tasks, todo: list[Part], lease: LeaseKeeper) -> None:
         """Compute the partials of todo, merge all current partials and publish (while the
         lease is ours: a job that lost it fails rather than race the job that holds it)."""
         self.rounds += 1
@@ -647,14 +647,10 @@ class Job:
             )
             for p in todo
         ]
-        from distributed import wait
-
-        futures = client.map(compute_partial, tasks, pure=False)
-        try:  # all workers gone: Dask would wait for new ones forever
-            wait(futures, timeout=self.settings.round_timeout_seconds)
+        try:
+            results = tasks_on.run(compute_partial, tasks, timeout=self.settings.round_timeout_seconds)
         except TimeoutError:
             raise S3RollupError("partials not computed in time", "ROUND_TIMEOUT") from None
-        results = client.gather(futures)
         lease.check()
         by_key = {p.key: p for p in todo}
         for res in results:
@@ -937,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
             print("s3rollup worker: S3ROLLUP_DATASET and S3ROLLUP_JOB_ID must be set", file=sys.stderr)
             return 2
         global _process_aws
-        # The tasks of the job's own LocalCluster run in this process: they use the job's
+        # The tasks of a local round run on this process's threads: they use the job's
         # clients rather than build their own (creating an S3 client costs tens of ms).
         aws = _process_aws = Aws()
         return Job(settings, aws, dataset, job_id, task_actor()).run()

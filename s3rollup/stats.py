@@ -44,9 +44,13 @@ def frame_to_parquet(frame: pd.DataFrame) -> bytes:
     pyarrow's own writer and reader, not pandas' to_parquet and read_parquet: these import
     pyarrow.dataset and Acero on first use, 15-20 ms of every job process (one job is one
     process), for the same bytes and the same frame back.
+
+    Without dictionary encoding: a partial's columns are mostly distinct floats, which
+    pyarrow would first try to fit in a dictionary per column and then write plain anyway
+    (a 100,000-group partial: 70 ms to write, 13.2 MB, against 30 ms and 11.0 MB).
     """
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buf)
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buf, use_dictionary=False)
     return buf.getvalue()
 
 
@@ -339,18 +343,28 @@ def _merge_frames(frames: list[pd.DataFrame], contract: Contract) -> pd.DataFram
         if frames:
             return _empty_partial(contract, {k: frames[0][k].dtype for k in contract.group_by})
         return _empty_partial(contract)
-    both = nonempty[0] if len(nonempty) == 1 else pd.concat(nonempty, ignore_index=True)
-    codes, uniques = _group_codes(both[list(contract.group_by)])
-    if (codes < 0).any():
-        keep = codes >= 0
-        codes, both = codes[keep], both.loc[keep]
+    keys = list(contract.group_by)
+    # The keys through pandas (their dtypes and factorisation), the moments as plain float64
+    # arrays, one column at a time: concatenating whole frames consolidates every column
+    # into blocks first, most of a merge's time with many groups.
+    key_frame = nonempty[0][keys] if len(nonempty) == 1 else pd.concat([p[keys] for p in nonempty])
+    codes, uniques = _group_codes(key_frame)
+    keep = codes >= 0 if (codes < 0).any() else None
+    if keep is not None:
+        codes = codes[keep]
+
+    def column(name: str) -> FloatArray:
+        arrays = [p[name].to_numpy(np.float64) for p in nonempty]
+        joined = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        return joined if keep is None else joined[keep]
+
     k = len(uniques)
     out: dict[str, object] = {c: uniques[c].to_numpy() for c in contract.group_by}
-    out[ROWS] = np.bincount(codes, weights=both[ROWS].to_numpy(np.float64), minlength=k).astype(np.int64)
+    out[ROWS] = np.bincount(codes, weights=column(ROWS), minlength=k).astype(np.int64)
     for v in contract.values:
-        n_i = both[f"{v}__count"].to_numpy(np.float64)
-        mean_i = both[f"{v}__mean"].to_numpy(np.float64)
-        m2_i = both[f"{v}__m2"].to_numpy(np.float64)
+        n_i = column(f"{v}__count")
+        mean_i = column(f"{v}__mean")
+        m2_i = column(f"{v}__m2")
         w = n_i > 0
         # Zero-count entries carry NaN moments: they must contribute nothing.
         mean_w = np.where(w, mean_i, 0.0)
@@ -366,8 +380,8 @@ def _merge_frames(frames: list[pd.DataFrame], contract: Contract) -> pd.DataFram
         m2[n == 0] = np.nan
         mn = np.full(k, np.nan)
         mx = np.full(k, np.nan)
-        np.fmin.at(mn, codes, both[f"{v}__min"].to_numpy(np.float64))
-        np.fmax.at(mx, codes, both[f"{v}__max"].to_numpy(np.float64))
+        np.fmin.at(mn, codes, column(f"{v}__min"))
+        np.fmax.at(mx, codes, column(f"{v}__max"))
         _pin_constant_groups(mean, m2, mn, mx)
         _put_moments(out, v, n.astype(np.int64), mean, m2, mn, mx)
     return _partial_table(out, contract, uniques)

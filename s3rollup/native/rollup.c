@@ -60,6 +60,13 @@ typedef struct {
 
 #define BLOCKS(nv) (((nv) + 3) / 4)
 
+/* A slot of the hash table: the key beside its group (index + 1, 0 = empty), so a lookup
+ * reads one cache line, not the table's and then the group's key. */
+typedef struct {
+    int64_t key;
+    int64_t group;
+} slot_t;
+
 typedef struct {
     int nvalues;
     int vector; /* update rows with AVX2 */
@@ -67,7 +74,7 @@ typedef struct {
     int64_t *keys; /* the group's key (sr_csv) or code (sr_codes) */
     int64_t *rows;
     blk_t *acc; /* ngroups x BLOCKS(nvalues) */
-    int64_t *table; /* open addressing: group index + 1, 0 = empty */
+    slot_t *table; /* open addressing, linear probing */
     int shift;      /* table size = 2^(64 - shift) */
     int64_t tsize;
     int32_t *direct; /* sr_keys over a small key range: group index + 1 at key - dmin */
@@ -278,7 +285,7 @@ static inline uint64_t slot_of(const sr_ctx *c, int64_t key) {
 }
 
 static int rehash(sr_ctx *c, int64_t tsize, int shift) {
-    int64_t *table = calloc((size_t)tsize, sizeof *table);
+    slot_t *table = calloc((size_t)tsize, sizeof *table);
     if (!table) return SR_NOMEM;
     free(c->table);
     c->table = table;
@@ -286,8 +293,8 @@ static int rehash(sr_ctx *c, int64_t tsize, int shift) {
     c->shift = shift;
     for (int64_t g = 0; g < c->ngroups; g++) {
         uint64_t s = slot_of(c, c->keys[g]);
-        while (table[s]) s = (s + 1) & (uint64_t)(tsize - 1);
-        table[s] = g + 1;
+        while (table[s].group) s = (s + 1) & (uint64_t)(tsize - 1);
+        table[s] = (slot_t){c->keys[g], g + 1};
     }
     return SR_OK;
 }
@@ -297,18 +304,57 @@ static inline int64_t group_of(sr_ctx *c, int64_t key) {
     uint64_t mask = (uint64_t)(c->tsize - 1);
     uint64_t s = slot_of(c, key);
     for (;;) {
-        int64_t g = c->table[s];
+        int64_t g = c->table[s].group;
         if (g == 0) break;
-        if (c->keys[g - 1] == key) return g - 1;
+        if (c->table[s].key == key) return g - 1;
         s = (s + 1) & mask;
     }
     int64_t g = c->ngroups;
     if (reserve(c, g + 1) != SR_OK) return -1;
     c->keys[g] = key;
     c->ngroups = g + 1;
-    c->table[s] = g + 1;
+    c->table[s] = (slot_t){key, g + 1};
     if (2 * c->ngroups > c->tsize && rehash(c, c->tsize * 2, c->shift - 1) != SR_OK) return -1;
     return g;
+}
+
+/* Rows are grouped BATCH at a time: first every row's table slot is fetched ahead
+ * (prefetch), then each row's group is looked up (added on first sight, in row order) and
+ * its moments fetched ahead, then the rows update their groups in row order. With many
+ * groups the table and the moments do not fit in the caches: a row waited for each of
+ * those reads in turn, a batch waits for them all at once. Same groups, same order of
+ * updates, so the same bits. */
+#define BATCH 32
+
+static inline void prefetch_slot(const sr_ctx *c, int64_t key) {
+    __builtin_prefetch(&c->table[slot_of(c, key)]);
+}
+
+/* Fetch ahead what updating group g touches: its row count and its moments' blocks. */
+static inline void prefetch_group(const sr_ctx *c, int64_t g) {
+    __builtin_prefetch(&c->rows[g], 1);
+    const char *b = (const char *)(c->acc + (size_t)g * (size_t)BLOCKS(c->nvalues));
+    size_t bytes = (size_t)BLOCKS(c->nvalues) * sizeof(blk_t);
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(b + off, 1);
+    __builtin_prefetch(b + bytes - 1, 1);
+}
+
+/* The groups of keys[0..n) into g (added on first sight, in order), with their moments
+ * fetched ahead; keys whose skip[b] is set (may be NULL) are in no group (-1). */
+static inline int batch_groups(sr_ctx *c, const int64_t *keys, const unsigned char *skip, int n, int64_t *g) {
+    for (int b = 0; b < n; b++)
+        if (!skip || !skip[b]) prefetch_slot(c, keys[b]);
+    for (int b = 0; b < n; b++) {
+        if (skip && skip[b]) {
+            g[b] = -1;
+            continue;
+        }
+        int64_t x = group_of(c, keys[b]);
+        if (x < 0) return SR_NOMEM;
+        g[b] = x;
+        prefetch_group(c, x);
+    }
+    return SR_OK;
 }
 
 /* group_of for a key in the direct table's range. */
@@ -328,11 +374,23 @@ static inline int64_t direct_group_of(sr_ctx *c, int64_t key) {
 static inline __attribute__((always_inline)) int keys_rows(sr_ctx *c, const int64_t *keys, int64_t n,
                                                            const double *const *values, int vec) {
     int nv = c->nvalues;
-    for (int64_t i = 0; i < n; i++) {
-        int64_t g = c->direct ? direct_group_of(c, keys[i]) : group_of(c, keys[i]);
-        if (g < 0) return SR_NOMEM;
-        c->rows[g] += 1;
-        update_columns(c->acc + (size_t)g * (size_t)BLOCKS(nv), values, i, nv, vec);
+    if (c->direct) {
+        for (int64_t i = 0; i < n; i++) {
+            int64_t g = direct_group_of(c, keys[i]);
+            if (g < 0) return SR_NOMEM;
+            c->rows[g] += 1;
+            update_columns(c->acc + (size_t)g * (size_t)BLOCKS(nv), values, i, nv, vec);
+        }
+        return SR_OK;
+    }
+    int64_t gs[BATCH];
+    for (int64_t i0 = 0; i0 < n; i0 += BATCH) {
+        int m = n - i0 < BATCH ? (int)(n - i0) : BATCH;
+        if (batch_groups(c, keys + i0, NULL, m, gs) != SR_OK) return SR_NOMEM;
+        for (int b = 0; b < m; b++) {
+            c->rows[gs[b]] += 1;
+            update_columns(c->acc + (size_t)gs[b] * (size_t)BLOCKS(nv), values, i0 + b, nv, vec);
+        }
     }
     return SR_OK;
 }
@@ -706,10 +764,24 @@ static inline int value_cell(const sr_ctx *c, const char *p, const char *end, co
 static inline __attribute__((always_inline)) int csv_rows(sr_ctx *c, const char *buf, int64_t len, int64_t start,
                                                           const int8_t *roles, int nfields, int vec) {
     int nv = c->nvalues;
+    int stride = 4 * BLOCKS(nv); /* a row's values, NaN beyond the value columns (update_row) */
     const char *p = buf + start, *end = buf + len;
-    double vals[MAX_VALUES]; /* NaN beyond the value columns (update_row) */
-    for (int j = 0; j < MAX_VALUES; j++) vals[j] = NAN;
-    while (p < end) {
+    double vals[BATCH * MAX_VALUES];
+    for (int j = 0; j < BATCH * MAX_VALUES; j++) vals[j] = NAN;
+    int64_t keys[BATCH], gs[BATCH];
+    unsigned char keyless[BATCH];
+    int m = 0; /* rows parsed, not yet grouped */
+    for (;;) {
+        if (m == BATCH || (p >= end && m > 0)) {
+            if (batch_groups(c, keys, keyless, m, gs) != SR_OK) return SR_NOMEM;
+            for (int b = 0; b < m; b++) {
+                if (gs[b] < 0) continue;
+                c->rows[gs[b]] += 1;
+                update_row(c->acc + (size_t)gs[b] * (size_t)BLOCKS(nv), vals + b * stride, nv, vec);
+            }
+            m = 0;
+        }
+        if (p >= end) break;
         if (*p == '\n') {
             p++;
             continue;
@@ -722,7 +794,8 @@ static inline __attribute__((always_inline)) int csv_rows(sr_ctx *c, const char 
             return SR_UNSUPPORTED;
         }
         int64_t key = 0;
-        int keyless = 0; /* the key cell is a missing value: the row is in no group */
+        int nokey = 0; /* the key cell is a missing value: the row is in no group */
+        double *row = vals + m * stride;
         for (int f = 0; f < nfields; f++) {
             const char *q = p;
             int role = roles[f];
@@ -734,9 +807,9 @@ static inline __attribute__((always_inline)) int csv_rows(sr_ctx *c, const char 
             } else if (role == ROLE_KEY) {
                 if (parse_key(p, end, &q, &key) != SR_OK || !field_end(q, end)) {
                     if (!na_cell(c, p, end, &q)) return SR_UNSUPPORTED;
-                    keyless = 1;
+                    nokey = 1;
                 }
-            } else if (value_cell(c, p, end, &q, &vals[role]) != SR_OK) {
+            } else if (value_cell(c, p, end, &q, &row[role]) != SR_OK) {
                 return SR_UNSUPPORTED;
             }
             if (f < nfields - 1) {
@@ -751,11 +824,9 @@ static inline __attribute__((always_inline)) int csv_rows(sr_ctx *c, const char 
                 p = q;
             }
         }
-        if (keyless) continue;
-        int64_t g = group_of(c, key);
-        if (g < 0) return SR_NOMEM;
-        c->rows[g] += 1;
-        update_row(c->acc + (size_t)g * (size_t)BLOCKS(nv), vals, nv, vec);
+        keys[m] = key;
+        keyless[m] = (unsigned char)nokey;
+        m++;
     }
     return SR_OK;
 }

@@ -10,7 +10,7 @@ import pytest
 from s3rollup.config import Settings
 from s3rollup.demo import generate_part
 from s3rollup.errors import S3RollupError
-from s3rollup.job import Job, dask_client
+from s3rollup.job import Clusters, Job
 from s3rollup.state import LeaseKeeper, State
 from tests.conftest import wait_for
 from tests.helpers import audit_records, manifest, put_part, register_quietly, silent, task_aws
@@ -59,25 +59,21 @@ def test_a_job_whose_lease_was_taken_fails_and_publishes_nothing(stack: Any, dat
         )
         assert job.state.acquire_lease(dataset, "job-b", 600)
 
-    with dask_client(settings) as client:
+    with Clusters(settings) as clusters, clusters.for_round(0) as tasks:
 
         class StolenWhileComputing:
             """Computes the partials, then another job takes the lease (as after a long stall)."""
 
-            def map(self, *args: Any, **kwargs: Any) -> Any:
-                futures = client.map(*args, **kwargs)
-                client.gather(futures)
+            def run(self, *args: Any, **kwargs: Any) -> Any:
+                results = tasks.run(*args, **kwargs)
                 steal()
-                return futures
-
-            def gather(self, futures: Any) -> Any:
-                return client.gather(futures)
+                return results
 
         with (
             LeaseKeeper(job.state, dataset, "job-a", 600) as lease,
             pytest.raises(S3RollupError) as err,
         ):
-            job.round(StolenWhileComputing(), todo, lease)
+            job.round(StolenWhileComputing(), todo, lease)  # type: ignore[arg-type]
     assert err.value.code == "LEASE_LOST"
     assert manifest(stack, dataset) is None
     assert job.state.lease(dataset)["job_id"] == "job-b"

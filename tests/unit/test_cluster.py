@@ -15,13 +15,7 @@ import pytest
 
 from s3rollup.config import Settings
 from s3rollup.errors import ConfigError
-from s3rollup.job import (
-    available_cpus,
-    cluster_security,
-    dask_client,
-    fargate_cluster_kwargs,
-    seal_cluster_tls,
-)
+from s3rollup.job import available_cpus, cluster_security, fargate_cluster_kwargs, seal_cluster_tls
 from s3rollup.member import tls_context
 
 BASE = {
@@ -146,18 +140,18 @@ def test_a_fargate_threshold_without_a_resource_is_a_config_error(missing: str) 
         Settings.from_env({k: v for k, v in FARGATE.items() if k != missing})
 
 
-def test_a_round_above_the_threshold_gets_a_task_cluster_and_others_the_local_one(
+def test_a_round_above_the_threshold_gets_a_task_cluster_and_others_the_jobs_threads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import s3rollup.job as job
 
     # GIVEN a job whose task cluster is recorded instead of started
-    opened: list[int] = []
+    opened: list[Settings] = []
 
     @contextlib.contextmanager
-    def fake(settings: Settings, work_bytes: int = 0) -> Iterator[str]:
-        opened.append(work_bytes)
-        yield "task" if work_bytes else "local"
+    def fake(settings: Settings) -> Iterator[str]:
+        opened.append(settings)
+        yield "task cluster's client"
 
     monkeypatch.setattr(job, "dask_client", fake)
     threshold = int(FARGATE["S3ROLLUP_FARGATE_THRESHOLD_BYTES"])
@@ -165,14 +159,28 @@ def test_a_round_above_the_threshold_gets_a_task_cluster_and_others_the_local_on
     with job.Clusters(Settings.from_env(FARGATE)) as clusters:
         got = []
         for size in (threshold + 1, 10, threshold, threshold * 2, 5):
-            with clusters.for_round(size) as client:
-                got.append(client)
-    # THEN each round above the threshold gets a cluster of its own; the others share one
-    assert got == ["task", "local", "local", "task", "local"]
-    assert opened == [threshold + 1, 0, threshold * 2]
+            with clusters.for_round(size) as tasks:
+                got.append(tasks)
+    # THEN each round above the threshold gets a cluster of its own; the others share the
+    # job's own threads
+    kinds = [type(t).__name__ for t in got]
+    assert kinds == ["ClusterTasks", "LocalTasks", "LocalTasks", "ClusterTasks", "LocalTasks"]
+    assert got[0].client == "task cluster's client" and len(opened) == 2
+    assert got[1] is got[2] is got[4] and got[1].threads == available_cpus()
 
 
-def test_local_cluster_is_sized_to_the_cpus_this_process_may_use() -> None:
+def test_a_configured_scheduler_runs_every_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    import s3rollup.job as job
+
+    monkeypatch.setattr(job, "dask_client", contextlib.contextmanager(lambda settings: iter(["scheduler"])))
+    settings = Settings.from_env({**BASE, "S3ROLLUP_DASK_SCHEDULER": "tls://10.0.0.5:8786"})
+    with job.Clusters(settings) as clusters:
+        for size in (0, 10**15):
+            with clusters.for_round(size) as tasks:
+                assert isinstance(tasks, job.ClusterTasks) and tasks.client == "scheduler"
+
+
+def test_local_tasks_are_sized_to_the_cpus_this_process_may_use() -> None:
     import os
 
     assert available_cpus() == len(os.sched_getaffinity(0))
@@ -184,58 +192,41 @@ def _listening_addresses(pid: int) -> list[str]:
 
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to list sockets")
-def test_local_cluster_listens_on_loopback_only() -> None:
-    # GIVEN the job's default cluster (no scheduler address, no Fargate threshold); this
+def test_a_local_round_runs_on_this_process_threads_and_listens_on_nothing() -> None:
+    import threading
+
+    from s3rollup.job import Clusters
+
+    # GIVEN the job's default settings (no scheduler address, no Fargate threshold); this
     # process may already serve others (the tests' embedded stacks)
     before = set(_listening_addresses(os.getpid()))
-    with dask_client(Settings.from_env(BASE)) as client:
-        assert client.submit(sum, [1, 2]).result() == 3
-        # WHEN we list the listening sockets the cluster added to this process
-        addresses = sorted(set(_listening_addresses(os.getpid())) - before)
-    # THEN the scheduler's and the worker's HTTP servers are there, on 127.0.0.1 only
-    assert addresses
-    assert all(a.startswith("127.0.0.1:") for a in addresses), addresses
+    with Clusters(Settings.from_env(BASE)) as clusters, clusters.for_round(1 << 30) as tasks:
+        # WHEN a round's tasks run
+        names = tasks.run(lambda i: (i, threading.current_thread().name), range(50))
+        # THEN each ran on a thread of this process, results in order
+        assert [i for i, _ in names] == list(range(50))
+        assert {name.split("_")[0] for _, name in names} == {"s3rollup-task"}
+        # ... and nothing listens for anyone else on the host: no scheduler, no HTTP server
+        assert set(_listening_addresses(os.getpid())) - before == set()
 
 
-def test_local_cluster_serves_nothing_over_http() -> None:
-    import urllib.error
-    import urllib.request
+def test_local_tasks_report_a_task_s_error_and_a_round_that_overruns() -> None:
+    import threading
 
-    # GIVEN the job's default cluster, whose scheduler and worker open HTTP servers
-    with dask_client(Settings.from_env(BASE)) as client:
-        members = [client.cluster.scheduler, *client.cluster.workers.values()]
-        ports = [m.http_server.port for m in members]
-        # WHEN anything asks them for distributed's pages (health, metrics, info, JSON)
-        codes = []
-        for port in ports:
-            for path in ("/health", "/metrics", "/info/main/workers.html", "/json/identity.json"):
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-                        codes.append(r.status)
-                except urllib.error.HTTPError as e:
-                    codes.append(e.code)
-    # THEN there is no such page: the job's own cluster has no other client
-    assert len(codes) == 4 * len(ports) >= 8
-    assert set(codes) == {404}
+    from s3rollup.job import LocalTasks
 
-
-def test_local_cluster_sends_each_message_as_it_comes_and_still_delivers_them_all() -> None:
-    # GIVEN the job's default cluster, in this process
-    with dask_client(Settings.from_env(BASE)) as client:
-        cluster = client.cluster
-        streams = [
-            client.scheduler_comm,
-            *cluster.scheduler.client_comms.values(),
-            *cluster.scheduler.stream_comms.values(),
-            *(w.batched_stream for w in cluster.workers.values()),
-        ]
-        # THEN no stream between client, scheduler and worker waits to batch messages
-        assert len(streams) >= 4
-        assert all(stream.interval == 0 for stream in streams)
-        # and many tasks' messages, sent in bursts, all arrive: every result is there
-        futures = client.map(lambda i: i * i, range(500), pure=False)
-        assert client.gather(futures) == [i * i for i in range(500)]
-        assert client.submit(sum, range(10), pure=False).result() == 45
+    tasks = LocalTasks(2)
+    release = threading.Event()
+    try:
+        # A task's exception reaches the round (as Dask's gather raises it)
+        with pytest.raises(ZeroDivisionError):
+            tasks.run(lambda x: 1 / x, [1, 0, 2])
+        # A round whose tasks do not finish in time is a TimeoutError (ROUND_TIMEOUT in the job)
+        with pytest.raises(TimeoutError):
+            tasks.run(lambda _: release.wait(10), range(3), timeout=0.2)
+    finally:
+        release.set()
+        tasks.close()
 
 
 @pytest.mark.parametrize(

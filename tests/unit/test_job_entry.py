@@ -65,7 +65,7 @@ def test_tasks_in_the_jobs_process_use_the_jobs_clients(monkeypatch: pytest.Monk
     monkeypatch.setattr(job_module.Job, "run", run)
     # WHEN the worker's main runs a job
     assert job_module.main() == 0
-    # THEN a task in this process (its LocalCluster) gets the job's client cache
+    # THEN a task in this process (a local round's thread) gets the job's client cache
     (aws,) = seen
     assert isinstance(aws, Aws)
     assert job_module._aws() is aws
@@ -88,11 +88,13 @@ def test_the_job_module_imports_what_a_round_computes_with_only_when_a_round_nee
     )
     # THEN none of them is loaded yet: prepare_round imports them while the job waits on AWS
     assert loaded == []
-    # ... and prepare_round imports everything a round computes with
-    missing = _fresh_interpreter(
+    # ... and prepare_round imports everything a round computes with, and no Dask: a round on
+    # the job's own threads never needs it
+    missing, unneeded = _fresh_interpreter(
         "import sys, json, s3rollup.job\n"
         "s3rollup.job.prepare_round()\n"
-        "needed = {'pandas', 'pyarrow', 'distributed', 's3rollup.stats'}\n"
-        "print(json.dumps(sorted(needed - set(sys.modules))))\n"
+        "needed = {'pandas', 'pyarrow', 's3rollup.stats'}\n"
+        "dask = {'dask', 'distributed', 'tornado', 'dask_cloudprovider'}\n"
+        "print(json.dumps([sorted(needed - set(sys.modules)), sorted(dask & set(sys.modules))]))\n"
     )
-    assert missing == []
+    assert missing == [] and unneeded == []

@@ -310,6 +310,43 @@ def test_a_seed_part_takes_the_native_path_and_equals_the_pyarrow_path() -> None
 
 
 @needs_native
+def test_many_groups_spread_over_int64_aggregate_as_pandas_does_on_every_native_path(monkeypatch) -> None:
+    # GIVEN 30,001 rows (not a whole number of the kernels' batches) in about 12,000 groups
+    # keyed over 0..2**40, so the hash table grows while a batch of rows is looked up: most
+    # groups hold a few rows, some one; NaNs; a large offset; some rows without a key
+    rng = np.random.default_rng(21)
+    n = 30_001
+    keys = rng.integers(0, 2**40, 12_000)[rng.integers(0, 12_000, n)]
+    keys[-5:] = rng.integers(2**40, 2**41, 5)  # single-row groups, the last rows of the part
+    category = pd.array(keys, dtype="Int64")
+    category[rng.random(n) < 0.01] = pd.NA
+    df = _part(
+        value1=np.where(rng.random(n) < 0.3, np.nan, rng.standard_normal(n)),
+        value2=rng.standard_normal(n) * 1e-3 + 1e6,
+        value3=rng.standard_normal(n),
+        category=category,
+    )
+    body = df.to_csv(index=False).encode()
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    assert csv_groups(body, C) is not None
+    # WHEN the native CSV parser and the native key kernels (Parquet, in batches) aggregate it
+    for data, fmt in [(body, "csv"), (buf.getvalue(), "parquet")]:
+        monkeypatch.setattr(parse, "_PARQUET_BATCH_ROWS", 4_099)
+        partial, rows = part_partial(data, C, fmt)
+        # THEN the partial is pandas' kernels' over the same rows, keyless rows left out
+        assert rows == n - int(pd.isna(category).sum())
+        expected = partial_from_frame(read_part(body, C), C)
+        assert len(expected) > 10_000 and (expected["__rows"] == 1).any()
+        _assert_same_partial(partial, expected)
+        # ... with the same bits four values at a time and one at a time
+        monkeypatch.setattr(native, "use_vector", False)
+        lanes, _ = part_partial(data, C, fmt)
+        monkeypatch.setattr(native, "use_vector", True)
+        pd.testing.assert_frame_equal(lanes, partial, check_exact=True)
+
+
+@needs_native
 @pytest.mark.parametrize("batch_rows", [1 << 16, 999])
 def test_parquet_parts_aggregate_on_the_key_column_as_the_frame_path_does(monkeypatch, batch_rows) -> None:
     monkeypatch.setattr(parse, "_PARQUET_BATCH_ROWS", batch_rows)  # 999: a part in 6 batches

@@ -381,6 +381,23 @@ def test_rows_with_null_group_keys_are_dropped_like_pandas() -> None:
     assert_matches(got, reference_for(df, contract))
 
 
+def test_a_merge_leaves_out_a_partial_row_without_a_key_in_every_column() -> None:
+    # GIVEN partials with a string key, one of them carrying a row whose key is missing (as a
+    # partial written by hand or by another tool could), and a part with no rows
+    contract = Contract(columns={"k": "string", "x": "float64"}, group_by=("k",), values=("x",))
+    df = pd.DataFrame({"k": pd.Series(["a", "b", "a", "c"], dtype="str"), "x": [1.0, np.nan, 4, 8]})
+    good = [partial_from_frame(df.iloc[:2], contract), partial_from_frame(df.iloc[2:], contract)]
+    stray = good[1].copy()
+    stray.loc[len(stray)] = [None, 99, 99, 1e9, 0.0, 1e9, 1e9]
+    assert stray["k"].isna().sum() == 1
+    empty = partial_from_frame(df.iloc[0:0], contract)
+    # WHEN they are merged
+    got = merge_partials([good[0], empty, stray], contract)
+    # THEN the row without a key counts nowhere, in no column: as if it had never been there
+    pd.testing.assert_frame_equal(got, merge_partials(good, contract), check_exact=True)
+    assert_matches(to_reference_shape(finalize(got, contract), contract), reference_for(df, contract))
+
+
 def test_integer_value_columns_keep_integer_min_and_max() -> None:
     contract = Contract(columns={"k": "int64", "n": "int64"}, group_by=("k",), values=("n",))
     df = pd.DataFrame({"k": [1, 1, 2], "n": [3, 5, 7]})
