@@ -1184,47 +1184,52 @@ def untrack_moto_instances() -> None:
     FakeKey.__del__ = lambda self: self.dispose()  # type: ignore[method-assign]
 
 
-# How long the embedded SQS keeps a queue's approximate message counts (approximate_queue_counts).
-QUEUE_COUNT_SECONDS = 1.0
+_UNCOUNTED = threading.local()  # set while moto sends or receives (count_queues_when_asked)
 
 
-def approximate_queue_counts() -> None:
-    """Let moto's SQS count a queue's messages at most once a second, not on every request.
+def count_queues_when_asked() -> None:
+    """Let moto's SQS count a queue's messages only when a request asks for the counts.
 
     moto computes a queue's ApproximateNumberOfMessages (and ...Delayed, ...NotVisible) by
-    walking every message in it, and computes all three whenever anything reads the queue's
-    attributes: for each SendMessage (each S3 notification) and, on ReceiveMessage, for
-    each message it considers. With thousands of notifications queued, every request's cost
-    grew with the backlog: a bulk upload's notifications and deliveries slowed to a few parts
-    a second. SQS itself calls these counts approximate; here each is kept for
-    QUEUE_COUNT_SECONDS per queue.
+    walking every message in it, and builds all three whenever anything reads the queue's
+    attributes: on every SendMessage (each S3 notification), for a setting it reads there,
+    and on ReceiveMessage for every message it considers, for the retention period. Neither
+    uses the counts. With thousands of notifications queued, every send and receive cost
+    grew with the backlog: a bulk upload's parts were published at a few a second. Here the
+    counts are not computed inside a send or a receive; GetQueueAttributes computes them
+    exactly, as before.
     """
-    from moto.sqs.models import Queue
+    from moto.sqs.models import Queue, SQSBackend
 
-    names = (
+    if getattr(SQSBackend.send_message, "_s3rollup_uncounted", False):
+        return
+
+    def uncounted(method: Any) -> Any:
+        def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            outer = getattr(_UNCOUNTED, "active", False)
+            _UNCOUNTED.active = True
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                _UNCOUNTED.active = outer
+
+        run._s3rollup_uncounted = True  # type: ignore[attr-defined]
+        return run
+
+    def counted(count: Any) -> property:
+        def get(self: Any) -> int:
+            return 0 if getattr(_UNCOUNTED, "active", False) else int(count(self))
+
+        return property(get)
+
+    for name in (
         "approximate_number_of_messages",
         "approximate_number_of_messages_delayed",
         "approximate_number_of_messages_not_visible",
-    )
-    if getattr(getattr(Queue, names[0]).fget, "_s3rollup_kept", False):
-        return
-
-    def kept(name: str, count: Any) -> property:
-        def get(self: Any) -> int:
-            counts = self.__dict__.setdefault("_s3rollup_counts", {})
-            now = time.monotonic()
-            hit = counts.get(name)
-            if hit is not None and now - hit[0] < QUEUE_COUNT_SECONDS:
-                return int(hit[1])
-            value = int(count(self))
-            counts[name] = (now, value)
-            return value
-
-        get._s3rollup_kept = True  # type: ignore[attr-defined]
-        return property(get)
-
-    for name in names:
-        setattr(Queue, name, kept(name, getattr(Queue, name).fget))
+    ):
+        setattr(Queue, name, counted(getattr(Queue, name).fget))
+    SQSBackend.send_message = uncounted(SQSBackend.send_message)  # type: ignore[method-assign]
+    SQSBackend.receive_message = uncounted(SQSBackend.receive_message)  # type: ignore[method-assign]
 
 
 def list_moto_modules_once() -> None:
@@ -1646,7 +1651,7 @@ class EmbeddedStack:
         light_version_listings()
         untrack_moto_instances()
         list_moto_modules_once()
-        approximate_queue_counts()
+        count_queues_when_asked()
         local_objects.seal_object_bytes()
         local_objects.batch_access_logs()
         local_objects.index_key_names()

@@ -1,10 +1,9 @@
-"""The embedded SQS counts a queue's messages at most once a second
-(s3rollup.local.approximate_queue_counts), so a request's cost does not grow with the
-backlog, and the counts it reports are still right once that second has passed."""
+"""The embedded SQS counts a queue's messages only when a request asks for the counts
+(s3rollup.local.count_queues_when_asked): a send's or a receive's cost does not grow with
+the backlog, and GetQueueAttributes still counts exactly."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import boto3
@@ -13,10 +12,10 @@ from moto import mock_aws
 from s3rollup import local
 
 
-def test_sends_into_a_backlog_do_not_walk_it_and_the_counts_stay_right(monkeypatch: Any) -> None:
+def test_sends_and_receives_do_not_walk_the_backlog_and_the_counts_stay_exact(monkeypatch: Any) -> None:
     from moto.sqs.models import Message
 
-    local.approximate_queue_counts()
+    local.count_queues_when_asked()
     with mock_aws():
         sqs = boto3.client("sqs", region_name="us-east-1")
         url = sqs.create_queue(QueueName="backlog")["QueueUrl"]
@@ -32,21 +31,19 @@ def test_sends_into_a_backlog_do_not_walk_it_and_the_counts_stay_right(monkeypat
             return bool(visible.fget(self))  # type: ignore[attr-defined]
 
         monkeypatch.setattr(Message, "visible", property(counted))
-        # WHEN 50 more are sent within a second
+        # WHEN 50 more are sent, and 10 received
         for i in range(50):
             sqs.send_message(QueueUrl=url, MessageBody=f"n{i}")
-        # THEN the backlog was walked at most once (moto walks it for each send)
-        assert checks <= 2 * 250
-        # AND once the kept counts are a second old, they count every message
-        time.sleep(local.QUEUE_COUNT_SECONDS + 0.1)
-        attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
-        assert attrs["ApproximateNumberOfMessages"] == "250"
-        assert attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
+        assert checks == 0  # moto walks the backlog for each send: 3 x 200-250 checks each
         got = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
-        assert len(got) == 10
-        time.sleep(local.QUEUE_COUNT_SECONDS + 0.1)
+        # THEN the receive walked the queue only to pick its messages, not once per message
+        assert len(got) == 10 and checks <= 2 * 250
+        # AND the counts a request asks for are exact, right away
         attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
         assert (attrs["ApproximateNumberOfMessages"], attrs["ApproximateNumberOfMessagesNotVisible"]) == (
             "240",
             "10",
         )
+        sqs.send_message(QueueUrl=url, MessageBody="one more")
+        attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
+        assert attrs["Attributes"]["ApproximateNumberOfMessages"] == "241"
