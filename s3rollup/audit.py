@@ -85,6 +85,13 @@ class Problem:
     message: str
 
 
+def _record(item: dict[str, Any]) -> dict[str, Any]:
+    """A record as stored (a chain item), with its item's sequence key as ``_seq_key``."""
+    record: dict[str, Any] = json.loads(item["record"]["S"])
+    record["_seq_key"] = int(item["seq"]["N"])
+    return record
+
+
 class AuditLog:
     """Append to and read the audit chains of one table."""
 
@@ -195,9 +202,7 @@ class AuditLog:
         while True:
             page = self._db.query(**kwargs)
             for item in page.get("Items", []):
-                record = json.loads(item["record"]["S"])
-                record["_seq_key"] = int(item["seq"]["N"])
-                yield record
+                yield _record(item)
             if "LastEvaluatedKey" not in page:
                 return
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
@@ -215,9 +220,7 @@ class AuditLog:
         ).get("Item")
         if item is None:
             raise AuditError(f"audit chain {chain!r}: its head names record {seq}, which is missing")
-        record: dict[str, Any] = json.loads(item["record"]["S"])
-        record["_seq_key"] = seq
-        return record
+        return _record(item)
 
     def head(self, chain: str) -> tuple[int, str]:
         """(last sequence number, last hash) of a chain; (0, GENESIS) when empty."""
