@@ -577,29 +577,27 @@ def report(results: dict[str, Any], args: argparse.Namespace, commit: str) -> li
             )
         lines.append("")
     for n, r in results["delete"].items():
-        runs = r["seconds"] if isinstance(r["seconds"], list) else [r["seconds"]]
-        lines += [f"## One part deleted at N = {n:,}", ""]
-        if r.get("plus1_seconds"):
-            med, p1 = statistics.median(runs), statistics.median(r["plus1_seconds"])
-            lines += [
-                "Each delete is followed by a +1 on the same dataset; seconds until published without "
-                "the part, and with the new one:",
-                "",
-                "| | runs (s) | median (s) |",
-                "|---|---|---:|",
-                f"| delete | {', '.join(f'{s:.2f}' for s in runs)} | {med:.2f} |",
-                f"| +1 | {', '.join(f'{s:.2f}' for s in r['plus1_seconds'])} | {p1:.2f} |",
-                "",
-                f"Delete / +1: **{med / p1:.2f}x**.",
-                "",
-                "Requests per delete (median over the runs):",
-                "",
-            ]
-            job, fn = _median_requests(r["job"]), _median_requests(r["function"])
-        else:
-            lines += [f"Published without it after {runs[0]:.2f} s.", ""]
-            job, fn = r["job"], r["function"]
-        lines += _by_api_table("requests: API", {"job": job, "function": fn})
+        runs, plus1 = r["seconds"], r["plus1_seconds"]
+        med, p1 = statistics.median(runs), statistics.median(plus1)
+        lines += [
+            f"## One part deleted at N = {n:,}",
+            "",
+            "Each delete is followed by a +1 on the same dataset; seconds until published without "
+            "the part, and with the new one:",
+            "",
+            "| | runs (s) | median (s) |",
+            "|---|---|---:|",
+            f"| delete | {', '.join(f'{s:.2f}' for s in runs)} | {med:.2f} |",
+            f"| +1 | {', '.join(f'{s:.2f}' for s in plus1)} | {p1:.2f} |",
+            "",
+            f"Delete / +1: **{med / p1:.2f}x**.",
+            "",
+            "Requests per delete (median over the runs):",
+            "",
+        ]
+        lines += _by_api_table(
+            "requests: API", {"job": _median_requests(r["job"]), "function": _median_requests(r["function"])}
+        )
         lines.append("")
     for n, r in results["reconcile"].items():
         found = "all found" if r["all_found"] else "NOT all found"
