@@ -94,12 +94,12 @@ def _part_task(path: str, out: str, alone: bool = False) -> dict[str, Any]:
 
 def _load_partial(result: dict[str, Any]) -> Any:
     """A stored partial, checked against its checksum (as the job's publish loads it)."""
-    from s3rollup.stats import frame_from_parquet
+    from s3rollup.stats import table_from_parquet
 
     data = Path(result["path"]).read_bytes()
     if hashlib.sha256(data).hexdigest() != result["partial_sha256"]:
         raise AssertionError(f"partial {result['path']} changed")
-    return frame_from_parquet(data)
+    return table_from_parquet(data)
 
 
 def _task_sums(results: list[dict[str, Any]]) -> dict[str, float]:
@@ -119,7 +119,7 @@ def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
     _prepare_round()
     from s3rollup.contract import DEFAULT_CONTRACT as C
     from s3rollup.job import fetch_in_order
-    from s3rollup.stats import finalize, frame_bytes, frame_to_parquet, merge_partials
+    from s3rollup.stats import finalize, merge_partials, table_bytes, table_to_parquet
 
     files = spec["files"]
     with tempfile.TemporaryDirectory(dir=spec.get("tmp")) as tmp:
@@ -131,7 +131,7 @@ def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
             t2 = now()
             # As the job's publish: the stored partials in part order, fetched ahead of
             # the merge, which takes them a chunk at a time.
-            merged = merge_partials(fetch_in_order(_load_partial, results, frame_bytes), C)
+            merged = merge_partials(fetch_in_order(_load_partial, results, table_bytes), C)
             t3 = now()
             final = finalize(merged, C)
             t4 = now()
@@ -145,13 +145,13 @@ def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
         "tasks_close": t5 - t4,
         "seconds": t5 - t0,
     }
-    return stages, lambda path: Path(path).write_bytes(frame_to_parquet(final))
+    return stages, lambda path: Path(path).write_bytes(table_to_parquet(final))
 
 
 def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
     _prepare_round()
     from s3rollup.contract import DEFAULT_CONTRACT as C
-    from s3rollup.stats import finalize, frame_from_parquet, frame_to_parquet, merge_partials
+    from s3rollup.stats import finalize, merge_partials, table_from_parquet, table_to_parquet
 
     with tempfile.TemporaryDirectory(dir=spec.get("tmp")) as tmp:
         new_out = str(Path(tmp) / "new-part.parquet")
@@ -165,7 +165,7 @@ def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
             # has no manifest, so it takes the hash for its cost only.
             data = Path(spec["merged"]).read_bytes()
             hashlib.sha256(data).hexdigest()
-            partials = [frame_from_parquet(data), _load_partial(task)]
+            partials = [table_from_parquet(data), _load_partial(task)]
             t3 = now()
             merged = merge_partials(partials, C)
             t4 = now()
@@ -182,7 +182,7 @@ def run_incremental(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
         "tasks_close": t6 - t5,
         "seconds": t6 - t0,
     }
-    return stages, lambda path: Path(path).write_bytes(frame_to_parquet(final))
+    return stages, lambda path: Path(path).write_bytes(table_to_parquet(final))
 
 
 # ---- the seed and the others ------------------------------------------------------------

@@ -59,7 +59,7 @@ def read_result(aws: Aws, bucket: str, dataset: str) -> tuple[dict[str, Any], An
     import hashlib
 
     from .ops import read_manifest
-    from .stats import frame_from_parquet
+    from .stats import table_from_parquet
 
     manifest = read_manifest(aws, bucket, dataset)
     if manifest is None:
@@ -76,7 +76,7 @@ def read_result(aws: Aws, bucket: str, dataset: str) -> tuple[dict[str, Any], An
             "`s3rollup rebuild`",
             EXIT_MISMATCH,
         )
-    return manifest, frame_from_parquet(data)
+    return manifest, table_from_parquet(data).to_pandas()
 
 
 def render(frame: Any, fmt: str) -> str:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-# What a round computes with (pandas, pyarrow, the native kernels: s3rollup.stats and
+# What a round computes with (NumPy, pyarrow, the native kernels: s3rollup.stats and
 # s3rollup.parse) is imported when a round needs it, or ahead of it on a thread of its own
 # while the job waits on S3 and DynamoDB (prepare_round): a few tenths of a second of every
 # job's process. distributed only for a round on a Dask cluster.
@@ -58,7 +58,7 @@ from .logs import configure, exit_process
 from .state import LeaseKeeper, Part, State
 
 if TYPE_CHECKING:
-    import pandas as pd
+    import pyarrow as pa
 
     from .parse import Readable
 
@@ -89,9 +89,11 @@ def sha256_hex(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def json_rows(frame: pd.DataFrame) -> list[list[Any]]:
+def json_rows(table: pa.Table) -> list[list[Any]]:
     """Rows as JSON-ready lists: exact float repr (17 significant digits), NaN as null."""
-    columns = [frame[c].tolist() for c in frame.columns]
+    from .parse import numpy_column
+
+    columns = [numpy_column(c).tolist() for c in table.columns]
     return [
         [None if isinstance(v, float) and math.isnan(v) else v for v in row]
         for row in zip(*columns, strict=True)
@@ -133,7 +135,7 @@ def part_result(
     """
     from . import native
     from .parse import PartError, detect_format, read_body
-    from .stats import frame_to_parquet, part_partial
+    from .stats import part_partial, table_to_parquet
 
     started = time.perf_counter()
     digest = hashlib.sha256() if sha256 is None else None
@@ -147,7 +149,7 @@ def part_result(
         result["error"] = {"code": exc.code, "message": exc.message, "line": exc.line}
         return result, None
     aggregated = time.perf_counter()
-    data = frame_to_parquet(partial)
+    data = table_to_parquet(partial)
     result.update(rows=rows, partial_sha256=sha256_hex(data), kernels=native.kernels())
     result["seconds"] = {
         "read": read - started,
@@ -482,7 +484,8 @@ class Clusters:
 def prepare_round() -> None:
     """What a round needs before it starts, done ahead (the job does it while it waits on
     S3 and DynamoDB): import what computes partials and merges them (s3rollup.stats:
-    pandas, pyarrow, the native kernels). distributed is imported only by a round that runs
+    NumPy, pyarrow, the native kernels; pandas only when a contract's keys need it).
+    distributed is imported only by a round that runs
     on a Dask cluster (dask_client)."""
     from . import stats  # noqa: F401  (imported for what it imports)
 
@@ -740,7 +743,7 @@ class Job:
         """
         from .manifest import ROOT_FORMAT, ManifestError, Objects, Update, empty_tree, segment_ids
         from .ops import read_manifest
-        from .stats import finalize, frame_to_parquet
+        from .stats import finalize, table_to_parquet
 
         objects = Objects(self.aws.s3, self.settings.bucket, self.settings.kms_key_arn)
         prev = read_manifest(self.aws, self.settings.bucket, self.dataset, parts=False)
@@ -756,7 +759,7 @@ class Job:
             log.info("nothing changed since the published result", extra={"dataset": self.dataset})
             return None
         merger = _PartialMerger(self, contract)
-        update: Update[pd.DataFrame] = Update(self.dataset, objects, merger)
+        update: Update[pa.Table] = Update(self.dataset, objects, merger)
         if not fresh:
             assert prev is not None and tree is not None
             current = self.state.get_parts(self.dataset, self.changes)
@@ -788,15 +791,15 @@ class Job:
         def store(key: str, data: bytes, ctype: str) -> dict[str, Any]:
             return {**objects.put(key, data, ctype), "bytes": len(data)}
 
-        merged_ref = objects.put(merged_partial_key(self.dataset), frame_to_parquet(merged), _PARQUET)
+        merged_ref = objects.put(merged_partial_key(self.dataset), table_to_parquet(merged), _PARQUET)
         as_json = json.dumps(
-            {"dataset": self.dataset, "columns": list(final.columns), "rows": json_rows(final)},
+            {"dataset": self.dataset, "columns": final.column_names, "rows": json_rows(final)},
             separators=(",", ":"),
             allow_nan=False,
         ).encode()
         published: dict[str, dict[str, Any]] = {
             "aggregate.parquet": store(
-                result_key(self.dataset, "aggregate.parquet"), frame_to_parquet(final), _PARQUET
+                result_key(self.dataset, "aggregate.parquet"), table_to_parquet(final), _PARQUET
             ),
             "aggregate.json": store(result_key(self.dataset, "aggregate.json"), as_json, "application/json"),
         }
@@ -879,16 +882,16 @@ class _PartialMerger:
     def __init__(self, job: Job, contract: Contract) -> None:
         self.job, self.contract = job, contract
 
-    def parts(self, entries: list[dict[str, Any]]) -> Iterator[pd.DataFrame]:
+    def parts(self, entries: list[dict[str, Any]]) -> Iterator[pa.Table]:
         """The parts' stored partials, in order, fetched concurrently (a GET each is latency,
         not work). At most _FETCH_AHEAD partials, and _FETCH_BYTES of them, wait for the merge
         (which takes them a chunk at a time), so memory grows neither with the number of parts
         nor with their groups."""
-        from .stats import frame_bytes, frame_from_parquet
+        from .stats import table_bytes, table_from_parquet
 
         s3, bucket, dataset = self.job.aws.s3, self.job.settings.bucket, self.job.dataset
 
-        def load(entry: dict[str, Any]) -> pd.DataFrame:
+        def load(entry: dict[str, Any]) -> pa.Table:
             obj = s3.get_object(Bucket=bucket, Key=partial_key(dataset, parse_part_key(entry["key"]).part_id))
             data = obj["Body"].read()
             if (
@@ -899,27 +902,27 @@ class _PartialMerger:
                     f"partial of a part does not match its registry entry ({entry['key']!r})",
                     "STALE_PARTIAL",
                 )
-            return frame_from_parquet(data)
+            return table_from_parquet(data)
 
-        return fetch_in_order(load, entries, frame_bytes)
+        return fetch_in_order(load, entries, table_bytes)
 
-    def load(self, ref: dict[str, str]) -> pd.DataFrame:
+    def load(self, ref: dict[str, str]) -> pa.Table:
         """A merged partial at the version its manifest names; its bytes are checked against the
         SHA-256 there (STALE_PARTIAL when they differ: the root's SHA-256 is in the audit)."""
         from .manifest import Objects
-        from .stats import frame_from_parquet
+        from .stats import table_from_parquet
 
-        return frame_from_parquet(Objects(self.job.aws.s3, self.job.settings.bucket).get(ref))
+        return table_from_parquet(Objects(self.job.aws.s3, self.job.settings.bucket).get(ref))
 
-    def merge(self, partials: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    def merge(self, partials: Iterable[pa.Table]) -> pa.Table:
         from .stats import merge_partials
 
         return merge_partials(partials, self.contract)
 
-    def encode(self, partial: pd.DataFrame) -> bytes:
-        from .stats import frame_to_parquet
+    def encode(self, partial: pa.Table) -> bytes:
+        from .stats import table_to_parquet
 
-        return frame_to_parquet(partial)
+        return table_to_parquet(partial)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Part files (CSV, CSV.gz, Parquet) to DataFrames that follow a dataset's contract.
+"""Part files (CSV, CSV.gz, Parquet) to tables that follow a dataset's contract.
 
 The fast path is pyarrow's multi-threaded CSV reader (or the Parquet reader) with the
 contract's types. Only when it rejects a part does a slow, pure-Python second pass walk
@@ -22,20 +22,24 @@ import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from s3rollup import native
 from s3rollup.contract import Contract
 
-_ARROW_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string()}
+if TYPE_CHECKING:
+    import pandas as pd
+
+# pyarrow.compute and pyarrow.csv (about 40 ms of a process) and pandas are imported by the
+# paths that use them: a Parquet part with an int64 key that needs no cast, and a CSV part
+# the native parser reads, use none of them.
+
+ARROW_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string()}
 _BOM = b"\xef\xbb\xbf"
 # The header must end within this many bytes: a part without line breaks near its start
 # is not a CSV file with a header.
@@ -60,6 +64,70 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # A missing-value spelling the native parser would take for a number (a contract's "-999",
 # say): pyarrow reads it as missing, so parts of such a contract go to pyarrow.
 _NATIVE_NUMBER = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+# ---- Arrow <-> NumPy ----------------------------------------------------------------------
+# pyarrow's own conversions between NumPy and Arrow (pa.array, to_numpy) import pandas when
+# it is installed: about a quarter of a second of a job's process, for nothing on an
+# integer key. Numeric columns go through their buffers instead; other columns (strings)
+# through pyarrow's, on paths that use pandas anyway.
+
+
+def _numpy_dtype(t: pa.DataType) -> np.dtype[Any] | None:
+    if pa.types.is_floating(t):
+        return np.dtype(f"float{t.bit_width}")
+    if pa.types.is_signed_integer(t):
+        return np.dtype(f"int{t.bit_width}")
+    if pa.types.is_unsigned_integer(t):
+        return np.dtype(f"uint{t.bit_width}")
+    return None
+
+
+def numpy_column(column: pa.ChunkedArray | pa.Array) -> npt.NDArray[Any]:
+    """A column as one NumPy array, as pyarrow's to_numpy gives it: nulls as NaN (an integer
+    column with nulls as float64). Shares the column's memory where it can (one chunk, no
+    nulls): nothing may write into it."""
+    dtype = _numpy_dtype(column.type)
+    if dtype is None:
+        return column.to_numpy()
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts: list[npt.NDArray[Any]] = []
+    for c in chunks:
+        if not len(c):
+            continue
+        validity, data = c.buffers()[:2]
+        values = np.frombuffer(data, dtype=dtype, count=c.offset + len(c))[c.offset :]
+        if c.null_count:
+            valid = np.unpackbits(
+                np.frombuffer(validity, dtype=np.uint8), count=c.offset + len(c), bitorder="little"
+            )[c.offset :].astype(bool)
+            values = np.where(valid, values, np.nan)
+        parts.append(values)
+    if not parts:
+        return np.empty(0, dtype=dtype)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+_ARROW_OF_NUMPY = {np.dtype(np.int64): pa.int64(), np.dtype(np.float64): pa.float64()}
+
+
+def arrow_column(
+    values: npt.NDArray[Any], type: pa.DataType | None = None, nan_as_null: bool = False
+) -> pa.Array:
+    """An Arrow array of a NumPy array (int64 and float64 without a copy where contiguous),
+    of ``type`` when given; NaN as null when ``nan_as_null``."""
+    own = _ARROW_OF_NUMPY.get(values.dtype)
+    if own is None or (type is not None and type != own):
+        if not len(values):
+            return pa.nulls(0, type or pa.string())
+        return pa.array(values, type=type, from_pandas=nan_as_null)
+    data = np.ascontiguousarray(values)
+    buffers = [None, pa.py_buffer(data)]
+    if nan_as_null and data.dtype.kind == "f":
+        missing = np.isnan(data)
+        if missing.any():
+            buffers[0] = pa.py_buffer(np.packbits(~missing, bitorder="little"))
+    return pa.Array.from_buffers(own, len(data), buffers)
 
 
 class Readable(Protocol):
@@ -165,8 +233,8 @@ def table_groups(tables: Iterable[pa.Table], contract: Contract) -> native.Group
         return None
     (key,) = contract.group_by
     return native.rollup_key_batches(
-        # nulls come out of to_numpy as NaN
-        ((t.column(key).to_numpy(), [t.column(v).to_numpy() for v in contract.values]) for t in tables),
+        # nulls come out as NaN
+        ((numpy_column(t.column(key)), [numpy_column(t.column(v)) for v in contract.values]) for t in tables),
         len(contract.values),
     )
 
@@ -202,12 +270,17 @@ def _describe(name: str, pos: int, declared: dict[str, str]) -> str:
 
 def _empty_table(contract: Contract) -> pa.Table:
     cols = contract.used_columns
-    return pa.table([pa.array([], type=_ARROW_TYPES[contract.columns[c]]) for c in cols], names=list(cols))
+    return pa.table([pa.nulls(0, ARROW_TYPES[contract.columns[c]]) for c in cols], names=list(cols))
 
 
 def _without_null_keys(table: pa.Table, contract: Contract) -> pa.Table:
     """The rows whose group keys are all present (not null, not NaN): pandas' groupby
     leaves out a row with a missing key, and so does the rollup."""
+    keys = [table.column(col) for col in contract.group_by]
+    if not any(k.null_count or pa.types.is_floating(k.type) for k in keys):
+        return table  # nothing can be missing: no nulls, and no float key to hold NaN
+    import pyarrow.compute as pc
+
     missing: Any = None
     for col in contract.group_by:
         m = pc.is_null(table.column(col), nan_is_null=True)
@@ -219,6 +292,8 @@ def _without_null_keys(table: pa.Table, contract: Contract) -> pa.Table:
 
 def table_frame(table: pa.Table, contract: Contract) -> pd.DataFrame:
     """read_table's table as read_part's DataFrame."""
+    import pandas  # noqa: F401  (to_pandas needs it)
+
     df = table.select(list(contract.used_columns)).to_pandas(split_blocks=True)
     for col in contract.used_columns:
         # to_pandas already maps int64 (nulls -> float64), float64 and string; a header-
@@ -232,6 +307,8 @@ def table_frame(table: pa.Table, contract: Contract) -> pd.DataFrame:
 
 
 def _read_csv(body: bytes, contract: Contract, gzipped: bool) -> pa.Table:
+    import pyarrow.csv as pacsv
+
     # A gzipped part is inflated whole first: the quote check below needs the text, and
     # parsing it in parallel afterwards beats streaming it through a serial parser.
     data = _gunzip(body) if gzipped else body
@@ -242,7 +319,7 @@ def _read_csv(body: bytes, contract: Contract, gzipped: bool) -> pa.Table:
         return _empty_table(contract)
     used = list(contract.used_columns)
     convert = pacsv.ConvertOptions(
-        column_types={c: _ARROW_TYPES[contract.columns[c]] for c in used},
+        column_types={c: ARROW_TYPES[contract.columns[c]] for c in used},
         include_columns=used,
         null_values=list(contract.na_values),
         strings_can_be_null=True,
@@ -383,11 +460,13 @@ def _has_undecodable(cell: str) -> bool:
 
 def _arrow_rejects(cell: str, typ: str, na: frozenset[str]) -> bool:
     """Ask pyarrow itself about one cell, so the line reported is the one it choked on."""
+    import pyarrow.csv as pacsv
+
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow([cell])
     raw = b"v\n" + buf.getvalue().encode("utf-8", errors="surrogateescape")
     convert = pacsv.ConvertOptions(
-        column_types={"v": _ARROW_TYPES[typ]},
+        column_types={"v": ARROW_TYPES[typ]},
         null_values=sorted(na),
         strings_can_be_null=True,
         quoted_strings_can_be_null=True,
@@ -570,7 +649,7 @@ def _cast_parquet_column(arr: pa.Array, col: str, typ: str) -> pa.Array:
     t = arr.type
     if pa.types.is_dictionary(t):
         arr, t = arr.cast(t.value_type), t.value_type
-    target = _ARROW_TYPES[typ]
+    target = ARROW_TYPES[typ]
     if pa.types.is_null(t):
         ok = True  # a column written with no values at all
     elif typ == "string":
@@ -581,6 +660,8 @@ def _cast_parquet_column(arr: pa.Array, col: str, typ: str) -> pa.Array:
         raise PartError("BAD_VALUE", f"column {col!r} has Parquet type {t}, expected {typ}")
     if t == target:
         return arr
+    import pyarrow.compute as pc
+
     try:
         # safe=True refuses overflow, truncation and lost precision.
         return pc.cast(arr, target, safe=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import pickle
 import runpy
@@ -10,6 +12,9 @@ import sys
 import warnings
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from s3rollup import job as job_module
@@ -93,8 +98,46 @@ def test_the_job_module_imports_what_a_round_computes_with_only_when_a_round_nee
     missing, unneeded = _fresh_interpreter(
         "import sys, json, s3rollup.job\n"
         "s3rollup.job.prepare_round()\n"
-        "needed = {'pandas', 'pyarrow', 's3rollup.stats'}\n"
-        "dask = {'dask', 'distributed', 'tornado', 'dask_cloudprovider'}\n"
-        "print(json.dumps([sorted(needed - set(sys.modules)), sorted(dask & set(sys.modules))]))\n"
+        "needed = {'numpy', 'pyarrow', 'pyarrow.parquet', 's3rollup.stats', 's3rollup.native'}\n"
+        "unneeded = {'dask', 'distributed', 'tornado', 'dask_cloudprovider', 'pandas'}\n"
+        "print(json.dumps([sorted(needed - set(sys.modules)), sorted(unneeded & set(sys.modules))]))\n"
     )
     assert missing == [] and unneeded == []
+
+
+def test_a_round_on_an_integer_key_never_imports_pandas_nor_arrow_compute_or_csv(tmp_path) -> None:
+    # GIVEN the default contract (one int64 key) and a CSV part with missing values, the
+    # same gzipped, and a Parquet part (written here: pyarrow's writer imports pandas)
+    csv = b"id,value1,value2,value3,category\n" + b"".join(
+        b"%d,%d.5,NA,%d,%d\n" % (i, i, -i, i % 7) for i in range(5000)
+    )
+    buf = io.BytesIO()
+    keys = {c: np.arange(9) % 2 for c in ("id", "category")}
+    pq.write_table(
+        pa.table({**keys, **{v: np.linspace(0, 1, 9) for v in ("value1", "value2", "value3")}}), buf
+    )
+    paths = []
+    for name, body in (("p.csv", csv), ("p.csv.gz", gzip.compress(csv)), ("p.parquet", buf.getvalue())):
+        (tmp_path / name).write_bytes(body)
+        paths.append(str(tmp_path / name))
+    # WHEN a fresh interpreter computes their partials (alone and not) as a job's tasks do,
+    # merges them and encodes the result as its publish does
+    loaded = _fresh_interpreter(
+        "import io, json, sys\n"
+        "from s3rollup.contract import DEFAULT_CONTRACT as C\n"
+        "from s3rollup.job import json_rows, part_result\n"
+        "from s3rollup import stats\n"
+        "parts = []\n"
+        f"for path in {paths!r}:\n"
+        "    body = open(path, 'rb').read()\n"
+        "    for alone in (False, True):\n"
+        "        result, data = part_result(io.BytesIO(body), len(body), 'p', C, alone)\n"
+        "        assert data is not None, result\n"
+        "        parts.append(stats.table_from_parquet(data))\n"
+        "final = stats.finalize(stats.merge_partials(parts, C), C)\n"
+        "json.dumps(json_rows(final)); stats.table_to_parquet(final)\n"
+        "assert final.num_rows == 7, final.num_rows\n"
+        "print(json.dumps(sorted({'pandas', 'pyarrow.compute', 'pyarrow.csv'} & set(sys.modules))))\n"
+    )
+    # THEN none of them was imported: a quarter of a second of every job's process
+    assert loaded == []

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from s3rollup import job as job_module
@@ -22,7 +23,7 @@ from s3rollup.contract import parse_part_key, partial_key
 from s3rollup.errors import S3RollupError
 from s3rollup.job import Job
 from s3rollup.state import AGGREGATED, Part
-from s3rollup.stats import frame_bytes, frame_to_parquet, partial_from_frame
+from s3rollup.stats import partial_from_frame, table_bytes, table_to_parquet
 
 DATASET = "sales"
 
@@ -51,7 +52,7 @@ def _loading(store: PartialStore, parts: list[Part]) -> Any:
     return job_module._PartialMerger(job, C).parts([job_module._entry(p) for p in parts])
 
 
-def _parts(store: PartialStore, n: int) -> tuple[list[Part], list[pd.DataFrame]]:
+def _parts(store: PartialStore, n: int) -> tuple[list[Part], list[pa.Table]]:
     parts, frames = [], []
     for i in range(n):
         key = f"incoming/{DATASET}/part-{i:04d}.csv"
@@ -61,7 +62,7 @@ def _parts(store: PartialStore, n: int) -> tuple[list[Part], list[pd.DataFrame]]
             ),
             C,
         )
-        data = frame_to_parquet(frame)
+        data = table_to_parquet(frame)
         store.objects[partial_key(DATASET, parse_part_key(key).part_id)] = (data, f"v{i}")
         parts.append(
             Part(
@@ -84,13 +85,13 @@ def test_partials_come_in_order_and_are_fetched_only_ahead_of_the_merge_by_a_bou
     parts, frames = _parts(store, 100)
     loading = _loading(store, parts)
     first = next(loading)
-    pd.testing.assert_frame_equal(first, frames[0])
+    pd.testing.assert_frame_equal(first.to_pandas(), frames[0].to_pandas())
     # One taken: at most _FETCH_AHEAD more fetched, not all 100.
     assert store.gets <= job_module._FETCH_AHEAD + 1
     rest = list(loading)
     assert store.gets == 100
     for got, want in zip([first, *rest], frames, strict=True):
-        pd.testing.assert_frame_equal(got, want)
+        pd.testing.assert_frame_equal(got.to_pandas(), want.to_pandas())
 
 
 def test_a_partial_that_does_not_match_its_registry_entry_stops_the_merge() -> None:
@@ -107,7 +108,7 @@ def test_a_partial_that_does_not_match_its_registry_entry_stops_the_merge() -> N
 
 def test_part_result_reports_checksums_rows_and_the_partial_it_encoded() -> None:
     from s3rollup.demo import generate_part, to_csv_bytes
-    from s3rollup.stats import frame_from_parquet
+    from s3rollup.stats import table_from_parquet
 
     frame = generate_part(0, 500, 42)
     body = to_csv_bytes(frame)
@@ -119,7 +120,9 @@ def test_part_result_reports_checksums_rows_and_the_partial_it_encoded() -> None
     assert result["partial_sha256"] == hashlib.sha256(data).hexdigest()
     assert result["rows"] == 500 and "error" not in result
     assert set(result["seconds"]) == {"read", "aggregate", "encode"}
-    pd.testing.assert_frame_equal(frame_from_parquet(data), partial_from_frame(frame, C), check_exact=True)
+    pd.testing.assert_frame_equal(
+        table_from_parquet(data).to_pandas(), partial_from_frame(frame, C).to_pandas(), check_exact=True
+    )
 
 
 def test_part_result_of_a_rejected_part_names_the_problem_and_has_no_partial() -> None:
@@ -135,7 +138,7 @@ def test_fetching_ahead_is_bounded_by_bytes_once_the_partials_size_is_known(monk
     # GIVEN partials far larger than the fetch budget (here: a budget of 1.5 partials)
     store = PartialStore()
     parts, frames = _parts(store, 12)
-    monkeypatch.setattr(job_module, "_FETCH_BYTES", frame_bytes(frames[0]) * 3 // 2)
+    monkeypatch.setattr(job_module, "_FETCH_BYTES", table_bytes(frames[0]) * 3 // 2)
     loading = _loading(store, parts)
     # WHEN the merge takes them one by one
     got = []
@@ -145,7 +148,7 @@ def test_fetching_ahead_is_bounded_by_bytes_once_the_partials_size_is_known(monk
         assert store.gets <= i + 2, (i, store.gets)
     assert list(loading) == [] and store.gets == 12
     for a, b in zip(got, frames, strict=True):
-        pd.testing.assert_frame_equal(a, b)
+        pd.testing.assert_frame_equal(a.to_pandas(), b.to_pandas())
 
 
 def _checked_get(body: bytes, checksum: str, algorithm: str = "sha256") -> dict[str, Any]:

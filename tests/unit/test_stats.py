@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,11 +19,11 @@ from s3rollup.reference import complex_operation, reference_for
 from s3rollup.stats import (
     ROWS,
     finalize,
-    frame_from_parquet,
-    frame_to_parquet,
     merge_partials,
     partial_columns,
     partial_from_frame,
+    table_from_parquet,
+    table_to_parquet,
     to_reference_shape,
 )
 
@@ -136,19 +137,20 @@ def test_reference_for_evaluates_negative_and_multi_factor_terms() -> None:
 
 def test_partial_has_keys_rows_then_value_fields_with_fixed_dtypes() -> None:
     p = partial_from_frame(seed_frame(np.random.default_rng(4), 300), C)
-    assert list(p.columns) == partial_columns(C)
-    assert p.columns[:2].tolist() == ["category", ROWS]
-    assert p["category"].dtype == np.int64 and p[ROWS].dtype == np.int64
-    assert p["value1__count"].dtype == np.int64
-    assert all(p[f"value2__{f}"].dtype == np.float64 for f in ("mean", "m2", "min", "max"))
-    assert p["category"].is_monotonic_increasing
+    assert p.column_names == partial_columns(C)
+    assert p.column_names[:2] == ["category", ROWS]
+    assert p.schema.field("category").type == pa.int64() and p.schema.field(ROWS).type == pa.int64()
+    assert p.schema.field("value1__count").type == pa.int64()
+    assert all(p.schema.field(f"value2__{f}").type == pa.float64() for f in ("mean", "m2", "min", "max"))
+    keys = p.column("category").to_numpy()
+    assert (np.diff(keys) > 0).all()
 
 
-def test_partial_of_empty_frame_is_empty_with_the_same_columns_and_dtypes() -> None:
+def test_partial_of_empty_frame_is_empty_with_the_same_columns_and_types() -> None:
     full = partial_from_frame(seed_frame(np.random.default_rng(5), 10), C)
     empty = partial_from_frame(seed_frame(np.random.default_rng(5), 0), C)
-    assert len(empty) == 0
-    pd.testing.assert_series_equal(empty.dtypes, full.dtypes)
+    assert empty.num_rows == 0
+    assert empty.schema == full.schema
 
 
 def test_partial_counts_only_non_nan_values_and_all_rows() -> None:
@@ -161,7 +163,7 @@ def test_partial_counts_only_non_nan_values_and_all_rows() -> None:
             "category": [7, 7, 7],
         }
     )
-    p = partial_from_frame(df, C).iloc[0]
+    p = partial_from_frame(df, C).to_pandas().iloc[0]
     assert p[ROWS] == 3 and p["value1__count"] == 2 and p["value2__count"] == 0
     assert p["value1__mean"] == 2.0 and p["value1__m2"] == 2.0
     assert np.isnan(p["value2__mean"]) and np.isnan(p["value2__m2"]) and np.isnan(p["value2__min"])
@@ -226,7 +228,7 @@ def test_merged_parts_match_reference_with_an_all_nan_column_in_a_group() -> Non
 
 def test_merging_one_partial_returns_it_unchanged() -> None:
     p = partial_from_frame(seed_frame(np.random.default_rng(12), 5_000), C)
-    pd.testing.assert_frame_equal(merge_partials([p], C), p, check_exact=True)
+    pd.testing.assert_frame_equal(merge_partials([p], C).to_pandas(), p.to_pandas(), check_exact=True)
 
 
 def test_merge_is_independent_of_partial_order() -> None:
@@ -234,14 +236,16 @@ def test_merge_is_independent_of_partial_order() -> None:
     partials = [partial_from_frame(p, C) for p in split(seed_frame(rng, 4_000), rng, 6)]
     forward = finalize(merge_partials(partials, C), C)
     backward = finalize(merge_partials(partials[::-1], C), C)
-    pd.testing.assert_frame_equal(forward, backward, check_exact=False, rtol=1e-12)
+    pd.testing.assert_frame_equal(forward.to_pandas(), backward.to_pandas(), check_exact=False, rtol=1e-12)
 
 
 def test_merges_of_merges_equal_one_merge() -> None:
     rng = np.random.default_rng(14)
     partials = [partial_from_frame(p, C) for p in split(seed_frame(rng, 4_000), rng, 6)]
     nested = merge_partials([merge_partials(partials[:2], C), merge_partials(partials[2:], C)], C)
-    pd.testing.assert_frame_equal(nested, merge_partials(partials, C), check_exact=False, rtol=1e-12)
+    pd.testing.assert_frame_equal(
+        nested.to_pandas(), merge_partials(partials, C).to_pandas(), check_exact=False, rtol=1e-12
+    )
 
 
 def test_many_partials_merge_a_chunk_at_a_time_and_match_the_reference(monkeypatch) -> None:
@@ -260,13 +264,13 @@ def test_many_partials_merge_a_chunk_at_a_time_and_match_the_reference(monkeypat
             yield partial_from_frame(p, C)
 
     sizes: list[tuple[int, int]] = []
-    merge_frames = stats._merge_frames
+    merge_frames = stats._merge_tables
 
     def recording(frames, contract):
         sizes.append((len(frames), produced))
         return merge_frames(frames, contract)
 
-    monkeypatch.setattr(stats, "_merge_frames", recording)
+    monkeypatch.setattr(stats, "_merge_tables", recording)
     # WHEN they are merged
     merged = merge_partials(partials(), C)
     # THEN no merge holds more than one chunk and the merge so far, the generator is read
@@ -282,15 +286,15 @@ def test_merge_chunks_are_bounded_by_bytes_too(monkeypatch) -> None:
     # GIVEN partials each larger than the merge's byte budget
     df = seed_frame(np.random.default_rng(6), 2_000)
     parts = [partial_from_frame(df.iloc[i : i + 200], C) for i in range(0, 2_000, 200)]
-    monkeypatch.setattr(stats, "_MERGE_BYTES", stats.frame_bytes(parts[0]) // 2)
+    monkeypatch.setattr(stats, "_MERGE_BYTES", stats.table_bytes(parts[0]) // 2)
     sizes: list[int] = []
-    merge_frames = stats._merge_frames
+    merge_frames = stats._merge_tables
 
     def recording(frames, contract):
         sizes.append(len(frames))
         return merge_frames(frames, contract)
 
-    monkeypatch.setattr(stats, "_merge_frames", recording)
+    monkeypatch.setattr(stats, "_merge_tables", recording)
     # WHEN they are merged
     merged = merge_partials(iter(parts), C)
     # THEN each merge takes one new partial onto the merge so far, and the result is the reference's
@@ -300,7 +304,7 @@ def test_merge_chunks_are_bounded_by_bytes_too(monkeypatch) -> None:
 
 def test_merge_of_zero_partials_is_an_empty_partial() -> None:
     merged = merge_partials([], C)
-    assert len(merged) == 0 and list(merged.columns) == partial_columns(C)
+    assert merged.num_rows == 0 and merged.column_names == partial_columns(C)
 
 
 def test_constant_group_has_exact_mean_and_zero_std() -> None:
@@ -316,7 +320,7 @@ def test_constant_group_has_exact_mean_and_zero_std() -> None:
     got = finalize(
         merge_partials([partial_from_frame(df.iloc[:1], C), partial_from_frame(df.iloc[1:], C)], C),
         C,
-    )
+    ).to_pandas()
     assert got.loc[0, "value1_mean"] == 0.1 and got.loc[0, "value1_std"] == 0.0
 
 
@@ -387,15 +391,31 @@ def test_a_merge_leaves_out_a_partial_row_without_a_key_in_every_column() -> Non
     contract = Contract(columns={"k": "string", "x": "float64"}, group_by=("k",), values=("x",))
     df = pd.DataFrame({"k": pd.Series(["a", "b", "a", "c"], dtype="str"), "x": [1.0, np.nan, 4, 8]})
     good = [partial_from_frame(df.iloc[:2], contract), partial_from_frame(df.iloc[2:], contract)]
-    stray = good[1].copy()
-    stray.loc[len(stray)] = [None, 99, 99, 1e9, 0.0, 1e9, 1e9]
-    assert stray["k"].isna().sum() == 1
+    with_stray = good[1].to_pandas()
+    with_stray.loc[len(with_stray)] = [None, 99, 99, 1e9, 0.0, 1e9, 1e9]
+    stray = pa.Table.from_pandas(with_stray, preserve_index=False)
+    assert stray.column("k").null_count == 1
     empty = partial_from_frame(df.iloc[0:0], contract)
     # WHEN they are merged
     got = merge_partials([good[0], empty, stray], contract)
     # THEN the row without a key counts nowhere, in no column: as if it had never been there
-    pd.testing.assert_frame_equal(got, merge_partials(good, contract), check_exact=True)
+    pd.testing.assert_frame_equal(
+        got.to_pandas(), merge_partials(good, contract).to_pandas(), check_exact=True
+    )
     assert_matches(to_reference_shape(finalize(got, contract), contract), reference_for(df, contract))
+
+
+def test_a_merge_leaves_out_a_partial_row_without_an_integer_key_and_keeps_the_key_type() -> None:
+    # GIVEN the seed's partials, one of them with a row whose integer key is null
+    df = seed_frame(np.random.default_rng(21), 400)
+    good = [partial_from_frame(df.iloc[:200], C), partial_from_frame(df.iloc[200:], C)]
+    rows = good[1].to_pylist()
+    stray = pa.Table.from_pylist([*rows, {**rows[0], "category": None, ROWS: 7}], schema=good[1].schema)
+    # WHEN they are merged
+    got = merge_partials([good[0], stray], C)
+    # THEN the row counts nowhere and the key stays int64
+    assert got.schema == good[0].schema
+    pd.testing.assert_frame_equal(got.to_pandas(), merge_partials(good, C).to_pandas(), check_exact=True)
 
 
 def test_integer_value_columns_keep_integer_min_and_max() -> None:
@@ -423,17 +443,19 @@ def test_partials_and_results_round_trip_through_parquet_exactly() -> None:
         }
     )
     partial = partial_from_frame(df, contract)
-    frames = [
+    tables = [
         partial,
         finalize(partial, contract),
         partial_from_frame(df.iloc[:0], contract),
         finalize(partial_from_frame(df.iloc[:0], contract), contract),
     ]
-    for frame in frames:
-        data = frame_to_parquet(frame)
-        # THEN the job reads back the very frame it wrote, and so does a user's pandas
-        pd.testing.assert_frame_equal(frame_from_parquet(data), frame, check_exact=True)
-        pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(data)), frame, check_exact=True)
+    for table in tables:
+        data = table_to_parquet(table)
+        # THEN the job reads back the very table it wrote, and a user's pandas reads its rows
+        back = table_from_parquet(data)
+        assert back.schema == table.schema
+        pd.testing.assert_frame_equal(back.to_pandas(), table.to_pandas(), check_exact=True)
+        pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(data)), table.to_pandas(), check_exact=True)
 
 
 # ---- finalisation -----------------------------------------------------------------------
@@ -442,8 +464,8 @@ def test_partials_and_results_round_trip_through_parquet_exactly() -> None:
 def test_finalize_lists_keys_rows_statistics_then_derived() -> None:
     final = finalize(partial_from_frame(seed_frame(np.random.default_rng(18), 500), C), C)
     stats_cols = [f"{v}_{s}" for v in C.values for s in C.statistics]
-    assert list(final.columns) == ["category", "rows", *stats_cols, "combined"]
-    assert final["rows"].dtype == np.int64 and final["rows"].sum() == 500
+    assert final.column_names == ["category", "rows", *stats_cols, "combined"]
+    assert final.schema.field("rows").type == pa.int64() and final.column("rows").to_numpy().sum() == 500
 
 
 def test_min_group_size_drops_small_groups() -> None:
@@ -463,8 +485,8 @@ def test_min_group_size_drops_small_groups() -> None:
 
 def test_finalize_on_zero_partials_is_an_empty_table_with_all_columns() -> None:
     final = finalize(merge_partials([], C), C)
-    assert len(final) == 0
-    assert list(final.columns)[:2] == ["category", "rows"] and "combined" in final.columns
+    assert final.num_rows == 0
+    assert final.column_names[:2] == ["category", "rows"] and "combined" in final.column_names
     shaped = to_reference_shape(final, C)
     assert len(shaped) == 0 and list(shaped.columns) == list(
         complex_operation(seed_frame(np.random.default_rng(0), 5)).columns
@@ -519,8 +541,11 @@ def test_property_merged_random_parts_finalize_to_reference(
     assert_matches(got, expected)
 
 
-def test_frame_bytes_is_what_pandas_memory_usage_says() -> None:
-    numeric = partial_from_frame(seed_frame(np.random.default_rng(7), 300), C)
-    strings = pd.DataFrame({"k": pd.array(["a", "bb", None], dtype="str"), "v": [1.0, 2.0, 3.0]})
-    for frame in (numeric, strings, numeric.iloc[:0]):
-        assert stats.frame_bytes(frame) == int(frame.memory_usage(index=True, deep=False).sum())
+def test_table_bytes_counts_the_columns_buffers() -> None:
+    # GIVEN a partial of the seed's contract: an int64 key, rows, and per value an int64
+    # count and four float64 moments, none of them null
+    partial = partial_from_frame(seed_frame(np.random.default_rng(7), 300), C)
+    groups = partial.num_rows
+    # THEN its size is 8 bytes a cell: what the merge's byte budget weighs
+    assert stats.table_bytes(partial) == groups * 8 * (2 + 5 * len(C.values))
+    assert stats.table_bytes(partial.slice(0, 0)) == 0
