@@ -12,14 +12,12 @@ pyarrow exceptions that do quote cells are never chained to a PartError.
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import itertools
 import operator
 import queue
 import re
 import threading
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -29,7 +27,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from s3rollup import native
+from s3rollup import native, validate
 from s3rollup.contract import Contract
 
 if TYPE_CHECKING:
@@ -407,11 +405,52 @@ def _plain_contract(contract: Contract) -> bool:
     )
 
 
+# A CSV.gz part inflates to at most the validator's bomb ratio times its size (at least
+# validate.BOMB_MIN_OUTPUT): the validator can only check that ratio on the part's head.
+GZIP_MAX_RATIO = validate.Limits().max_gzip_ratio
+# Input is fed to the inflater _GZIP_FIRST_READ bytes at a time at the start of each member,
+# doubling up to _GZIP_MAX_READ: a member's end costs a copy of the rest of its slice (the
+# inflater's unused_data), so parts of many tiny members cost little more than their size.
+_GZIP_FIRST_READ = 8 << 10
+_GZIP_MAX_READ = 1 << 20
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
 def _gunzip(body: native.Buffer) -> bytes:
-    try:
-        return gzip.decompress(body)
-    except (OSError, EOFError, zlib.error):
-        raise PartError("BAD_FORMAT", "not a valid gzip stream") from None
+    """A CSV.gz part's text: its members inflated one after another (NUL padding between
+    and after them allowed, as the gzip module allows it), by Intel ISA-L (isal) through
+    zlib's streaming API, or a PartError: BAD_FORMAT for a corrupt or truncated stream or
+    trailing bytes, GZIP_BOMB when it inflates past GZIP_MAX_RATIO times its size (memory
+    never holds more than that)."""
+    from isal import isal_zlib
+
+    view = memoryview(body).cast("B")
+    limit = max(validate.BOMB_MIN_OUTPUT, GZIP_MAX_RATIO * len(view))
+    pieces: list[bytes] = []
+    size = pos = 0
+    while pos < len(view):
+        inflater = isal_zlib.decompressobj(wbits=31)
+        read = _GZIP_FIRST_READ
+        while not inflater.eof:
+            if pos >= len(view):
+                raise PartError("BAD_FORMAT", "the gzip stream is truncated")
+            piece = view[pos : pos + read]
+            try:
+                out = inflater.decompress(piece, limit - size + 1)
+            except isal_zlib.error:  # type: ignore[misc]  # its stub declares an instance
+                raise PartError("BAD_FORMAT", "the gzip stream is corrupt") from None
+            size += len(out)
+            if size > limit:
+                raise PartError("GZIP_BOMB", f"gzip inflates more than {GZIP_MAX_RATIO}:1")
+            pieces.append(out)
+            pos += len(piece) - len(inflater.unconsumed_tail) - len(inflater.unused_data)
+            read = min(2 * read, _GZIP_MAX_READ)
+        if view[pos : pos + 2] != _GZIP_MAGIC:
+            rest = bytes(view[pos:]).lstrip(b"\0")
+            if rest and not rest.startswith(_GZIP_MAGIC):
+                raise PartError("BAD_FORMAT", "the gzip stream is followed by other bytes")
+            pos = len(view) - len(rest)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def _parse_header(head: bytes, complete: bool) -> tuple[list[str], int | None]:

@@ -169,7 +169,7 @@ def _sniff_unsupported(data: bytes) -> str | None:
 
 # Ratios over a few KiB say little (tiny files compress oddly), so the bomb check waits for
 # this much output; the head window caps output anyway, so a small window is never a bomb.
-_BOMB_MIN_OUTPUT = 64 << 10
+BOMB_MIN_OUTPUT = 64 << 10
 _GZIP_CHUNK = 8 << 10
 _MAX_GZIP_MEMBERS = 4096
 
@@ -180,7 +180,7 @@ def _gunzip_window(raw: bytes, raw_complete: bool, limits: Limits) -> tuple[byte
     out = bytearray()
     view = memoryview(raw)
     pos = 0  # input bytes consumed so far
-    min_output = min(_BOMB_MIN_OUTPUT, cap)
+    min_output = min(BOMB_MIN_OUTPUT, cap)
     for _ in range(_MAX_GZIP_MEMBERS):
         inflater = zlib.decompressobj(wbits=31)
         while not inflater.eof:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import io
+import itertools
 import threading
 import time
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -14,8 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from s3rollup import parse
 from s3rollup.contract import DEFAULT_CONTRACT, Contract
 from s3rollup.parse import PartError, detect_format, read_ahead, read_part
+from s3rollup.validate import Limits, validate_part
 
 C = DEFAULT_CONTRACT
 HEADER = "id,value1,value2,value3,category\n"
@@ -263,6 +267,39 @@ def test_invalid_utf8_in_a_string_key_is_bad_encoding_with_line() -> None:
 def test_corrupt_gzip_is_bad_format() -> None:
     assert reject(b"\x1f\x8b\x08\x00garbage").code == "BAD_FORMAT"
     assert reject(gzip.compress(csv_bytes(seed_frame()))[:-40]).code == "BAD_FORMAT"
+    assert reject(gzip.compress(csv_bytes(seed_frame())) + b"trailing").code == "BAD_FORMAT"
+
+
+def test_gzip_members_and_padding_inflate_as_the_gzip_module_inflates_them() -> None:
+    # GIVEN the same text as one member, as members of every size (thousands of tiny ones,
+    # an empty one) with NUL padding between and after them, and as a BGZF-like run of blocks
+    text = csv_bytes(seed_frame())
+    cuts = [0, 1, 2, 50, 51, 51, *range(100, 3_100), len(text) // 2, len(text)]
+    members = [gzip.compress(text[a:b]) for a, b in itertools.pairwise(cuts)]
+    shapes = {
+        "one member": gzip.compress(text),
+        "many members, padded": b"\0".join(members[:10]) + b"\0\0" + b"".join(members[10:]) + b"\0" * 7,
+        "blocks": b"".join(gzip.compress(text[i : i + 65_000]) for i in range(0, len(text), 65_000)),
+    }
+    for name, body in shapes.items():
+        # THEN each reads as the gzip module reads it, and as the plain text does
+        assert parse._gunzip(body) == gzip.decompress(body) == text, name
+        pd.testing.assert_frame_equal(read_part(body, C), read_part(text, C))
+
+
+def test_a_gzip_bomb_past_the_validated_head_is_rejected_before_it_fills_memory() -> None:
+    # GIVEN a CSV.gz part whose first megabyte is ordinary rows (all the validator inflates:
+    # it passes) and whose last member inflates 256 MiB of zeros from about 260 KB
+    head = csv_bytes(seed_frame(n=20_000))
+    assert len(head) > Limits().head_bytes
+    zeros = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = b"".join(zeros.compress(b"0" * (1 << 20)) for _ in range(256)) + zeros.flush()
+    body = gzip.compress(head) + bomb
+    assert validate_part(len(body), body[: Limits().head_bytes], None, C, Limits()).ok
+    assert parse.GZIP_MAX_RATIO * len(body) < 256 << 20
+    # WHEN the worker reads it THEN it is rejected as a bomb, by the validator's ratio
+    err = reject(body)
+    assert err.code == "GZIP_BOMB" and str(parse.GZIP_MAX_RATIO) in err.message
 
 
 # ---- Parquet ----------------------------------------------------------------------------
