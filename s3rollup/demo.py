@@ -68,9 +68,16 @@ def _contract() -> Any:
 
 
 def wait_for_manifest(
-    aws: Aws, bucket: str, dataset: str, keys: set[str], timeout: float, label: str = ""
+    aws: Aws,
+    bucket: str,
+    dataset: str,
+    keys: set[str],
+    timeout: float,
+    label: str = "",
+    poll: float = 0.25,
 ) -> dict[str, Any]:
-    """Poll until the published manifest lists exactly these keys; raise TimeoutError.
+    """Poll every ``poll`` seconds until the published manifest lists exactly these keys;
+    raise TimeoutError.
 
     With a label, a spinner shows how many of the keys the result holds (on a terminal only).
     """
@@ -87,7 +94,7 @@ def wait_for_manifest(
                 return manifest
             if spinner:
                 spinner.tick(f"{len(listed & keys)}/{len(keys)} parts in the result")
-            time.sleep(0.25)
+            time.sleep(poll)
     finally:
         if spinner:
             spinner.close()
