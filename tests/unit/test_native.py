@@ -557,16 +557,16 @@ def test_read_body_reads_every_byte_across_chunks_and_reuses_its_buffer(monkeypa
     monkeypatch.setattr(parse, "_buffers", type(parse._buffers)())
     data = bytes(range(256)) * 5
     assert bytes(read_body(io.BytesIO(data))) == data  # no size: grows as it goes
-    first = parse._buffers.buf
+    first = parse._buffers.body
     assert bytes(read_body(io.BytesIO(data[:100]), size=100)) == data[:100]
-    assert parse._buffers.buf is first  # big enough: reused, not reallocated
+    assert parse._buffers.body is first  # big enough: reused, not reallocated
     assert bytes(read_body(io.BytesIO(b""), size=0)) == b""
     bigger = data * 3
     assert bytes(read_body(io.BytesIO(bigger), size=len(bigger))) == bigger
-    assert parse._buffers.buf is not first
+    assert parse._buffers.body is not first
     monkeypatch.setattr(parse, "_KEEP_BYTES", 1000)
     view = read_body(io.BytesIO(bigger), size=len(bigger))
-    assert parse._buffers.buf is None  # above the cap: not kept for the next part
+    assert parse._buffers.body is None  # above the cap: not kept for the next part
     assert bytes(view) == bigger
 
 

@@ -287,6 +287,20 @@ def test_gzip_members_and_padding_inflate_as_the_gzip_module_inflates_them() -> 
         pd.testing.assert_frame_equal(read_part(body, C), read_part(text, C))
 
 
+def test_gzip_text_goes_into_the_thread_s_buffer_and_grows_it_past_its_trailer_s_size(monkeypatch) -> None:
+    monkeypatch.setattr(parse, "_buffers", type(parse._buffers)())
+    text = csv_bytes(seed_frame(n=2_000))
+    # GIVEN two members, the last one small: the trailer states only its size
+    body = gzip.compress(text[:-100]) + gzip.compress(text[-100:])
+    # WHEN it is inflated THEN the thread's buffer grows to hold it all
+    assert bytes(parse._gunzip(body)) == text
+    first = parse._buffers.text
+    assert len(first) >= len(text)
+    # ... and the thread's next part, no larger, is inflated into the same buffer
+    assert bytes(parse._gunzip(gzip.compress(text[:5_000]))) == text[:5_000]
+    assert parse._buffers.text is first
+
+
 def test_a_gzip_bomb_past_the_validated_head_is_rejected_before_it_fills_memory() -> None:
     # GIVEN a CSV.gz part whose first megabyte is ordinary rows (all the validator inflates:
     # it passes) and whose last member inflates 256 MiB of zeros from about 260 KB
