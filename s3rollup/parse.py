@@ -81,29 +81,42 @@ def _numpy_dtype(t: pa.DataType) -> np.dtype[Any] | None:
     return None
 
 
-def numpy_column(column: pa.ChunkedArray | pa.Array) -> npt.NDArray[Any]:
+def numpy_column(column: pa.ChunkedArray | pa.Array, nulls: bool = True) -> npt.NDArray[Any]:
     """A column as one NumPy array, as pyarrow's to_numpy gives it: nulls as NaN (an integer
-    column with nulls as float64). Shares the column's memory where it can (one chunk, no
-    nulls): nothing may write into it."""
+    column with nulls as float64); with ``nulls=False`` the cells' stored values whatever
+    their validity (see valid_cells). Shares the column's memory where it can (one chunk,
+    no nulls): nothing may write into it."""
     dtype = _numpy_dtype(column.type)
     if dtype is None:
         return column.to_numpy()
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts: list[npt.NDArray[Any]] = []
-    for c in chunks:
-        if not len(c):
-            continue
-        validity, data = c.buffers()[:2]
-        values = np.frombuffer(data, dtype=dtype, count=c.offset + len(c))[c.offset :]
-        if c.null_count:
-            valid = np.unpackbits(
-                np.frombuffer(validity, dtype=np.uint8), count=c.offset + len(c), bitorder="little"
-            )[c.offset :].astype(bool)
-            values = np.where(valid, values, np.nan)
+    for c in _chunks(column):
+        values = np.frombuffer(c.buffers()[1], dtype=dtype, count=c.offset + len(c))[c.offset :]
+        if nulls and c.null_count:
+            values = np.where(_valid_cells(c), values, np.nan)
         parts.append(values)
     if not parts:
         return np.empty(0, dtype=dtype)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def valid_cells(column: pa.ChunkedArray) -> npt.NDArray[np.bool_]:
+    """Which of a column's cells are not null, from its validity bitmaps."""
+    parts = [_valid_cells(c) for c in _chunks(column)]
+    return np.concatenate(parts) if parts else np.ones(0, dtype=bool)
+
+
+def _chunks(column: pa.ChunkedArray | pa.Array) -> list[pa.Array]:
+    return [c for c in (column.chunks if isinstance(column, pa.ChunkedArray) else [column]) if len(c)]
+
+
+def _valid_cells(chunk: pa.Array) -> npt.NDArray[np.bool_]:
+    if not chunk.null_count:
+        return np.ones(len(chunk), dtype=bool)
+    bits = np.frombuffer(chunk.buffers()[0], dtype=np.uint8)
+    return np.unpackbits(bits, count=chunk.offset + len(chunk), bitorder="little")[chunk.offset :].astype(
+        bool
+    )
 
 
 _ARROW_OF_NUMPY = {np.dtype(np.int64): pa.int64(), np.dtype(np.float64): pa.float64()}
@@ -288,6 +301,16 @@ def _without_null_keys(table: pa.Table, contract: Contract) -> pa.Table:
     keys = [table.column(col) for col in contract.group_by]
     if not any(k.null_count or pa.types.is_floating(k.type) for k in keys):
         return table  # nothing can be missing: no nulls, and no float key to hold NaN
+    if _plain_contract(contract) and table.column_names == list(contract.used_columns):
+        # One int64 key and float64 values, as the native kernels take them: the rows are
+        # kept by NumPy, without pyarrow.compute (about 0.13 s to import and start) and
+        # without Arrow's filter. A missing value comes out as NaN, as the kernels and
+        # pandas read it.
+        (key,) = keys
+        keep = valid_cells(key)
+        columns = [arrow_column(numpy_column(key, nulls=False)[keep])]
+        columns += [arrow_column(numpy_column(table.column(v))[keep]) for v in contract.values]
+        return pa.Table.from_arrays(columns, names=table.column_names)
     import pyarrow.compute as pc
 
     missing: Any = None

@@ -107,7 +107,7 @@ def test_the_job_module_imports_what_a_round_computes_with_only_when_a_round_nee
 
 def test_a_round_on_an_integer_key_never_imports_pandas_nor_arrow_compute_or_csv(tmp_path) -> None:
     # GIVEN the default contract (one int64 key) and a CSV part with missing values, the
-    # same gzipped, and a Parquet part (written here: pyarrow's writer imports pandas)
+    # same gzipped, and Parquet parts (written here: pyarrow's writer imports pandas)
     csv = b"id,value1,value2,value3,category\n" + b"".join(
         b"%d,%d.5,NA,%d,%d\n" % (i, i, -i, i % 7) for i in range(5000)
     )
@@ -116,8 +116,14 @@ def test_a_round_on_an_integer_key_never_imports_pandas_nor_arrow_compute_or_csv
     pq.write_table(
         pa.table({**keys, **{v: np.linspace(0, 1, 9) for v in ("value1", "value2", "value3")}}), buf
     )
+    # ... and one with rows whose key is missing, and missing values
+    nulls = io.BytesIO()
+    values = pa.array([0.5, None, 1.5, 2.5])
+    columns = {"id": [1, 2, 3, 4], "value1": values, "value2": values, "value3": values}
+    pq.write_table(pa.table({**columns, "category": [0, None, 1, None]}), nulls)
     paths = []
-    for name, body in (("p.csv", csv), ("p.csv.gz", gzip.compress(csv)), ("p.parquet", buf.getvalue())):
+    parts = [("p.csv", csv), ("p.csv.gz", gzip.compress(csv)), ("p.parquet", buf.getvalue())]
+    for name, body in [*parts, ("nulls.parquet", nulls.getvalue())]:
         (tmp_path / name).write_bytes(body)
         paths.append(str(tmp_path / name))
     # WHEN a fresh interpreter computes their partials (alone and not) as a job's tasks do,
