@@ -295,9 +295,10 @@ def _empty_table(contract: Contract) -> pa.Table:
     return pa.table([pa.nulls(0, ARROW_TYPES[contract.columns[c]]) for c in cols], names=list(cols))
 
 
-def _without_null_keys(table: pa.Table, contract: Contract) -> pa.Table:
+def without_null_keys(table: pa.Table, contract: Contract) -> pa.Table:
     """The rows whose group keys are all present (not null, not NaN): pandas' groupby
-    leaves out a row with a missing key, and so does the rollup."""
+    leaves out a row with a missing key, and so does the rollup (a part's rows as read, or
+    a partial's: s3rollup writes none without a key, another tool might)."""
     keys = [table.column(col) for col in contract.group_by]
     if not any(k.null_count or pa.types.is_floating(k.type) for k in keys):
         return table  # nothing can be missing: no nulls, and no float key to hold NaN
@@ -365,7 +366,7 @@ def _read_csv(body: bytes, contract: Contract, gzipped: bool) -> pa.Table:
         table = pacsv.read_csv(pa.BufferReader(data), parse_options=parse, convert_options=convert)
     except (pa.ArrowException, OSError) as exc:
         raise _locate_csv_error(data, contract, names, exc) from None
-    return _without_null_keys(table, contract)
+    return without_null_keys(table, contract)
 
 
 def csv_text(body: native.Buffer, fmt: str) -> native.Buffer:
@@ -661,7 +662,7 @@ def parquet_tables(body: native.Buffer, contract: Contract) -> Iterator[pa.Table
             return
         arrays = [_cast_parquet_column(batch.column(c), c, contract.columns[c]) for c in used]
         # A fresh table drops the writer's pandas metadata (index, categorical dtypes).
-        yield _without_null_keys(pa.table(arrays, names=used), contract)
+        yield without_null_keys(pa.table(arrays, names=used), contract)
 
 
 _T = TypeVar("_T")

@@ -394,24 +394,10 @@ def _chunk(partials: Iterator[pa.Table]) -> list[pa.Table]:
     return chunk
 
 
-def _with_keys(table: pa.Table, contract: Contract) -> pa.Table:
-    """The rows of a partial whose keys are all present: s3rollup writes no others, but a
-    partial written by another tool might, and such a row counts in no group."""
-    keys = [table.column(k) for k in contract.group_by]
-    if not any(k.null_count for k in keys):
-        return table
-    import pyarrow.compute as pc
-
-    valid = pc.is_valid(keys[0])
-    for k in keys[1:]:
-        valid = pc.and_(valid, pc.is_valid(k))
-    return table.filter(valid)
-
-
 @np.errstate(invalid="ignore", divide="ignore", over="ignore")
 def _merge_tables(tables: list[pa.Table], contract: Contract) -> pa.Table:
     """merge_partials of these partials, all at once."""
-    nonempty = [_with_keys(t, contract) for t in tables if t.num_rows]
+    nonempty = [parse.without_null_keys(t, contract) for t in tables if t.num_rows]
     nonempty = [t for t in nonempty if t.num_rows]
     if not nonempty:
         if tables:
