@@ -114,9 +114,8 @@ def _valid_cells(chunk: pa.Array) -> npt.NDArray[np.bool_]:
     if not chunk.null_count:
         return np.ones(len(chunk), dtype=bool)
     bits = np.frombuffer(chunk.buffers()[0], dtype=np.uint8)
-    return np.unpackbits(bits, count=chunk.offset + len(chunk), bitorder="little")[chunk.offset :].astype(
-        bool
-    )
+    cells = np.unpackbits(bits, count=chunk.offset + len(chunk), bitorder="little")
+    return cells[chunk.offset :].astype(bool)
 
 
 _ARROW_OF_NUMPY = {np.dtype(np.int64): pa.int64(), np.dtype(np.float64): pa.float64()}
@@ -189,9 +188,8 @@ def read_body(stream: Readable, size: int | None = None, digest: Digest | None =
     while True:
         if pos == len(buf):
             # A fresh, larger buffer (never resized: a view of the old one may still exist).
-            grown = np.empty(max(2 * len(buf), _READ_CHUNK), np.uint8)
-            grown[:pos] = buf
-            buf, view = grown, memoryview(grown)
+            buf = _grown(buf, pos, max(2 * len(buf), _READ_CHUNK))
+            view = memoryview(buf)
         n = stream.readinto(view[pos : pos + _READ_CHUNK])
         if not n:
             break
@@ -210,6 +208,14 @@ def _thread_buffer(slot: str, size: int) -> npt.NDArray[np.uint8]:
     if kept is not None and len(kept) >= size:
         return kept
     return np.empty(size + size // 8, np.uint8)
+
+
+def _grown(buf: npt.NDArray[np.uint8], used: int, size: int) -> npt.NDArray[np.uint8]:
+    """A fresh buffer of ``size`` bytes holding buf's first ``used`` (never resized in
+    place: a view of buf may still exist)."""
+    grown = np.empty(size, np.uint8)
+    grown[:used] = buf[:used]
+    return grown
 
 
 def _keep_buffer(slot: str, buf: npt.NDArray[np.uint8]) -> None:
@@ -325,8 +331,6 @@ def without_null_keys(table: pa.Table, contract: Contract) -> pa.Table:
 
 def table_frame(table: pa.Table, contract: Contract) -> pd.DataFrame:
     """read_table's table as read_part's DataFrame."""
-    import pandas  # noqa: F401  (to_pandas needs it)
-
     df = table.select(list(contract.used_columns)).to_pandas(split_blocks=True)
     for col in contract.used_columns:
         # to_pandas already maps int64 (nulls -> float64), float64 and string; a header-
@@ -484,9 +488,7 @@ def _gunzip(body: native.Buffer) -> memoryview:
             if size + len(out) > limit:
                 raise PartError("GZIP_BOMB", f"gzip inflates more than {GZIP_MAX_RATIO}:1")
             if size + len(out) > len(buf):
-                grown = np.empty(min(limit, max(2 * len(buf), size + len(out))), np.uint8)
-                grown[:size] = buf[:size]
-                buf = grown
+                buf = _grown(buf, size, min(limit, max(2 * len(buf), size + len(out))))
             buf[size : size + len(out)] = np.frombuffer(out, np.uint8)
             size += len(out)
             pos += len(piece) - len(inflater.unconsumed_tail) - len(inflater.unused_data)
