@@ -485,8 +485,7 @@ def prepare_round() -> None:
     """What a round needs before it starts, done ahead (the job does it while it waits on
     S3 and DynamoDB): import what computes partials and merges them (s3rollup.stats:
     NumPy, pyarrow, the native kernels; pandas only when a contract's keys need it).
-    distributed is imported only by a round that runs
-    on a Dask cluster (dask_client)."""
+    distributed is imported only by a round that runs on a Dask cluster (dask_client)."""
     from . import stats  # noqa: F401  (imported for what it imports)
 
 

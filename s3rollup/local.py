@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import importlib.util
@@ -720,7 +721,7 @@ def load_handler(env: dict[str, str]) -> ModuleType:
     return module
 
 
-class _Background:
+class _Background(abc.ABC):
     """A loop (``run``, until ``_stop`` is set) in a daemon thread of its own."""
 
     thread_name = "s3rollup"
@@ -729,9 +730,9 @@ class _Background:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @abc.abstractmethod
     def run(self) -> None:
-        """The loop."""
-        raise NotImplementedError
+        """The loop: each subclass's own (Dispatcher, NoncurrentExpiry)."""
 
     def start(self) -> None:
         """Run in a background thread."""
