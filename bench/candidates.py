@@ -78,24 +78,31 @@ def _round_tasks(files: list[str]) -> Iterator[Any]:
 def _part_task(path: str, out: str, alone: bool = False) -> dict[str, Any]:
     """One task: compute_partial minus S3. job.part_result reads the file (as the S3
     object's stream: into the thread's buffer, SHA-256 on the way), aggregates and encodes
-    the partial; the partial goes to ``out`` (as the job PUTs it). ``alone`` as the job
+    the partial; the partial goes to ``out`` (as the job PUTs it) and its table to the
+    job's kept partials (as a task on the job's own threads keeps it). ``alone`` as the job
     sets it for a round's only part."""
     from s3rollup.contract import DEFAULT_CONTRACT
-    from s3rollup.job import part_result
+    from s3rollup.job import kept_partials, part_result
 
     with open(path, "rb") as f:
-        result, data = part_result(f, os.fstat(f.fileno()).st_size, path, DEFAULT_CONTRACT, alone)
-    assert data is not None, result.get("error")
+        result, data, table = part_result(f, os.fstat(f.fileno()).st_size, path, DEFAULT_CONTRACT, alone)
+    assert data is not None and table is not None, result.get("error")
     t0 = now()
     Path(out).write_bytes(data)
+    kept_partials.keep(out, result["partial_sha256"], table)
     result["seconds"]["store"] = now() - t0
     return {**result, "path": out}
 
 
 def _load_partial(result: dict[str, Any]) -> Any:
-    """A stored partial, checked against its checksum (as the job's publish loads it)."""
+    """A partial for the merge, as the job's publish loads it: the table its task kept,
+    else the stored partial, checked against its checksum."""
+    from s3rollup.job import kept_partials
     from s3rollup.stats import table_from_parquet
 
+    table = kept_partials.take(result["path"], result["partial_sha256"])
+    if table is not None:
+        return table
     data = Path(result["path"]).read_bytes()
     if hashlib.sha256(data).hexdigest() != result["partial_sha256"]:
         raise AssertionError(f"partial {result['path']} changed")

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from s3rollup.config import Settings
+from s3rollup.contract import parse_part_key, partial_key
 from s3rollup.demo import generate_part
 from s3rollup.job import Job
 from s3rollup.manifest import FANOUT, Objects, entries, load_node
@@ -60,6 +61,10 @@ def test_removals_and_replacements_through_the_tree_equal_pandas(stack: Any, dat
         final[new] = (put_version(stack, new, frame), frame)
     register_quietly(stack, dataset)
     job = _job(stack, dataset)
+    fetched: list[str] = []
+    job.aws.s3.meta.events.register(
+        "provide-client-params.s3.GetObject", lambda params, **_: fetched.append(params["Key"])
+    )
     assert job.run() == 0
     # THEN the result is pandas over exactly the current parts, and the manifest names them
     assert _published(stack, dataset) == {k: v for k, (v, _) in final.items()}
@@ -67,6 +72,14 @@ def test_removals_and_replacements_through_the_tree_equal_pandas(stack: Any, dat
     # A removal re-merges the partials of its segment (35) and the root's children (2), not
     # all 70.
     assert job.partials_merged == 35 + 2
+    # ... of which the 2 computed by this round's tasks (on the job's own threads) were
+    # merged from memory: only the segment's 33 others were fetched from the bucket
+    computed = {partial_key(dataset, parse_part_key(k).part_id) for k in (keys[20], new)}
+    of_parts = {partial_key(dataset, parse_part_key(k).part_id) for k in final} | {
+        partial_key(dataset, parse_part_key(keys[3]).part_id)
+    }
+    partials = [k for k in fetched if k in of_parts]
+    assert len(partials) == 33 and not computed & set(partials)
 
 
 def test_a_crash_between_segments_and_root_loses_nothing(

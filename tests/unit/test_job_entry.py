@@ -137,7 +137,7 @@ def test_a_round_on_an_integer_key_never_imports_pandas_nor_arrow_compute_or_csv
         f"for path in {paths!r}:\n"
         "    body = open(path, 'rb').read()\n"
         "    for alone in (False, True):\n"
-        "        result, data = part_result(io.BytesIO(body), len(body), 'p', C, alone)\n"
+        "        result, data, _ = part_result(io.BytesIO(body), len(body), 'p', C, alone)\n"
         "        assert data is not None, result\n"
         "        parts.append(stats.table_from_parquet(data))\n"
         "final = stats.finalize(stats.merge_partials(parts, C), C)\n"

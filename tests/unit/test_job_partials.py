@@ -113,7 +113,7 @@ def test_part_result_reports_checksums_rows_and_the_partial_it_encoded() -> None
     frame = generate_part(0, 500, 42)
     body = to_csv_bytes(frame)
     # WHEN a task makes its result of a part's stream
-    result, data = job_module.part_result(io.BytesIO(body), len(body), "part-0.csv", C)
+    result, data, table = job_module.part_result(io.BytesIO(body), len(body), "part-0.csv", C)
     # THEN it reports the body's and the partial's SHA-256, the rows and where its time went
     assert data is not None
     assert result["sha256"] == hashlib.sha256(body).hexdigest()
@@ -123,15 +123,68 @@ def test_part_result_reports_checksums_rows_and_the_partial_it_encoded() -> None
     pd.testing.assert_frame_equal(
         table_from_parquet(data).to_pandas(), partial_from_frame(frame, C).to_pandas(), check_exact=True
     )
+    # AND the table it returns is the one it encoded
+    assert table is not None and table.equals(table_from_parquet(data))
 
 
 def test_part_result_of_a_rejected_part_names_the_problem_and_has_no_partial() -> None:
     body = b"id,value1,value2,value3,category\n1,2.0,x,4.0,5\n"
-    result, data = job_module.part_result(io.BytesIO(body), len(body), "part-0.csv", C)
-    assert data is None
+    result, data, table = job_module.part_result(io.BytesIO(body), len(body), "part-0.csv", C)
+    assert data is None and table is None
     assert result["sha256"] == hashlib.sha256(body).hexdigest()
     assert (result["error"]["code"], result["error"]["line"]) == ("BAD_VALUE", 2)
     assert "rows" not in result and "partial_sha256" not in result
+
+
+def test_partials_kept_by_the_rounds_tasks_are_merged_without_fetching_them_again(monkeypatch) -> None:
+    # GIVEN 6 stored partials, 3 of which this process's tasks kept as they stored them
+    kept = job_module.KeptPartials(budget=1 << 20)
+    monkeypatch.setattr(job_module, "kept_partials", kept)
+    store = PartialStore()
+    parts, frames = _parts(store, 6)
+    for p, frame in zip(parts[:3], frames[:3], strict=True):
+        assert kept.keep(p.version_id, p.partial_sha256, frame)
+    # WHEN the publish loads the parts' partials
+    loaded = list(_loading(store, parts))
+    # THEN the kept ones come from memory (and are given up), the rest from the store
+    assert store.gets == 3
+    assert [t is f for t, f in zip(loaded, frames, strict=True)] == [True] * 3 + [False] * 3
+    for got, want in zip(loaded, frames, strict=True):
+        pd.testing.assert_frame_equal(got.to_pandas(), want.to_pandas())
+    assert kept.take(parts[0].version_id, parts[0].partial_sha256) is None
+
+
+def test_a_kept_partial_is_used_only_for_the_version_and_sha256_the_registry_names(monkeypatch) -> None:
+    kept = job_module.KeptPartials(budget=1 << 20)
+    monkeypatch.setattr(job_module, "kept_partials", kept)
+    store = PartialStore()
+    parts, frames = _parts(store, 2)
+    # GIVEN kept tables whose part version or partial no longer match the registry's entry
+    # (the part changed while its task ran: the registry records the newer partial)
+    kept.keep("v-older", parts[0].partial_sha256, frames[1])
+    kept.keep(parts[1].version_id, "0" * 64, frames[0])
+    # WHEN the publish loads the partials THEN both come from the store, checked
+    loaded = list(_loading(store, parts))
+    assert store.gets == 2
+    for got, want in zip(loaded, frames, strict=True):
+        pd.testing.assert_frame_equal(got.to_pandas(), want.to_pandas())
+
+
+def test_kept_partials_stay_within_their_budget_and_go_when_cleared() -> None:
+    rows = {"id": range(100), "value1": 1.0, "value2": 2.0, "value3": 3.0, "category": range(100)}
+    table = partial_from_frame(pd.DataFrame(rows), C)
+    size = table_bytes(table)
+    kept = job_module.KeptPartials(budget=2 * size)
+    # GIVEN a budget of two tables: a third is not kept (its partial is fetched instead)
+    assert kept.keep("v1", "a", table) and kept.keep("v2", "b", table)
+    assert not kept.keep("v3", "c", table)
+    # a table given up frees its share of the budget
+    assert kept.take("v1", "a") is table
+    assert kept.keep("v3", "c", table)
+    # WHEN the round ends THEN nothing stays in memory
+    kept.clear()
+    assert kept.take("v2", "b") is None and kept.take("v3", "c") is None
+    assert kept.keep("v4", "d", table) and kept.keep("v5", "e", table)
 
 
 def test_fetching_ahead_is_bounded_by_bytes_once_the_partials_size_is_known(monkeypatch) -> None:
