@@ -1,9 +1,10 @@
 """s3rollup's native rollup kernels (rollup.c), loaded with ctypes.
 
 ``make`` (and the worker image) compiles rollup.c into librollup.so next to this file. The
-kernels compute, in one pass and without the GIL, what pandas' groupby kernels compute;
-where the library is not built, or S3ROLLUP_NATIVE=0, ``LIB`` is None and s3rollup uses
-pandas' kernels instead (same results, slower). ``kernels()`` says which are in use.
+kernels compute, in one pass and without the GIL, what pandas' groupby kernels compute
+(and ``merge`` what stats' NumPy merge of partials computes); where the library is not
+built, or S3ROLLUP_NATIVE=0, ``LIB`` is None and s3rollup uses pandas' kernels and the
+NumPy merge instead (same results, slower). ``kernels()`` says which are in use.
 
 On a CPU with AVX2 the kernels update a row's values four at a time (``vector()``); else,
 or with ``use_vector`` False, one at a time. Both give the same bits.
@@ -60,6 +61,16 @@ def _load() -> ctypes.CDLL | None:
     lib.sr_na.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int]
     lib.sr_export.restype = None
     lib.sr_export.argtypes = [ctypes.c_void_p, _I64P, _I64P, _I64P, _F64P, _F64P, _F64P, _F64P]
+    lib.sr_merge.restype = ctypes.c_int
+    lib.sr_merge.argtypes = [
+        ctypes.c_int64,
+        _I64P,
+        _I64P,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.POINTER(_F64P),
+        ctypes.POINTER(_F64P),
+    ]
     return lib
 
 
@@ -217,3 +228,29 @@ def rollup_csv(
         if status == _UNSUPPORTED:
             return None
         return ctx.export()
+
+
+def merge(
+    codes: npt.NDArray[np.int64], k: int, nvalues: int, partials: Sequence[Sequence[npt.NDArray[np.float64]]]
+) -> list[npt.NDArray[np.float64]]:
+    """Chan et al.'s merge of partials into k groups (sr_merge): partials[p] is partial p's
+    fields as float64 arrays (rows, then per value column count, mean, M2, min, max), codes
+    its rows' group codes, all partials' one after another (-1: in no group). Returns the
+    merged fields in the same order, k values each (rows and counts as float64 sums)."""
+    if LIB is None:
+        raise RuntimeError("librollup.so is not loaded")
+    nf = 1 + 5 * nvalues
+    cols = [np.ascontiguousarray(f, dtype=np.float64) for fields in partials for f in fields]
+    lengths = np.array([len(fields[0]) for fields in partials], dtype=np.int64)
+    if any(len(fields) != nf for fields in partials) or any(
+        len(c) != lengths[i // nf] for i, c in enumerate(cols)
+    ):
+        raise ValueError("a partial has another number of fields, or fields of other lengths")
+    codes = np.ascontiguousarray(codes, dtype=np.int64)
+    if len(codes) != int(lengths.sum()):
+        raise ValueError("codes and partials differ in length")
+    out = [np.empty(k) for _ in range(nf)]
+    ptrs = (_F64P * max(1, len(cols)))(*(_f64(c) for c in cols))
+    outs = (_F64P * nf)(*(_f64(o) for o in out))
+    _check(LIB.sr_merge(len(partials), _i64(lengths), _i64(codes), k, nvalues, ptrs, outs))
+    return out

@@ -10,6 +10,7 @@ import os
 import random
 import struct
 from decimal import Decimal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -547,6 +548,31 @@ def test_key_batches_group_as_one_batch_while_the_key_range_grows_and_then_spill
 def test_a_group_code_out_of_range_is_an_error_not_a_write() -> None:
     with pytest.raises(ValueError, match="out of range"):
         native.rollup_codes(np.array([0, 3]), 2, [np.array([1.0, 2.0])])
+
+
+def _partial_fields(rows: list[float], count: list[float], mean: list[float], m2: list[float]) -> list[Any]:
+    """A one-value partial's fields as sr_merge takes them (min and max: the mean)."""
+    return [np.array(x, dtype=np.float64) for x in (rows, count, mean, m2, mean, mean)]
+
+
+@needs_native
+def test_the_merge_skips_rows_without_a_group_and_rejects_codes_out_of_range() -> None:
+    # GIVEN two partials of one value column: group 0 in both, a row in no group (-1), and a
+    # group whose only row has no value (count 0, NaN moments)
+    a = _partial_fields([2, 5], [2, 5], [1.0, 7.0], [2.0, 0.0])
+    b = _partial_fields([1, 3], [1, 0], [4.0, np.nan], [0.0, np.nan])
+    # WHEN they are merged into 2 groups
+    rows, n, mean, m2, mn, mx = native.merge(np.array([0, -1, 0, 1]), 2, 1, [a, b])
+    # THEN group 0 is Chan's combination of (2, 1.0, 2.0) and (1, 4.0, 0.0); group 1 has
+    # rows but no value: NaN moments; the row in no group counts nowhere
+    assert list(rows) == [3.0, 3.0] and list(n) == [3.0, 0.0]
+    assert mean[0] == 2.0 and m2[0] == 2.0 + 2 * 1.0**2 + 1 * 2.0**2
+    assert (mn[0], mx[0]) == (1.0, 4.0)
+    assert all(np.isnan(x[1]) for x in (mean, m2, mn, mx))
+    with pytest.raises(ValueError, match="out of range"):
+        native.merge(np.array([0, 2, 0, 1]), 2, 1, [a, b])
+    with pytest.raises(ValueError, match="differ in length"):
+        native.merge(np.array([0, 1, 0]), 2, 1, [a, b])
 
 
 # ---- reading a body ---------------------------------------------------------------------
