@@ -40,6 +40,8 @@ def _load() -> ctypes.CDLL | None:
     lib.sr_new.argtypes = [ctypes.c_int]
     lib.sr_free.restype = None
     lib.sr_free.argtypes = [ctypes.c_void_p]
+    lib.sr_defer.restype = None
+    lib.sr_defer.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     lib.sr_vector.restype = ctypes.c_int
     lib.sr_vector.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.sr_groups.restype = ctypes.c_int64
@@ -84,6 +86,9 @@ def kernels() -> str:
 
 # False: contexts update rows one value at a time even where AVX2 is available (tests).
 use_vector = True
+# (groups, bytes): from how many groups on sr_keys's rows wait by partition, and in buffers
+# of about how many bytes (tests; None: the library's defaults, 4096 groups and 16 MiB).
+defer: tuple[int, int] | None = None
 
 
 def vector() -> bool:
@@ -141,6 +146,8 @@ class _Context:
             raise MemoryError("native rollup: out of memory")
         if not use_vector:
             LIB.sr_vector(self.ptr, 0)
+        if defer is not None:
+            LIB.sr_defer(self.ptr, *defer)
 
     def __enter__(self) -> _Context:
         return self
@@ -149,7 +156,9 @@ class _Context:
         self.lib.sr_free(self.ptr)
 
     def export(self) -> Groups:
-        k = int(self.lib.sr_groups(self.ptr))
+        k = int(self.lib.sr_groups(self.ptr))  # first takes in the rows still waiting
+        if k < 0:
+            raise MemoryError("native rollup: out of memory")
         nv = self.nvalues
         keys = np.empty(k, np.int64)
         rows = np.empty(k, np.int64)

@@ -63,12 +63,39 @@ typedef struct {
 
 #define BLOCKS(nv) (((nv) + 3) / 4)
 
+/* sr_keys with many groups: partitions by the top bits of a key's hash (defer_rows). */
+#define PART_BITS 6
+#define NPART (1 << PART_BITS)
+#define DEFER_GROUPS 4096
+#define DEFER_BYTES ((size_t)16 << 20)
+
 /* A slot of the hash table: the key beside its group (index + 1, 0 = empty), so a lookup
  * reads one cache line, not the table's and then the group's key. */
 typedef struct {
     int64_t key;
     int64_t group;
 } slot_t;
+
+/* A hash table of keys to groups: open addressing, linear probing. A key's slot is the top
+ * bits of its hash after the first skip bits (a partition's table: those bits are the
+ * partition's, defer_rows). */
+typedef struct {
+    slot_t *slot; /* NULL: no table yet */
+    int64_t size, used;
+    int shift; /* the slot: (hash << skip) >> shift */
+    int skip;
+} hash_t;
+
+/* Memory for rows waiting by partition (defer_rows): one per thread, kept for the thread's
+ * next parts (fresh memory is what a new process pays most for: 16 MiB of it cost about
+ * 8 ms a part), lent to one context at a time. */
+struct wait_buffer {
+    void *mem;
+    size_t bytes;
+    int lent;
+};
+static _Thread_local struct wait_buffer thread_wait;
+
 
 typedef struct {
     int nvalues;
@@ -77,11 +104,19 @@ typedef struct {
     int64_t *keys; /* the group's key (sr_csv) or code (sr_codes) */
     int64_t *rows;
     blk_t *acc; /* ngroups x BLOCKS(nvalues) */
-    slot_t *table; /* open addressing, linear probing */
-    int shift;      /* table size = 2^(64 - shift) */
-    int64_t tsize;
+    hash_t table;    /* sr_keys over a wide key range, and sr_csv */
     int32_t *direct; /* sr_keys over a small key range: group index + 1 at key - dmin */
     int64_t dmin, dmax;
+    /* sr_keys with many groups: a hash table per partition, and rows waiting by partition
+     * (defer_rows) */
+    hash_t *parts;
+    struct wait_buffer *wbuf; /* where wkeys and wvals are: this thread's, or the context's own */
+    int64_t *wkeys;  /* NPART x wcap keys */
+    double *wvals;   /* NPART x wcap rows of 4 x BLOCKS(nvalues) values, NaN-padded */
+    int64_t *wfill;  /* rows waiting in each partition */
+    int64_t wcap;
+    int64_t defer_groups; /* rows wait from this many groups on (DEFER_GROUPS) */
+    size_t defer_bytes;   /* in buffers of about this many bytes (DEFER_BYTES) */
     int na_empty;  /* sr_csv: an empty cell is missing */
     char *na;      /* sr_csv: the other missing-value spellings, each ended by a NUL */
     int64_t na_len;
@@ -105,6 +140,8 @@ sr_ctx *sr_new(int nvalues) {
     if (c) {
         c->nvalues = nvalues;
         c->vector = cpu_has_avx2();
+        c->defer_groups = DEFER_GROUPS;
+        c->defer_bytes = DEFER_BYTES;
         c->na_empty = 1;
     }
     return c;
@@ -129,6 +166,13 @@ int sr_na(sr_ctx *c, const char *spellings, int64_t len, int empty) {
 
 /* Whether the context updates rows with AVX2; 0 turns that off (the lane-by-lane path gives
  * the same bits: the tests compare the two). */
+/* When sr_keys's rows start to wait by partition, and in how large buffers (defer_rows): the
+ * defaults unless a test asks for others (rows then wait from the first group on, or never). */
+void sr_defer(sr_ctx *c, int64_t groups, int64_t bytes) {
+    c->defer_groups = groups;
+    c->defer_bytes = bytes > 0 ? (size_t)bytes : 0;
+}
+
 int sr_vector(sr_ctx *c, int on) {
     if (!on) c->vector = 0;
     return c->vector;
@@ -139,13 +183,22 @@ void sr_free(sr_ctx *c) {
     free(c->keys);
     free(c->rows);
     free(c->acc);
-    free(c->table);
+    free(c->table.slot);
     free(c->direct);
+    if (c->parts)
+        for (int p = 0; p < NPART; p++) free(c->parts[p].slot);
+    free(c->parts);
+    if (c->wbuf == &thread_wait) {
+        thread_wait.lent = 0;
+    } else if (c->wbuf) {
+        free(c->wbuf->mem);
+        free(c->wbuf);
+    }
+    free(c->wfill);
     free(c->na);
     free(c);
 }
 
-int64_t sr_groups(const sr_ctx *c) { return c->ngroups; }
 
 static int reserve(sr_ctx *c, int64_t need) {
     if (need <= c->cap) return SR_OK;
@@ -283,43 +336,62 @@ int sr_codes(sr_ctx *c, const int64_t *codes, int64_t n, int64_t k, const double
 
 /* ---- keys -> groups ------------------------------------------------------------------ */
 
-static inline uint64_t slot_of(const sr_ctx *c, int64_t key) {
-    return ((uint64_t)key * 0x9E3779B97F4A7C15ull) >> c->shift;
+static inline uint64_t hash_of(int64_t key) { return (uint64_t)key * 0x9E3779B97F4A7C15ull; }
+static inline uint64_t slot_in(const hash_t *t, int64_t key) { return (hash_of(key) << t->skip) >> t->shift; }
+
+/* key's group (index + 1) into t, at its slot or the first free one after it. */
+static inline void hash_put(hash_t *t, int64_t key, int64_t group) {
+    uint64_t s = slot_in(t, key);
+    while (t->slot[s].group) s = (s + 1) & (uint64_t)(t->size - 1);
+    t->slot[s] = (slot_t){key, group};
+    t->used++;
 }
 
-static int rehash(sr_ctx *c, int64_t tsize, int shift) {
-    slot_t *table = calloc((size_t)tsize, sizeof *table);
-    if (!table) return SR_NOMEM;
-    free(c->table);
-    c->table = table;
-    c->tsize = tsize;
-    c->shift = shift;
-    for (int64_t g = 0; g < c->ngroups; g++) {
-        uint64_t s = slot_of(c, c->keys[g]);
-        while (table[s].group) s = (s + 1) & (uint64_t)(tsize - 1);
-        table[s] = (slot_t){c->keys[g], g + 1};
-    }
+/* t with 2^bits empty slots (what it held is dropped: the caller puts it back). */
+static int hash_init(hash_t *t, int bits, int skip) {
+    slot_t *slot = calloc((size_t)1 << bits, sizeof *slot);
+    if (!slot) return SR_NOMEM;
+    free(t->slot);
+    *t = (hash_t){slot, (int64_t)1 << bits, 0, 64 - bits, skip};
     return SR_OK;
 }
 
-/* The group of a key, added on first sight; -1 when out of memory. */
-static inline int64_t group_of(sr_ctx *c, int64_t key) {
-    uint64_t mask = (uint64_t)(c->tsize - 1);
-    uint64_t s = slot_of(c, key);
+/* t at twice its size, its keys moved in. */
+static int hash_grow(hash_t *t) {
+    hash_t old = *t;
+    t->slot = NULL;
+    if (hash_init(t, 64 - old.shift + 1, old.skip) != SR_OK) {
+        *t = old;
+        return SR_NOMEM;
+    }
+    for (int64_t i = 0; i < old.size; i++)
+        if (old.slot[i].group) hash_put(t, old.slot[i].key, old.slot[i].group);
+    free(old.slot);
+    return SR_OK;
+}
+
+/* The group of a key in t, added on first sight (the context's next group); -1 when out of
+ * memory. */
+static inline int64_t group_in(sr_ctx *c, hash_t *t, int64_t key) {
+    uint64_t mask = (uint64_t)(t->size - 1);
+    uint64_t s = slot_in(t, key);
     for (;;) {
-        int64_t g = c->table[s].group;
+        int64_t g = t->slot[s].group;
         if (g == 0) break;
-        if (c->table[s].key == key) return g - 1;
+        if (t->slot[s].key == key) return g - 1;
         s = (s + 1) & mask;
     }
     int64_t g = c->ngroups;
     if (reserve(c, g + 1) != SR_OK) return -1;
     c->keys[g] = key;
     c->ngroups = g + 1;
-    c->table[s] = (slot_t){key, g + 1};
-    if (2 * c->ngroups > c->tsize && rehash(c, c->tsize * 2, c->shift - 1) != SR_OK) return -1;
+    t->slot[s] = (slot_t){key, g + 1};
+    t->used++;
+    if (2 * t->used > t->size && hash_grow(t) != SR_OK) return -1;
     return g;
 }
+
+static inline int64_t group_of(sr_ctx *c, int64_t key) { return group_in(c, &c->table, key); }
 
 /* Rows are grouped BATCH at a time: first every row's table slot is fetched ahead
  * (prefetch), then each row's group is looked up (added on first sight, in row order) and
@@ -330,7 +402,7 @@ static inline int64_t group_of(sr_ctx *c, int64_t key) {
 #define BATCH 32
 
 static inline void prefetch_slot(const sr_ctx *c, int64_t key) {
-    __builtin_prefetch(&c->table[slot_of(c, key)]);
+    __builtin_prefetch(&c->table.slot[slot_in(&c->table, key)]);
 }
 
 /* Fetch ahead what updating group g touches: its row count and its moments' blocks. */
@@ -372,8 +444,124 @@ static inline int64_t direct_group_of(sr_ctx *c, int64_t key) {
     return g;
 }
 
+/* Many groups: rows wait by partition. Once a part's hash holds DEFER_GROUPS groups, their
+ * moments outgrow the CPU's caches and each row's update waited on memory, prefetched or
+ * not. From then on sr_keys (and sr_csv) append each row to one of NPART buffers, chosen
+ * by the top bits of its key's hash, and when one is full (and before the groups are read:
+ * sr_groups) take every waiting row in, a partition at a time. Each partition has a hash
+ * table of its own and the groups it adds get consecutive moments, so while a partition's
+ * rows are taken in, its table and its groups stay in the cache. Each group still takes
+ * its rows in row order: the same bits; only the groups' order differs. */
+
+static inline int part_of(int64_t key) { return (int)(hash_of(key) >> (64 - PART_BITS)); }
+
+/* The partitions' tables, holding the groups so far, and their empty buffers. */
+static int defer_start(sr_ctx *c) {
+    if (!(c->parts = calloc(NPART, sizeof *c->parts))) return SR_NOMEM;
+    for (int p = 0; p < NPART; p++)
+        if (hash_init(&c->parts[p], 6, PART_BITS) != SR_OK) return SR_NOMEM;
+    for (int64_t g = 0; g < c->ngroups; g++) {
+        hash_t *t = &c->parts[part_of(c->keys[g])];
+        hash_put(t, c->keys[g], g + 1);
+        if (2 * t->used > t->size && hash_grow(t) != SR_OK) return SR_NOMEM;
+    }
+    size_t width = 4 * (size_t)BLOCKS(c->nvalues);
+    size_t cap = c->defer_bytes / (NPART * (sizeof(int64_t) + width * sizeof(double)));
+    c->wcap = cap < 64 ? 64 : (int64_t)cap;
+    size_t nkeys = NPART * (size_t)c->wcap;
+    size_t bytes = nkeys * (sizeof(int64_t) + width * sizeof(double));
+    struct wait_buffer *w = &thread_wait;
+    if (w->lent) { /* another context of this thread has it: one of the context's own */
+        if (!(w = calloc(1, sizeof *w))) return SR_NOMEM;
+    }
+    c->wbuf = w;
+    w->lent = 1;
+    if (w->bytes < bytes) {
+        free(w->mem);
+        w->bytes = 0;
+        if (!(w->mem = malloc(bytes))) return SR_NOMEM;
+        w->bytes = bytes;
+    }
+    c->wkeys = w->mem;
+    c->wvals = (double *)(c->wkeys + nkeys);
+    c->wfill = calloc(NPART, sizeof *c->wfill);
+    return c->wfill ? SR_OK : SR_NOMEM;
+}
+
+/* Every waiting row into its group, a partition at a time, in row order within each. */
+static inline __attribute__((always_inline)) int flush_rows(sr_ctx *c, int vec) {
+    int nv = c->nvalues;
+    size_t width = 4 * (size_t)BLOCKS(nv);
+    int64_t gs[BATCH];
+    for (int p = 0; p < NPART; p++) {
+        const int64_t *keys = c->wkeys + (size_t)p * (size_t)c->wcap;
+        const double *vals = c->wvals + (size_t)p * (size_t)c->wcap * width;
+        for (int64_t r0 = 0; r0 < c->wfill[p]; r0 += BATCH) {
+            int m = c->wfill[p] - r0 < BATCH ? (int)(c->wfill[p] - r0) : BATCH;
+            for (int b = 0; b < m; b++) {
+                int64_t g = group_in(c, &c->parts[p], keys[r0 + b]);
+                if (g < 0) return SR_NOMEM;
+                gs[b] = g;
+                prefetch_group(c, g);
+            }
+            for (int b = 0; b < m; b++) {
+                c->rows[gs[b]] += 1;
+                update_row(c->acc + (size_t)gs[b] * (size_t)BLOCKS(nv), vals + (size_t)(r0 + b) * width, nv, vec);
+            }
+        }
+        c->wfill[p] = 0;
+    }
+    return SR_OK;
+}
+#if SR_VECTOR
+SR_AVX2 static int flush_avx2(sr_ctx *c) { return flush_rows(c, 1); }
+#endif
+static int flush_lanes(sr_ctx *c) { return flush_rows(c, 0); }
+static int flush_waiting(sr_ctx *c) {
+    if (!c->wfill) return SR_OK;
+#if SR_VECTOR
+    if (c->vector) return flush_avx2(c);
+#endif
+    return flush_lanes(c);
+}
+
+/* Whether rows of the hash wait by partition from now on (defer_start done); -1: out of
+ * memory. */
+static inline int deferring(sr_ctx *c) {
+    if (c->wfill) return 1;
+    if (c->ngroups < c->defer_groups) return 0;
+    return defer_start(c) == SR_OK ? 1 : -1;
+}
+
+/* Where key's row waits (4 x BLOCKS(nvalues) values to fill), its partition's rows taken
+ * in first when it is full; NULL when out of memory. */
+static inline double *wait_slot(sr_ctx *c, int64_t key) {
+    int p = part_of(key);
+    if (c->wfill[p] == c->wcap && flush_waiting(c) != SR_OK) return NULL;
+    size_t r = (size_t)p * (size_t)c->wcap + (size_t)c->wfill[p]++;
+    c->wkeys[r] = key;
+    return c->wvals + r * 4 * (size_t)BLOCKS(c->nvalues);
+}
+
+/* Rows i0.. of keys (hash mode) to wait in their partitions. */
+static int defer_rows(sr_ctx *c, const int64_t *keys, int64_t i0, int64_t n, const double *const *cols) {
+    int nv = c->nvalues, width = 4 * BLOCKS(nv);
+    for (int64_t i = i0; i < n; i++) {
+        double *row = wait_slot(c, keys[i]);
+        if (!row) return SR_NOMEM;
+        int j = 0;
+        for (; j < nv; j++) row[j] = cols[j][i];
+        for (; j < width; j++) row[j] = NAN;
+    }
+    return SR_OK;
+}
+
+/* The number of groups, every waiting row taken in first (-1: out of memory). */
+int64_t sr_groups(sr_ctx *c) { return flush_waiting(c) == SR_OK ? c->ngroups : -1; }
+
 /* Rows keyed by any int64 values (a key column pyarrow read): grouped by hashing, or by
- * indexing when the keys span a small range (groups in first-seen order either way). */
+ * indexing when the keys span a small range. Groups in first-seen order, but for rows that
+ * waited by partition (defer_rows): their new groups in first-seen order per partition. */
 static inline __attribute__((always_inline)) int keys_rows(sr_ctx *c, const int64_t *keys, int64_t n,
                                                            const double *const *values, int vec) {
     int nv = c->nvalues;
@@ -387,7 +575,9 @@ static inline __attribute__((always_inline)) int keys_rows(sr_ctx *c, const int6
         return SR_OK;
     }
     int64_t gs[BATCH];
-    for (int64_t i0 = 0; i0 < n; i0 += BATCH) {
+    int64_t i0 = 0;
+    int waiting = 0;
+    for (; i0 < n && !(waiting = deferring(c)); i0 += BATCH) {
         int m = n - i0 < BATCH ? (int)(n - i0) : BATCH;
         if (batch_groups(c, keys + i0, NULL, m, gs) != SR_OK) return SR_NOMEM;
         for (int b = 0; b < m; b++) {
@@ -395,7 +585,8 @@ static inline __attribute__((always_inline)) int keys_rows(sr_ctx *c, const int6
             update_columns(c->acc + (size_t)gs[b] * (size_t)BLOCKS(nv), values, i0 + b, nv, vec);
         }
     }
-    return SR_OK;
+    if (waiting < 0) return SR_NOMEM;
+    return i0 < n ? defer_rows(c, keys, i0, n, values) : SR_OK;
 }
 #if SR_VECTOR
 SR_AVX2 static int keys_avx2(sr_ctx *c, const int64_t *keys, int64_t n, const double *const *values) {
@@ -412,7 +603,7 @@ static int keys_lanes(sr_ctx *c, const int64_t *keys, int64_t n, const double *c
 /* Ready the lookup for keys in [lo, hi] besides those seen: the direct table, grown to
  * cover them while the span stays small, else the hash (every group so far moved in). */
 static int prepare_keys(sr_ctx *c, int64_t lo, int64_t hi) {
-    if (c->table) return SR_OK;
+    if (c->table.slot) return SR_OK;
     if (c->direct) {
         lo = lo < c->dmin ? lo : c->dmin;
         hi = hi > c->dmax ? hi : c->dmax;
@@ -430,13 +621,11 @@ static int prepare_keys(sr_ctx *c, int64_t lo, int64_t hi) {
         for (int64_t g = 0; g < c->ngroups; g++) c->direct[c->keys[g] - lo] = (int32_t)(g + 1);
         return SR_OK;
     }
-    int64_t tsize = 2048;
-    int shift = 64 - 11;
-    while (2 * c->ngroups > tsize) {
-        tsize *= 2;
-        shift--;
-    }
-    return rehash(c, tsize, shift);
+    int bits = 11;
+    while (2 * c->ngroups > (int64_t)1 << bits) bits++;
+    if (hash_init(&c->table, bits, 0) != SR_OK) return SR_NOMEM;
+    for (int64_t g = 0; g < c->ngroups; g++) hash_put(&c->table, c->keys[g], g + 1);
+    return SR_OK;
 }
 
 /* May be called again on the same context with more rows (a part read in batches). */
@@ -776,11 +965,22 @@ static inline __attribute__((always_inline)) int csv_rows(sr_ctx *c, const char 
     int m = 0; /* rows parsed, not yet grouped */
     for (;;) {
         if (m == BATCH || (p >= end && m > 0)) {
-            if (batch_groups(c, keys, keyless, m, gs) != SR_OK) return SR_NOMEM;
-            for (int b = 0; b < m; b++) {
-                if (gs[b] < 0) continue;
-                c->rows[gs[b]] += 1;
-                update_row(c->acc + (size_t)gs[b] * (size_t)BLOCKS(nv), vals + b * stride, nv, vec);
+            int waiting = deferring(c);
+            if (waiting < 0) return SR_NOMEM;
+            if (waiting) {
+                for (int b = 0; b < m; b++) {
+                    if (keyless[b]) continue;
+                    double *row = wait_slot(c, keys[b]);
+                    if (!row) return SR_NOMEM;
+                    memcpy(row, vals + b * stride, (size_t)stride * sizeof *row);
+                }
+            } else {
+                if (batch_groups(c, keys, keyless, m, gs) != SR_OK) return SR_NOMEM;
+                for (int b = 0; b < m; b++) {
+                    if (gs[b] < 0) continue;
+                    c->rows[gs[b]] += 1;
+                    update_row(c->acc + (size_t)gs[b] * (size_t)BLOCKS(nv), vals + b * stride, nv, vec);
+                }
             }
             m = 0;
         }
@@ -857,7 +1057,7 @@ int sr_csv(sr_ctx *c, const char *buf, int64_t len, int64_t start, const int8_t 
     if (keys != 1) return SR_UNSUPPORTED;
     for (int j = 0; j < nv; j++)
         if (seen[j] != 1) return SR_UNSUPPORTED;
-    if (!c->table && rehash(c, 2048, 64 - 11) != SR_OK) return SR_NOMEM;
+    if (!c->table.slot && hash_init(&c->table, 11, 0) != SR_OK) return SR_NOMEM;
 #if SR_VECTOR
     if (c->vector) return csv_avx2(c, buf, len, start, roles, nfields);
 #endif

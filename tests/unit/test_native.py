@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import io
+import itertools
 import os
 import random
 import struct
@@ -314,10 +315,16 @@ def test_a_seed_part_takes_the_native_path_and_equals_the_pyarrow_path() -> None
 
 
 @needs_native
-def test_many_groups_spread_over_int64_aggregate_as_pandas_does_on_every_native_path(monkeypatch) -> None:
+@pytest.mark.parametrize("defer", [None, (0, 0), (2**62, 0)])
+def test_many_groups_spread_over_int64_aggregate_as_pandas_does_on_every_native_path(
+    monkeypatch, defer
+) -> None:
     # GIVEN 30,001 rows (not a whole number of the kernels' batches) in about 12,000 groups
     # keyed over 0..2**40, so the hash table grows while a batch of rows is looked up: most
-    # groups hold a few rows, some one; NaNs; a large offset; some rows without a key
+    # groups hold a few rows, some one; NaNs; a large offset; some rows without a key. Rows
+    # wait by partition from the 4,096th group on (the library's default), from the first
+    # in the smallest buffers (taken in every few hundred rows), or never.
+    monkeypatch.setattr(native, "defer", defer)
     rng = np.random.default_rng(21)
     n = 30_001
     keys = rng.integers(0, 2**40, 12_000)[rng.integers(0, 12_000, n)]
@@ -456,7 +463,7 @@ def test_contracts_the_native_csv_path_does_not_cover_are_left_to_pyarrow() -> N
 
 def _groups_bits(g: native.Groups) -> list[bytes]:
     # NaN moments (a group with no value) compare equal as bytes.
-    return [a.tobytes() for a in (g.keys, g.rows, g.count, g.mean, g.m2, g.min, g.max)]
+    return [a.tobytes() for a in _groups_fields(g)]
 
 
 def _both_ways(monkeypatch: pytest.MonkeyPatch, rollup) -> native.Groups:
@@ -542,6 +549,39 @@ def test_key_batches_group_as_one_batch_while_the_key_range_grows_and_then_spill
     batched = _both_ways(monkeypatch, lambda: native.rollup_key_batches(batches, 1))
     assert _groups_bits(batched) == _groups_bits(one)
     assert batched.keys.tolist() == list(dict.fromkeys(whole.tolist()))
+
+
+@needs_native
+@pytest.mark.parametrize("nvalues", [1, 3, 5, 9])
+def test_rows_that_wait_by_partition_give_the_bits_of_rows_taken_as_they_come(monkeypatch, nvalues) -> None:
+    # GIVEN 20,000 rows in about 5,000 groups keyed over int64 (single-row groups among them),
+    # NaN values, read in batches
+    rng = np.random.default_rng(40 + nvalues)
+    n = 20_000
+    keys = rng.integers(-(2**62), 2**62, 5_000)[rng.integers(0, 5_000, n)]
+    keys[-7:] = rng.integers(2**62, 2**63 - 1, 7)
+    values = [np.where(rng.random(n) < 0.2, np.nan, rng.standard_normal(n) * 10**j) for j in range(nvalues)]
+    cuts = [0, 3, 4_099, 9_000, 15_555, n]
+    batches = [(keys[a:b], [v[a:b] for v in values]) for a, b in itertools.pairwise(cuts)]
+
+    def rollup(defer: tuple[int, int]) -> native.Groups:
+        monkeypatch.setattr(native, "defer", defer)
+        g = _both_ways(monkeypatch, lambda: native.rollup_key_batches(batches, nvalues))
+        order = np.argsort(g.keys)  # the groups' order depends on when rows waited
+        return native.Groups(*(a[order] for a in _groups_fields(g)))
+
+    # WHEN every row is taken as it comes, and when rows wait by partition from the first
+    # group on in the smallest buffers (a flush every few hundred rows, mid-batch), or from
+    # the 1,000th group on
+    direct = rollup((2**62, 0))
+    # THEN every group has the same rows and moments, bit for bit
+    assert _groups_bits(rollup((0, 0))) == _groups_bits(direct)
+    assert _groups_bits(rollup((1_000, 1 << 20))) == _groups_bits(direct)
+    assert direct.records == n and len(direct.keys) == len(set(keys.tolist()))
+
+
+def _groups_fields(g: native.Groups) -> list[Any]:
+    return [g.keys, g.rows, g.count, g.mean, g.m2, g.min, g.max]
 
 
 @needs_native
