@@ -87,7 +87,7 @@ def kernels() -> str:
 # False: contexts update rows one value at a time even where AVX2 is available (tests).
 use_vector = True
 # (groups, bytes): from how many groups on sr_keys's rows wait by partition, and in buffers
-# of about how many bytes (tests; None: the library's defaults, 4096 groups and 16 MiB).
+# of about how many bytes (tests; None: the library's defaults, 16,384 groups and 16 MiB).
 defer: tuple[int, int] | None = None
 
 

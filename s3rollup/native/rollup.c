@@ -66,7 +66,7 @@ typedef struct {
 /* sr_keys with many groups: partitions by the top bits of a key's hash (defer_rows). */
 #define PART_BITS 6
 #define NPART (1 << PART_BITS)
-#define DEFER_GROUPS 4096
+#define DEFER_GROUPS 16384
 #define DEFER_BYTES ((size_t)16 << 20)
 
 /* A slot of the hash table: the key beside its group (index + 1, 0 = empty), so a lookup

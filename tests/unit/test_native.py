@@ -315,15 +315,16 @@ def test_a_seed_part_takes_the_native_path_and_equals_the_pyarrow_path() -> None
 
 
 @needs_native
-@pytest.mark.parametrize("defer", [None, (0, 0), (2**62, 0)])
+@pytest.mark.parametrize("defer", [None, (0, 0), (4_096, 1 << 20)])
 def test_many_groups_spread_over_int64_aggregate_as_pandas_does_on_every_native_path(
     monkeypatch, defer
 ) -> None:
     # GIVEN 30,001 rows (not a whole number of the kernels' batches) in about 12,000 groups
     # keyed over 0..2**40, so the hash table grows while a batch of rows is looked up: most
     # groups hold a few rows, some one; NaNs; a large offset; some rows without a key. Rows
-    # wait by partition from the 4,096th group on (the library's default), from the first
-    # in the smallest buffers (taken in every few hundred rows), or never.
+    # never wait by partition (the library's default below 16,384 groups), or wait from the
+    # first group on in the smallest buffers (taken in every few hundred rows), or from the
+    # 4,096th group on.
     monkeypatch.setattr(native, "defer", defer)
     rng = np.random.default_rng(21)
     n = 30_001
