@@ -665,8 +665,9 @@ def _stage_table(runs: list[Run]) -> list[str]:
         "`job.part_result`: `read` is the file's bytes into memory with their SHA-256, "
         "`aggregate` is `stats.part_partial` (parse and aggregate; "
         f"kernels: {native.kernels()}), `encode` the partial to Parquet and its SHA-256, "
-        "`store` writing it to a file (the job PUTs it). `load_merge`: the stored partials "
-        "read back, checked and merged (`job.fetch_in_order`, `stats.merge_partials`).",
+        "`store` writing it to a file (the job PUTs it) and keeping its table "
+        "(`job.kept_partials`). `load_merge`: the kept partials, or else the stored ones "
+        "read back and checked, merged (`job.fetch_in_order`, `stats.merge_partials`).",
     ]
     return lines
 
