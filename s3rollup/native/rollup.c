@@ -110,7 +110,8 @@ typedef struct {
     /* sr_keys with many groups: a hash table per partition, and rows waiting by partition
      * (defer_rows) */
     hash_t *parts;
-    struct wait_buffer *wbuf; /* where wkeys and wvals are: this thread's, or the context's own */
+    struct wait_buffer *wbuf; /* where wkeys and wvals are: its thread's, or its own (wown) */
+    int wown;
     int64_t *wkeys;  /* NPART x wcap keys */
     double *wvals;   /* NPART x wcap rows of 4 x BLOCKS(nvalues) values, NaN-padded */
     int64_t *wfill;  /* rows waiting in each partition */
@@ -178,6 +179,7 @@ int sr_vector(sr_ctx *c, int on) {
     return c->vector;
 }
 
+/* Free a context on the thread that filled it (it gives back that thread's wait buffer). */
 void sr_free(sr_ctx *c) {
     if (!c) return;
     free(c->keys);
@@ -188,11 +190,11 @@ void sr_free(sr_ctx *c) {
     if (c->parts)
         for (int p = 0; p < NPART; p++) free(c->parts[p].slot);
     free(c->parts);
-    if (c->wbuf == &thread_wait) {
-        thread_wait.lent = 0;
-    } else if (c->wbuf) {
+    if (c->wbuf && c->wown) {
         free(c->wbuf->mem);
         free(c->wbuf);
+    } else if (c->wbuf) {
+        c->wbuf->lent = 0; /* given back to the thread that lent it */
     }
     free(c->wfill);
     free(c->na);
@@ -473,6 +475,7 @@ static int defer_start(sr_ctx *c) {
     struct wait_buffer *w = &thread_wait;
     if (w->lent) { /* another context of this thread has it: one of the context's own */
         if (!(w = calloc(1, sizeof *w))) return SR_NOMEM;
+        c->wown = 1;
     }
     c->wbuf = w;
     w->lent = 1;

@@ -10,6 +10,7 @@ import itertools
 import os
 import random
 import struct
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -567,9 +568,8 @@ def test_rows_that_wait_by_partition_give_the_bits_of_rows_taken_as_they_come(mo
 
     def rollup(defer: tuple[int, int]) -> native.Groups:
         monkeypatch.setattr(native, "defer", defer)
-        g = _both_ways(monkeypatch, lambda: native.rollup_key_batches(batches, nvalues))
-        order = np.argsort(g.keys)  # the groups' order depends on when rows waited
-        return native.Groups(*(a[order] for a in _groups_fields(g)))
+        # the groups' order depends on when rows waited
+        return _by_key(_both_ways(monkeypatch, lambda: native.rollup_key_batches(batches, nvalues)))
 
     # WHEN every row is taken as it comes, and when rows wait by partition from the first
     # group on in the smallest buffers (a flush every few hundred rows, mid-batch), or from
@@ -579,6 +579,42 @@ def test_rows_that_wait_by_partition_give_the_bits_of_rows_taken_as_they_come(mo
     assert _groups_bits(rollup((0, 0))) == _groups_bits(direct)
     assert _groups_bits(rollup((1_000, 1 << 20))) == _groups_bits(direct)
     assert direct.records == n and len(direct.keys) == len(set(keys.tolist()))
+
+
+@needs_native
+def test_two_contexts_of_one_thread_with_rows_waiting_keep_their_rows_apart(monkeypatch) -> None:
+    # GIVEN rows waiting by partition from the first group on, and a part whose batches are
+    # produced by rolling up another part (two contexts of one thread waiting at once: the
+    # second cannot borrow the thread's buffer and gets one of its own)
+    monkeypatch.setattr(native, "defer", (0, 0))
+    rng = np.random.default_rng(8)
+
+    def part(n: int) -> list[native.KeyBatch]:
+        keys = rng.integers(-(2**62), 2**62, 700)[rng.integers(0, 700, n)]
+        values = [rng.standard_normal(n), np.where(rng.random(n) < 0.3, np.nan, rng.standard_normal(n))]
+        return [(keys[a : a + 997], [v[a : a + 997] for v in values]) for a in range(0, n, 997)]
+
+    outer, inner = part(9_000), part(7_000)
+    inner_while_outer: list[native.Groups] = []
+
+    def outer_batches() -> Iterator[native.KeyBatch]:
+        for i, batch in enumerate(outer):
+            if i == 3:
+                inner_while_outer.append(native.rollup_key_batches(inner, 2))
+            yield batch
+
+    # WHEN the outer part is rolled up, the inner one in the middle of it
+    got = native.rollup_key_batches(outer_batches(), 2)
+    # THEN each equals its own roll-up alone, bit for bit
+    assert _groups_bits(_by_key(got)) == _groups_bits(_by_key(native.rollup_key_batches(outer, 2)))
+    assert _groups_bits(_by_key(inner_while_outer[0])) == _groups_bits(
+        _by_key(native.rollup_key_batches(inner, 2))
+    )
+
+
+def _by_key(g: native.Groups) -> native.Groups:
+    order = np.argsort(g.keys)
+    return native.Groups(*(a[order] for a in _groups_fields(g)))
 
 
 def _groups_fields(g: native.Groups) -> list[Any]:
