@@ -129,7 +129,8 @@ class KeptPartials:
     about a third of a second of a 2-CPU job). A partial is found by the part version it
     was computed from and the SHA-256 of the bytes the task stored and the registry
     records: the same identity the stored partial is checked against (_PartialMerger).
-    Thread-safe; emptied when the round ends (Job.round)."""
+    Thread-safe; emptied when the round ends (Job.round). Two jobs' rounds in one process
+    (as tests run them) only find fewer: a partial not found is fetched and checked."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
