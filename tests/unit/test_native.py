@@ -627,6 +627,39 @@ def test_a_group_code_out_of_range_is_an_error_not_a_write() -> None:
         native.rollup_codes(np.array([0, 3]), 2, [np.array([1.0, 2.0])])
 
 
+@needs_native
+def test_the_native_merge_gives_the_numpy_merges_bits(monkeypatch) -> None:
+    # GIVEN partials of parts with NaN cells, all-NaN groups, single-row groups, a large
+    # offset, infinities, an empty part, and a row without a key (another tool's partial)
+    rng = np.random.default_rng(5)
+    frames = []
+    for i in range(7):
+        n = 300
+        df = _part(
+            value1=rng.standard_normal(n) + 1e9 * (i % 2),
+            value2=np.where(np.arange(n) % 5 == 0, np.nan, rng.standard_normal(n) * 10 + 3),
+            value3=rng.standard_normal(n),
+            category=rng.integers(0, 50, n),
+        )
+        df.loc[df["category"] == 3, "value3"] = np.nan
+        frames.append(df)
+    frames[2] = frames[2].iloc[:1]
+    frames[3] = frames[3].iloc[0:0]
+    frames[4].loc[frames[4].index[:3], "value1"] = [np.inf, -np.inf, np.inf]
+    partials = [partial_from_frame(df, C) for df in frames]
+    rows = partials[5].to_pylist()
+    partials[5] = pa.Table.from_pylist([*rows, {**rows[0], "category": None}], schema=partials[5].schema)
+    # WHEN they are merged natively and by NumPy
+    got = stats.merge_partials(partials, C)
+    monkeypatch.setattr(native, "LIB", None)
+    want = stats.merge_partials(partials, C)
+    # THEN every column is the same, bit for bit (NaN where NaN)
+    assert got.schema == want.schema
+    for name in got.column_names:
+        a, b = got.column(name).to_numpy(), want.column(name).to_numpy()
+        assert a.dtype == b.dtype and np.array_equal(a.view(np.int64), b.view(np.int64)), name
+
+
 def _partial_fields(rows: list[float], count: list[float], mean: list[float], m2: list[float]) -> list[Any]:
     """A one-value partial's fields as sr_merge takes them (min and max: the mean)."""
     return [np.array(x, dtype=np.float64) for x in (rows, count, mean, m2, mean, mean)]

@@ -418,36 +418,6 @@ def test_a_merge_leaves_out_a_partial_row_without_an_integer_key_and_keeps_the_k
     pd.testing.assert_frame_equal(got.to_pandas(), merge_partials(good, C).to_pandas(), check_exact=True)
 
 
-def test_the_native_merge_gives_the_numpy_merges_bits(kernels: str, monkeypatch) -> None:
-    if kernels != "native":
-        pytest.skip("compares the native merge with its NumPy fallback")
-    # GIVEN partials of parts with NaN cells, all-NaN groups, single-row groups, a large
-    # offset, infinities, an empty part, and a row without a key (another tool's partial)
-    rng = np.random.default_rng(5)
-    frames = []
-    for i in range(7):
-        df = seed_frame(rng, 300)
-        df["value1"] += 1e9 * (i % 2)
-        df.loc[df.index[::5], "value2"] = np.nan
-        df.loc[df["category"] == 3, "value3"] = np.nan
-        frames.append(df)
-    frames[2] = frames[2].iloc[:1]
-    frames[3] = frames[3].iloc[0:0]
-    frames[4].loc[frames[4].index[:3], "value1"] = [np.inf, -np.inf, np.inf]
-    partials = [partial_from_frame(df, C) for df in frames]
-    rows = partials[5].to_pylist()
-    partials[5] = pa.Table.from_pylist([*rows, {**rows[0], "category": None}], schema=partials[5].schema)
-    # WHEN they are merged natively and by NumPy
-    got = merge_partials(partials, C)
-    monkeypatch.setattr(native, "LIB", None)
-    want = merge_partials(partials, C)
-    # THEN every column is the same, bit for bit (NaN where NaN)
-    assert got.schema == want.schema
-    for name in got.column_names:
-        a, b = got.column(name).to_numpy(), want.column(name).to_numpy()
-        assert a.dtype == b.dtype and np.array_equal(a.view(np.int64), b.view(np.int64)), name
-
-
 def test_integer_value_columns_keep_integer_min_and_max() -> None:
     contract = Contract(columns={"k": "int64", "n": "int64"}, group_by=("k",), values=("n",))
     df = pd.DataFrame({"k": [1, 1, 2], "n": [3, 5, 7]})
