@@ -170,6 +170,11 @@ class _Context:
         return Groups(keys, rows, count, mean, m2, mn, mx)
 
 
+def _f64_pointers(arrays: Sequence[npt.NDArray[np.float64]]) -> ctypes.Array[Any]:
+    """The C array of the data pointers of float64 arrays (kept alive by the caller)."""
+    return (_F64P * max(1, len(arrays)))(*(_f64(a) for a in arrays))
+
+
 def _columns(
     rows: npt.NDArray[np.int64], values: Sequence[npt.NDArray[np.float64]]
 ) -> tuple[list[npt.NDArray[np.float64]], ctypes.Array[Any]]:
@@ -178,7 +183,7 @@ def _columns(
     cols = [np.ascontiguousarray(v, dtype=np.float64) for v in values]
     if any(len(c) != len(rows) for c in cols):
         raise ValueError("value columns and keys differ in length")
-    return cols, (_F64P * max(1, len(cols)))(*(_f64(c) for c in cols))
+    return cols, _f64_pointers(cols)
 
 
 def rollup_codes(codes: npt.NDArray[np.int64], k: int, values: Sequence[npt.NDArray[np.float64]]) -> Groups:
@@ -259,7 +264,6 @@ def merge(
     if len(codes) != int(lengths.sum()):
         raise ValueError("codes and partials differ in length")
     out = [np.empty(k) for _ in range(nf)]
-    ptrs = (_F64P * max(1, len(cols)))(*(_f64(c) for c in cols))
-    outs = (_F64P * nf)(*(_f64(o) for o in out))
-    _check(LIB.sr_merge(len(partials), _i64(lengths), _i64(codes), k, nvalues, ptrs, outs))
+    ins, outs = _f64_pointers(cols), _f64_pointers(out)
+    _check(LIB.sr_merge(len(partials), _i64(lengths), _i64(codes), k, nvalues, ins, outs))
     return out

@@ -393,8 +393,6 @@ static inline int64_t group_in(sr_ctx *c, hash_t *t, int64_t key) {
     return g;
 }
 
-static inline int64_t group_of(sr_ctx *c, int64_t key) { return group_in(c, &c->table, key); }
-
 /* Rows are grouped BATCH at a time: first every row's table slot is fetched ahead
  * (prefetch), then each row's group is looked up (added on first sight, in row order) and
  * its moments fetched ahead, then the rows update their groups in row order. With many
@@ -403,9 +401,7 @@ static inline int64_t group_of(sr_ctx *c, int64_t key) { return group_in(c, &c->
  * updates, so the same bits. */
 #define BATCH 32
 
-static inline void prefetch_slot(const sr_ctx *c, int64_t key) {
-    __builtin_prefetch(&c->table.slot[slot_in(&c->table, key)]);
-}
+static inline void prefetch_slot(const hash_t *t, int64_t key) { __builtin_prefetch(&t->slot[slot_in(t, key)]); }
 
 /* Fetch ahead what updating group g touches: its row count and its moments' blocks. */
 static inline void prefetch_group(const sr_ctx *c, int64_t g) {
@@ -416,17 +412,21 @@ static inline void prefetch_group(const sr_ctx *c, int64_t g) {
     __builtin_prefetch(b + bytes - 1, 1);
 }
 
-/* The groups of keys[0..n) into g (added on first sight, in order), with their moments
- * fetched ahead; keys whose skip[b] is set (may be NULL) are in no group (-1). */
-static inline int batch_groups(sr_ctx *c, const int64_t *keys, const unsigned char *skip, int n, int64_t *g) {
-    for (int b = 0; b < n; b++)
-        if (!skip || !skip[b]) prefetch_slot(c, keys[b]);
+/* The groups of keys[0..n) in table t into g (added on first sight, in order), with their
+ * moments fetched ahead, and their slots first when ``slots`` (not for a partition's table,
+ * already in the cache: defer_rows); keys whose skip[b] is set (may be NULL) are in no
+ * group (-1). */
+static inline __attribute__((always_inline)) int batch_groups(sr_ctx *c, hash_t *t, const int64_t *keys,
+                                                              const unsigned char *skip, int n, int slots,
+                                                              int64_t *g) {
+    for (int b = 0; slots && b < n; b++)
+        if (!skip || !skip[b]) prefetch_slot(t, keys[b]);
     for (int b = 0; b < n; b++) {
         if (skip && skip[b]) {
             g[b] = -1;
             continue;
         }
-        int64_t x = group_of(c, keys[b]);
+        int64_t x = group_in(c, t, keys[b]);
         if (x < 0) return SR_NOMEM;
         g[b] = x;
         prefetch_group(c, x);
@@ -434,7 +434,7 @@ static inline int batch_groups(sr_ctx *c, const int64_t *keys, const unsigned ch
     return SR_OK;
 }
 
-/* group_of for a key in the direct table's range. */
+/* group_in for a key in the direct table's range. */
 static inline int64_t direct_group_of(sr_ctx *c, int64_t key) {
     int32_t *slot = c->direct + (key - c->dmin);
     if (*slot) return *slot - 1;
@@ -501,12 +501,7 @@ static inline __attribute__((always_inline)) int flush_rows(sr_ctx *c, int vec) 
         const double *vals = c->wvals + (size_t)p * (size_t)c->wcap * width;
         for (int64_t r0 = 0; r0 < c->wfill[p]; r0 += BATCH) {
             int m = c->wfill[p] - r0 < BATCH ? (int)(c->wfill[p] - r0) : BATCH;
-            for (int b = 0; b < m; b++) {
-                int64_t g = group_in(c, &c->parts[p], keys[r0 + b]);
-                if (g < 0) return SR_NOMEM;
-                gs[b] = g;
-                prefetch_group(c, g);
-            }
+            if (batch_groups(c, &c->parts[p], keys + r0, NULL, m, 0, gs) != SR_OK) return SR_NOMEM;
             for (int b = 0; b < m; b++) {
                 c->rows[gs[b]] += 1;
                 update_row(c->acc + (size_t)gs[b] * (size_t)BLOCKS(nv), vals + (size_t)(r0 + b) * width, nv, vec);
@@ -582,7 +577,7 @@ static inline __attribute__((always_inline)) int keys_rows(sr_ctx *c, const int6
     int waiting = 0;
     for (; i0 < n && !(waiting = deferring(c)); i0 += BATCH) {
         int m = n - i0 < BATCH ? (int)(n - i0) : BATCH;
-        if (batch_groups(c, keys + i0, NULL, m, gs) != SR_OK) return SR_NOMEM;
+        if (batch_groups(c, &c->table, keys + i0, NULL, m, 1, gs) != SR_OK) return SR_NOMEM;
         for (int b = 0; b < m; b++) {
             c->rows[gs[b]] += 1;
             update_columns(c->acc + (size_t)gs[b] * (size_t)BLOCKS(nv), values, i0 + b, nv, vec);
@@ -978,7 +973,7 @@ static inline __attribute__((always_inline)) int csv_rows(sr_ctx *c, const char 
                     memcpy(row, vals + b * stride, (size_t)stride * sizeof *row);
                 }
             } else {
-                if (batch_groups(c, keys, keyless, m, gs) != SR_OK) return SR_NOMEM;
+                if (batch_groups(c, &c->table, keys, keyless, m, 1, gs) != SR_OK) return SR_NOMEM;
                 for (int b = 0; b < m; b++) {
                     if (gs[b] < 0) continue;
                     c->rows[gs[b]] += 1;
