@@ -63,6 +63,8 @@ def _load() -> ctypes.CDLL | None:
     lib.sr_na.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int]
     lib.sr_export.restype = None
     lib.sr_export.argtypes = [ctypes.c_void_p, _I64P, _I64P, _I64P, _F64P, _F64P, _F64P, _F64P]
+    lib.sr_thread_bytes.restype = ctypes.c_int64
+    lib.sr_thread_bytes.argtypes = []
     lib.sr_merge.restype = ctypes.c_int
     lib.sr_merge.argtypes = [
         ctypes.c_int64,
@@ -89,6 +91,13 @@ use_vector = True
 # (groups, bytes): from how many groups on sr_keys's rows wait by partition, and in buffers
 # of about how many bytes (tests; None: the library's defaults, 16,384 groups and 16 MiB).
 defer: tuple[int, int] | None = None
+
+
+def thread_bytes() -> int:
+    """Bytes the kernels keep for threads' next parts: each thread's wait buffer (rows
+    waiting by partition) and the group storage of the last context freed on it, until the
+    thread ends."""
+    return int(LIB.sr_thread_bytes()) if LIB is not None else 0
 
 
 def vector() -> bool:

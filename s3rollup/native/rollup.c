@@ -35,6 +35,8 @@
  */
 #include <float.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -86,21 +88,41 @@ typedef struct {
     int skip;
 } hash_t;
 
-/* Memory for rows waiting by partition (defer_rows): one per thread, kept for the thread's
- * next parts (fresh memory is what a new process pays most for: 16 MiB of it cost about
- * 8 ms a part), lent to one context at a time. */
+/* Memory a thread keeps for its next parts, since fresh memory is what a new process pays
+ * most for (about 2 us per 4 KiB page touched for the first time on Fargate's and this
+ * machine's Firecracker VMs): the buffer its contexts' rows wait in (defer_rows, 16 MiB) and
+ * the group storage of the last context freed on it (up to SPARE_BYTES). Both are freed when
+ * the thread ends (thread_end); sr_thread_bytes says how much all threads keep. */
+#define SPARE_BYTES ((size_t)64 << 20)
+
+/* The thread's wait buffer is lent to one context at a time. A thread that ends while it is
+ * lent leaves it to that context to free (ORPHAN). */
+enum { WAIT_IDLE, WAIT_LENT, WAIT_ORPHAN };
 struct wait_buffer {
     void *mem;
     size_t bytes;
-    int lent;
+    atomic_int state;
 };
-static _Thread_local struct wait_buffer thread_wait;
+
+/* Group storage (a context's keys, rows and acc) for alloc groups of per blocks each. */
+struct spare {
+    int64_t *keys, *rows;
+    blk_t *acc;
+    int64_t alloc;
+    size_t per;
+};
+
+struct thread_mem {
+    struct wait_buffer *wait;
+    struct spare spare;
+};
 
 
 typedef struct {
     int nvalues;
     int vector; /* update rows with AVX2 */
-    int64_t ngroups, cap;
+    int64_t ngroups, cap; /* groups, and groups whose storage is initialised */
+    int64_t alloc;        /* groups the storage has room for */
     int64_t *keys; /* the group's key (sr_csv) or code (sr_codes) */
     int64_t *rows;
     blk_t *acc; /* ngroups x BLOCKS(nvalues) */
@@ -134,6 +156,57 @@ static int cpu_has_avx2(void) {
 #define SR_VECTOR 0
 static int cpu_has_avx2(void) { return 0; }
 #endif
+
+/* What all threads keep (thread_mem), in bytes. */
+static atomic_llong kept_bytes;
+
+static void spare_free(struct spare *s) {
+    if (!s->acc) return;
+    atomic_fetch_sub(&kept_bytes, (long long)((size_t)s->alloc * (2 * sizeof(int64_t) + s->per * sizeof(blk_t))));
+    free(s->keys);
+    free(s->rows);
+    free(s->acc);
+    *s = (struct spare){0};
+}
+
+static void wait_free(struct wait_buffer *w) {
+    atomic_fetch_sub(&kept_bytes, (long long)w->bytes);
+    free(w->mem);
+    free(w);
+}
+
+/* A thread ends (pthread key destructor): its memory goes, but a wait buffer still lent
+ * to a context goes when that context is freed. */
+static void thread_end(void *p) {
+    struct thread_mem *m = p;
+    if (m->wait && atomic_exchange(&m->wait->state, WAIT_ORPHAN) == WAIT_IDLE) wait_free(m->wait);
+    spare_free(&m->spare);
+    free(m);
+}
+
+static pthread_key_t mem_key;
+static pthread_once_t mem_once = PTHREAD_ONCE_INIT;
+static int mem_key_made;
+static _Thread_local struct thread_mem *this_thread;
+
+static void make_mem_key(void) { mem_key_made = pthread_key_create(&mem_key, thread_end) == 0; }
+
+/* This thread's memory; NULL when there is none to be had (contexts then use their own). */
+static struct thread_mem *thread_mem(void) {
+    if (this_thread) return this_thread;
+    pthread_once(&mem_once, make_mem_key);
+    if (!mem_key_made) return NULL;
+    struct thread_mem *m = calloc(1, sizeof *m);
+    if (!m) return NULL;
+    if (pthread_setspecific(mem_key, m) != 0) {
+        free(m);
+        return NULL;
+    }
+    return this_thread = m;
+}
+
+/* Bytes kept by threads for their next parts (wait buffers and spare group storage). */
+int64_t sr_thread_bytes(void) { return (int64_t)atomic_load(&kept_bytes); }
 
 sr_ctx *sr_new(int nvalues) {
     if (nvalues < 0 || nvalues > MAX_VALUES) return NULL;
@@ -179,47 +252,73 @@ int sr_vector(sr_ctx *c, int on) {
     return c->vector;
 }
 
-/* Free a context on the thread that filled it (it gives back that thread's wait buffer). */
+static void keep_storage(sr_ctx *c);
+
+/* Free a context (on the thread that filled it: that thread lent it its wait buffer, and
+ * keeps its group storage for its next context). */
 void sr_free(sr_ctx *c) {
     if (!c) return;
-    free(c->keys);
-    free(c->rows);
-    free(c->acc);
+    keep_storage(c);
     free(c->table.slot);
     free(c->direct);
     if (c->parts)
         for (int p = 0; p < NPART; p++) free(c->parts[p].slot);
     free(c->parts);
-    if (c->wbuf && c->wown) {
-        free(c->wbuf->mem);
-        free(c->wbuf);
-    } else if (c->wbuf) {
-        c->wbuf->lent = 0; /* given back to the thread that lent it */
-    }
+    if (c->wbuf && (c->wown || atomic_exchange(&c->wbuf->state, WAIT_IDLE) == WAIT_ORPHAN))
+        wait_free(c->wbuf); /* its own, or its thread's after that thread ended */
     free(c->wfill);
     free(c->na);
     free(c);
 }
 
 
+/* A context's group storage for the thread's next context, unless it is larger than
+ * SPARE_BYTES or smaller than what the thread keeps; else freed. */
+static void keep_storage(sr_ctx *c) {
+    size_t per = (size_t)BLOCKS(c->nvalues);
+    size_t bytes = (size_t)c->alloc * (2 * sizeof(int64_t) + per * sizeof(blk_t));
+    struct thread_mem *m = c->acc && bytes <= SPARE_BYTES ? thread_mem() : NULL;
+    if (m && m->spare.alloc * (int64_t)m->spare.per <= c->alloc * (int64_t)per) {
+        spare_free(&m->spare);
+        m->spare = (struct spare){c->keys, c->rows, c->acc, c->alloc, per};
+        atomic_fetch_add(&kept_bytes, (long long)bytes);
+        return;
+    }
+    free(c->keys);
+    free(c->rows);
+    free(c->acc);
+}
+
+/* Room for need groups, their storage initialised: the thread's spare storage first (its
+ * pages are in memory already), then doubling. */
 static int reserve(sr_ctx *c, int64_t need) {
     if (need <= c->cap) return SR_OK;
     int64_t cap = c->cap ? c->cap : 1024;
     while (cap < need) cap *= 2;
-    int64_t *keys = realloc(c->keys, (size_t)cap * sizeof *keys);
-    if (!keys) return SR_NOMEM;
-    c->keys = keys;
-    int64_t *rows = realloc(c->rows, (size_t)cap * sizeof *rows);
-    if (!rows) return SR_NOMEM;
-    c->rows = rows;
     size_t per = (size_t)BLOCKS(c->nvalues);
-    blk_t *acc = realloc(c->acc, (size_t)cap * per * sizeof *acc + 1);
-    if (!acc) return SR_NOMEM;
-    c->acc = acc;
-    memset(c->rows + c->cap, 0, (size_t)(cap - c->cap) * sizeof *rows);
+    struct thread_mem *m = c->alloc ? NULL : thread_mem();
+    if (m && m->spare.acc && m->spare.per == per) {
+        struct spare *s = &m->spare;
+        atomic_fetch_sub(&kept_bytes, (long long)((size_t)s->alloc * (2 * sizeof(int64_t) + per * sizeof(blk_t))));
+        c->keys = s->keys, c->rows = s->rows, c->acc = s->acc, c->alloc = s->alloc;
+        *s = (struct spare){0};
+    }
+    if (cap > c->alloc) {
+        int64_t *keys = realloc(c->keys, (size_t)cap * sizeof *keys);
+        if (!keys) return SR_NOMEM;
+        c->keys = keys;
+        int64_t *rows = realloc(c->rows, (size_t)cap * sizeof *rows);
+        if (!rows) return SR_NOMEM;
+        c->rows = rows;
+        blk_t *acc = realloc(c->acc, (size_t)cap * per * sizeof *acc + 1);
+        if (!acc) return SR_NOMEM;
+        c->acc = acc;
+        c->alloc = cap;
+    }
+    memset(c->rows + c->cap, 0, (size_t)(cap - c->cap) * sizeof *c->rows);
     const v4 inf = {INFINITY, INFINITY, INFINITY, INFINITY};
     for (size_t i = (size_t)c->cap * per; i < (size_t)cap * per; i++)
-        acc[i] = (blk_t){.min = inf, .max = -inf};
+        c->acc[i] = (blk_t){.min = inf, .max = -inf};
     c->cap = cap;
     return SR_OK;
 }
@@ -472,18 +571,23 @@ static int defer_start(sr_ctx *c) {
     c->wcap = cap < 64 ? 64 : (int64_t)cap;
     size_t nkeys = NPART * (size_t)c->wcap;
     size_t bytes = nkeys * (sizeof(int64_t) + width * sizeof(double));
-    struct wait_buffer *w = &thread_wait;
-    if (w->lent) { /* another context of this thread has it: one of the context's own */
+    struct thread_mem *m = thread_mem();
+    struct wait_buffer *w = m ? m->wait : NULL;
+    if (m && !w && (w = m->wait = calloc(1, sizeof *w))) atomic_init(&w->state, WAIT_IDLE);
+    if (!w || atomic_load(&w->state) == WAIT_LENT) {
+        /* another context of this thread has it (or the thread has none): one of its own */
         if (!(w = calloc(1, sizeof *w))) return SR_NOMEM;
         c->wown = 1;
     }
     c->wbuf = w;
-    w->lent = 1;
+    atomic_store(&w->state, WAIT_LENT);
     if (w->bytes < bytes) {
+        atomic_fetch_sub(&kept_bytes, (long long)w->bytes);
         free(w->mem);
         w->bytes = 0;
         if (!(w->mem = malloc(bytes))) return SR_NOMEM;
         w->bytes = bytes;
+        atomic_fetch_add(&kept_bytes, (long long)bytes);
     }
     c->wkeys = w->mem;
     c->wvals = (double *)(c->wkeys + nkeys);

@@ -10,6 +10,8 @@ import itertools
 import os
 import random
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -610,6 +612,57 @@ def test_two_contexts_of_one_thread_with_rows_waiting_keep_their_rows_apart(monk
     assert _groups_bits(_by_key(inner_while_outer[0])) == _groups_bits(
         _by_key(native.rollup_key_batches(inner, 2))
     )
+
+
+@needs_native
+def test_a_context_on_storage_a_larger_one_left_gives_the_bits_of_fresh_storage(monkeypatch) -> None:
+    # GIVEN a thread that rolled up 30,000 groups with NaN, infinite and huge values (it keeps
+    # their storage for its next context), and a small part
+    rng = np.random.default_rng(12)
+    big_keys = rng.integers(-(2**62), 2**62, 30_000)
+    big = [np.where(rng.random(30_000) < 0.1, np.inf, rng.standard_normal(30_000) * 1e300) for _ in range(3)]
+    keys = rng.integers(0, 2**40, 600)[rng.integers(0, 600, 5_000)]
+    values = [np.where(rng.random(5_000) < 0.2, np.nan, rng.standard_normal(5_000)) for _ in range(3)]
+    fresh: list[native.Groups] = []
+    t = threading.Thread(target=lambda: fresh.append(native.rollup_keys(keys, values)))
+    t.start()
+    t.join()
+    # WHEN the thread's next context rolls up the small part (on that storage)
+    native.rollup_keys(big_keys, big)
+    reused = native.rollup_keys(keys, values)
+    # THEN it has the moments a thread's first context has, bit for bit
+    assert _groups_bits(_by_key(reused)) == _groups_bits(_by_key(fresh[0]))
+
+
+@needs_native
+def test_threads_that_end_free_the_memory_they_kept_for_their_next_parts(monkeypatch) -> None:
+    # GIVEN rows waiting by partition (each thread takes a wait buffer) and 4 threads that
+    # each roll up parts of 20,000 groups (each keeps their storage)
+    monkeypatch.setattr(native, "defer", (0, 1 << 20))
+    rng = np.random.default_rng(5)
+    keys = rng.integers(-(2**62), 2**62, 20_000)
+    values = [rng.standard_normal(20_000)]
+    before = native.thread_bytes()
+    kept: list[int] = []
+
+    def work() -> None:
+        for _ in range(2):
+            native.rollup_keys(keys, values)
+        kept.append(native.thread_bytes())
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # WHEN the threads have ended (a thread's memory goes as the thread does: just after
+    # join returns)
+    deadline = time.monotonic() + 10
+    while native.thread_bytes() != before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # THEN each had kept its buffer and storage while it ran, and none of it is kept now
+    assert min(kept) >= before + (1 << 20) + 20_000 * 8 * 2
+    assert native.thread_bytes() == before
 
 
 def _by_key(g: native.Groups) -> native.Groups:
