@@ -117,8 +117,10 @@ def _prepare_round() -> None:
     # The job imports what a round computes with (s3rollup.stats) on a thread of its own
     # while it waits on DynamoDB and S3 (job.prepare_round): before the clock, like every
     # other candidate's libraries; process s includes it.
+    from s3rollup import memory
     from s3rollup.job import prepare_round
 
+    memory.configure()  # as the job's main() does first
     prepare_round()
 
 

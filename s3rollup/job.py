@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from . import memory
+
 # What a round computes with (NumPy, pyarrow, the native kernels: s3rollup.stats and
 # s3rollup.parse) is imported when a round needs it, or ahead of it on a thread of its own
 # while the job waits on S3 and DynamoDB (prepare_round): a few tenths of a second of every
@@ -991,6 +993,7 @@ class _PartialMerger:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the worker task."""
+    memory.configure()  # before a thread starts or NumPy is imported
     configure(os.environ.get("S3ROLLUP_LOG_LEVEL", "INFO"))
     try:
         settings = Settings.from_env()
