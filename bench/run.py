@@ -191,12 +191,12 @@ class Pool:
         """The partial the job would have stored for part i (from its CSV, as compute_partial)."""
         if self.partial(i).exists():
             return
-        from s3rollup.stats import part_partial, table_to_parquet
+        from s3rollup.stats import part_partial, partial_to_parquet
 
         self.ensure_part(i)
         partial, _ = part_partial(self.csv(i).read_bytes(), DEFAULT_CONTRACT, "csv")
         self.partials.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.partial(i), table_to_parquet(partial))
+        _write_atomic(self.partial(i), partial_to_parquet(partial))
 
     def reference(self, parts: int, path: Path) -> None:
         """complex_operation over parts 0..parts-1 (pandas, all rows at once), pickled."""
@@ -301,13 +301,13 @@ class Incremental:
             self.pool.ensure_partial(i)
         if not self.merged.exists():
             # What the job kept after publishing the N parts: the merge of their partials.
-            from s3rollup.stats import merge_partials, table_from_parquet, table_to_parquet
+            from s3rollup.stats import merge_partials, partial_to_parquet, table_from_parquet
 
             merged = merge_partials(
                 (table_from_parquet(self.pool.partial(i).read_bytes()) for i in range(self.n)),
                 DEFAULT_CONTRACT,
             )
-            _write_atomic(self.merged, table_to_parquet(merged))
+            _write_atomic(self.merged, partial_to_parquet(merged))
         _link(self.pool.csv(self.n), Path(self.new_part("csv")))
         _link(self.pool.parquet(self.n), Path(self.new_part("parquet")))
 

@@ -193,7 +193,7 @@ def part_result(
     """
     from . import native
     from .parse import PartError, detect_format, read_body
-    from .stats import part_partial, table_to_parquet
+    from .stats import part_partial, partial_to_parquet
 
     started = time.perf_counter()
     digest = hashlib.sha256() if sha256 is None else None
@@ -207,7 +207,7 @@ def part_result(
         result["error"] = {"code": exc.code, "message": exc.message, "line": exc.line}
         return result, None, None
     aggregated = time.perf_counter()
-    data = table_to_parquet(partial)
+    data = partial_to_parquet(partial)
     result.update(rows=rows, partial_sha256=sha256_hex(data), kernels=native.kernels())
     result["seconds"] = {
         "read": read - started,
@@ -806,7 +806,7 @@ class Job:
         """
         from .manifest import ROOT_FORMAT, ManifestError, Objects, Update, empty_tree, segment_ids
         from .ops import read_manifest
-        from .stats import finalize, table_to_parquet
+        from .stats import finalize, partial_to_parquet, table_to_parquet
 
         objects = Objects(self.aws.s3, self.settings.bucket, self.settings.kms_key_arn)
         prev = read_manifest(self.aws, self.settings.bucket, self.dataset, parts=False)
@@ -854,7 +854,7 @@ class Job:
         def store(key: str, data: bytes, ctype: str) -> dict[str, Any]:
             return {**objects.put(key, data, ctype), "bytes": len(data)}
 
-        merged_ref = objects.put(merged_partial_key(self.dataset), table_to_parquet(merged), _PARQUET)
+        merged_ref = objects.put(merged_partial_key(self.dataset), partial_to_parquet(merged), _PARQUET)
         as_json = json.dumps(
             {"dataset": self.dataset, "columns": final.column_names, "rows": json_rows(final)},
             separators=(",", ":"),
@@ -986,9 +986,9 @@ class _PartialMerger:
         return merge_partials(partials, self.contract)
 
     def encode(self, partial: pa.Table) -> bytes:
-        from .stats import table_to_parquet
+        from .stats import partial_to_parquet
 
-        return table_to_parquet(partial)
+        return partial_to_parquet(partial)
 
 
 def main(argv: list[str] | None = None) -> int:

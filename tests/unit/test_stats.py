@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,7 @@ from s3rollup.stats import (
     merge_partials,
     partial_columns,
     partial_from_frame,
+    partial_to_parquet,
     table_from_parquet,
     table_to_parquet,
     to_reference_shape,
@@ -443,19 +445,27 @@ def test_partials_and_results_round_trip_through_parquet_exactly() -> None:
         }
     )
     partial = partial_from_frame(df, contract)
-    tables = [
-        partial,
-        finalize(partial, contract),
-        partial_from_frame(df.iloc[:0], contract),
-        finalize(partial_from_frame(df.iloc[:0], contract), contract),
+    empty = partial_from_frame(df.iloc[:0], contract)
+    # WHEN partials are written as partials (LZ4, no column statistics: only s3rollup reads
+    # them, whole) and results as results (Snappy and statistics, for users' readers)
+    written = [
+        (partial, partial_to_parquet(partial), "LZ4", False),
+        (empty, partial_to_parquet(empty), "LZ4", False),
+        (finalize(partial, contract), table_to_parquet(finalize(partial, contract)), "SNAPPY", True),
+        (finalize(empty, contract), table_to_parquet(finalize(empty, contract)), "SNAPPY", True),
     ]
-    for table in tables:
-        data = table_to_parquet(table)
+    for table, data, codec, statistics in written:
         # THEN the job reads back the very table it wrote, and a user's pandas reads its rows
         back = table_from_parquet(data)
         assert back.schema == table.schema
         pd.testing.assert_frame_equal(back.to_pandas(), table.to_pandas(), check_exact=True)
         pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(data)), table.to_pandas(), check_exact=True)
+        meta = pq.ParquetFile(pa.BufferReader(data)).metadata
+        chunks = [
+            meta.row_group(g).column(c) for g in range(meta.num_row_groups) for c in range(meta.num_columns)
+        ]
+        assert {c.compression.replace("_RAW", "") for c in chunks} <= {codec}
+        assert all(c.is_stats_set == statistics for c in chunks if c.num_values)
 
 
 # ---- finalisation -----------------------------------------------------------------------
