@@ -154,22 +154,26 @@ def upload_parts(
 
 
 def _upload_file(aws: Aws, bucket: str, key_arn: str, up: Upload, config: Any, progress: Progress) -> None:
-    aws.s3.upload_file(
-        str(up.path),
-        bucket,
-        up.key,
-        # SHA-256 checksum: S3 checks the bytes on arrival and keeps the checksum, and
-        # the worker's read is checked against it (a one-PUT upload: the audit records
-        # this SHA-256, and the worker hashes the part once). A multipart upload's is a
-        # checksum of checksums: the worker takes its own SHA-256.
-        ExtraArgs={
-            "ServerSideEncryption": "aws:kms",
-            "SSEKMSKeyId": key_arn,
-            "ChecksumAlgorithm": "SHA256",
-        },
-        Config=config,
-        Callback=progress.add,
-    )
+    # boto3's managed transfer (multipart above the threshold, parts on threads) on the
+    # shared botocore client: what boto3's client.upload_file does.
+    from boto3.s3.transfer import S3Transfer
+
+    with S3Transfer(aws.s3, config) as transfer:
+        transfer.upload_file(
+            str(up.path),
+            bucket,
+            up.key,
+            callback=progress.add,
+            # SHA-256 checksum: S3 checks the bytes on arrival and keeps the checksum, and
+            # the worker's read is checked against it (a one-PUT upload: the audit records
+            # this SHA-256, and the worker hashes the part once). A multipart upload's is a
+            # checksum of checksums: the worker takes its own SHA-256.
+            extra_args={
+                "ServerSideEncryption": "aws:kms",
+                "SSEKMSKeyId": key_arn,
+                "ChecksumAlgorithm": "SHA256",
+            },
+        )
 
 
 # ---- status --------------------------------------------------------------------------------
