@@ -75,17 +75,24 @@ def _round_tasks(files: list[str]) -> Iterator[Any]:
         yield tasks
 
 
-def _part_task(path: str, out: str, alone: bool = False) -> dict[str, Any]:
+# s3rollup-engine-no-sha256 only: what a task reports as the body's SHA-256 it never took.
+NOT_HASHED = "not hashed: the bench's measure of what the SHA-256 costs"
+
+
+def _part_task(path: str, out: str, alone: bool = False, hash_body: bool = True) -> dict[str, Any]:
     """One task: compute_partial minus S3. job.part_result reads the file (as the S3
     object's stream: into the thread's buffer, SHA-256 on the way), aggregates and encodes
     the partial; the partial goes to ``out`` (as the job PUTs it) and its table to the
     job's kept partials (as a task on the job's own threads keeps it). ``alone`` as the job
-    sets it for a round's only part."""
+    sets it for a round's only part. ``hash_body`` False (s3rollup-engine-no-sha256) skips
+    the body's SHA-256, which every job takes: a measure of its cost, never a job's path."""
     from s3rollup.contract import DEFAULT_CONTRACT
     from s3rollup.job import kept_partials, part_result
 
     with open(path, "rb") as f:
-        result, data, table = part_result(f, os.fstat(f.fileno()).st_size, path, DEFAULT_CONTRACT, alone)
+        size = os.fstat(f.fileno()).st_size
+        unhashed = None if hash_body else NOT_HASHED
+        result, data, table = part_result(f, size, path, DEFAULT_CONTRACT, alone, sha256=unhashed)
     assert data is not None and table is not None, result.get("error")
     t0 = now()
     Path(out).write_bytes(data)
@@ -136,7 +143,8 @@ def run_engine(spec: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
         t0 = now()
         with _round_tasks(files) as tasks:
             t1 = now()
-            results = tasks.run(_part_task, files, outs)
+            hashed = [spec.get("sha256", True)] * len(files)
+            results = tasks.run(_part_task, files, outs, [False] * len(files), hashed)
             t2 = now()
             # As the job's publish: the stored partials in part order, fetched ahead of
             # the merge, which takes them a chunk at a time.
@@ -454,6 +462,7 @@ def _last_job_seconds(stack: Any, dataset: str) -> float | None:
 
 CANDIDATES: dict[str, Callable[[dict[str, Any]], tuple[dict[str, Any], Writer]]] = {
     "s3rollup-engine": run_engine,
+    "s3rollup-engine-no-sha256": run_engine,
     "s3rollup-incremental": run_incremental,
     "pandas-seed": run_pandas_seed,
     "dask-seed": run_dask,
