@@ -101,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     if role is None:
         print(f"s3rollup member: the command must start with one of {sorted(_PROGRAMS)}", file=sys.stderr)
         return 2
-    from . import memory
     from .aws import Aws
 
     try:
@@ -109,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     except TlsError as exc:
         print(f"s3rollup member: {exc}; the {role} does not start", file=sys.stderr)
         return NO_TLS
-    memory.configure()  # before distributed starts threads; a nanny's worker inherits it
     import dask
 
     dask.config.refresh()  # the configuration as the environment now has it

@@ -1,4 +1,4 @@
-"""How a process that computes partials (the job, a Dask member) takes its memory.
+"""How the job's process takes its memory.
 
 A job is a fresh process: memory it touches for the first time costs it a page fault each
 4 KiB (about 2 us on Fargate's and this machine's Firecracker VMs), and memory it gives back
@@ -7,17 +7,21 @@ threads did exactly that for every part: each thread's arena grew 64 MiB heaps f
 part's large blocks (its moments, its partial's bytes) and deleted them when the part was
 done (on 20 parts of 100,000 groups: about 200,000 faults and 0.8-1.4 s of system time).
 
-``configure()``, called first thing in such a process, sets glibc's allocator so freed
+``configure()``, called first thing in the job's process, sets glibc's allocator so freed
 blocks are reused instead: one arena (the round's threads allocate a few large blocks per
 part; their small objects come from Python's and Arrow's own allocators), blocks up to
 32 MiB from it rather than from mmap, and up to 1 GiB of free memory kept rather than
-trimmed. The same settings go to child processes (a Dask nanny's worker) as
-GLIBC_TUNABLES. Where GLIBC_TUNABLES is set already (an operator's choice), or elsewhere
-than glibc, it leaves the allocator alone.
+trimmed: a job ends when its rounds do. Where GLIBC_TUNABLES is set (an operator's
+choice), or elsewhere than glibc, it leaves the allocator alone. It sets this process's
+allocator only (mallopt), not its children's.
 
-It also asks OpenBLAS for one thread: s3rollup computes no linear algebra, and NumPy's
-OpenBLAS otherwise starts a thread per CPU at import that spins on a CPU the import
-needs (about 20 ms of a job's start here).
+A Dask worker keeps Dask's own policy: its nanny starts it with MALLOC_TRIM_THRESHOLD_ set
+low, so that memory freed goes back to the system, which the worker's memory limits count
+on; the job's settings would work against them.
+
+It also asks OpenBLAS for one thread (as Dask's nanny does for its workers): s3rollup
+computes no linear algebra, and NumPy's OpenBLAS otherwise starts a thread per CPU at
+import that spins on a CPU the import needs (about 20 ms of a job's start here).
 """
 
 from __future__ import annotations
@@ -30,10 +34,6 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 ARENAS = 1
 MMAP_THRESHOLD = 32 << 20  # glibc's largest
 TRIM_THRESHOLD = 1 << 30
-TUNABLES = (
-    f"glibc.malloc.arena_max={ARENAS}:glibc.malloc.mmap_threshold={MMAP_THRESHOLD}"
-    f":glibc.malloc.trim_threshold={TRIM_THRESHOLD}"
-)
 
 
 def glibc() -> bool:
@@ -45,18 +45,18 @@ def glibc() -> bool:
 
 
 def configure() -> bool:
-    """Set this process's allocator and its children's (see the module); before numpy is
-    imported and before threads start. True when glibc took every setting."""
+    """Set this process's allocator (see the module); before NumPy is imported and before
+    threads start. True when glibc took every setting."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     if "GLIBC_TUNABLES" in os.environ or not glibc():
         return False
-    os.environ["GLIBC_TUNABLES"] = TUNABLES
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    settings = (
-        (_M_ARENA_MAX, ARENAS),
-        (_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
-        (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-    )
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    # Each is tried whatever the others did.
+    taken = [
+        mallopt(_M_ARENA_MAX, ARENAS),
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+    ]
+    return taken == [1, 1, 1]
