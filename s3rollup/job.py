@@ -182,17 +182,18 @@ def part_result(
     sha256: str | None = None,
 ) -> tuple[dict[str, Any], bytes | None, pa.Table | None]:
     """What a task makes of one part's bytes: the result it reports (the body's SHA-256,
-    then rows, the partial's SHA-256 and the kernels, or the PartError that rejects the
-    part; ``seconds`` spent reading, aggregating and encoding), the partial as Parquet and
-    as the table it encodes (None when rejected). compute_partial runs it on the S3
-    object's stream; the bench on a file, so that it measures what the job does.
+    then rows in a group, rows left out for a missing group key, the partial's SHA-256 and
+    the kernels, or the PartError that rejects the part; ``seconds`` spent reading,
+    aggregating and encoding), the partial as Parquet and as the table it encodes (None
+    when rejected). compute_partial runs it on the S3 object's stream; the bench on a
+    file, so that it measures what the job does.
 
     ``sha256``: the body's SHA-256 (hex) when ``stream`` itself checks the bytes against
     it as they are read, and raises at the end if they differ (an S3 object's full-object
     checksum: verified_sha256). Otherwise the SHA-256 is taken here, chunk by chunk.
     """
     from . import native
-    from .parse import PartError, detect_format, read_body
+    from .parse import Keyless, PartError, detect_format, read_body
     from .stats import part_partial, partial_to_parquet
 
     started = time.perf_counter()
@@ -202,13 +203,16 @@ def part_result(
     result: dict[str, Any] = {"sha256": sha256 if digest is None else digest.hexdigest()}
     try:
         fmt = detect_format(bytes(body[:8]), name)
-        partial, rows = part_partial(body, contract, fmt, alone)
+        keyless = Keyless()
+        partial, rows = part_partial(body, contract, fmt, alone, keyless)
     except PartError as exc:
         result["error"] = {"code": exc.code, "message": exc.message, "line": exc.line}
         return result, None, None
     aggregated = time.perf_counter()
     data = partial_to_parquet(partial)
-    result.update(rows=rows, partial_sha256=sha256_hex(data), kernels=native.kernels())
+    result.update(
+        rows=rows, rows_without_key=keyless.rows, partial_sha256=sha256_hex(data), kernels=native.kernels()
+    )
     result["seconds"] = {
         "read": read - started,
         "aggregate": aggregated - read,
@@ -590,6 +594,7 @@ class Job:
         # result is published.
         self.changes: dict[str, str] = {}
         self.rows_aggregated = 0
+        self.rows_without_key = 0  # left out of every group: a group key was missing
         self.parts_aggregated = 0
         # "native" or "pandas", as the tasks that computed partials reported (see stats).
         self.kernels: set[str] = set()
@@ -652,7 +657,12 @@ class Job:
             self.actor,
             job_id=self.job_id,
             reason=reason,
-            detail={"rounds": self.rounds, "seconds": f"{seconds:.3f}", "rows": self.rows_aggregated},
+            detail={
+                "rounds": self.rounds,
+                "seconds": f"{seconds:.3f}",
+                "rows": self.rows_aggregated,
+                "rows_without_key": self.rows_without_key,
+            },
         )
         if self.settings.anchor_bucket:
             export_head(self.audit, self.aws.s3, self.settings.anchor_bucket, self.dataset)
@@ -769,8 +779,21 @@ class Job:
                 sha256=res["sha256"],
                 rows=res["rows"],
                 job_id=self.job_id,
+                detail={"rows_without_key": int(res.get("rows_without_key", 0))},
             )
+            if res.get("rows_without_key"):
+                # Not an error (pandas' groupby leaves such rows out too), but never silent.
+                log.warning(
+                    "rows without a group key left out",
+                    extra={
+                        "dataset": self.dataset,
+                        "part_id": pid,
+                        "rows_without_key": int(res["rows_without_key"]),
+                        "rows": int(res["rows"]),
+                    },
+                )
             self.rows_aggregated += int(res["rows"])
+            self.rows_without_key += int(res.get("rows_without_key", 0))
             self.parts_aggregated += 1
             self.kernels.add(res["kernels"])
             for step, seconds in res.get("seconds", {}).items():

@@ -238,17 +238,20 @@ def read_part(body: native.Buffer, contract: Contract, fmt: str | None = None) -
     return table_frame(read_table(body, contract, fmt), contract)
 
 
-def read_table(body: native.Buffer, contract: Contract, fmt: str | None = None) -> pa.Table:
+def read_table(
+    body: native.Buffer, contract: Contract, fmt: str | None = None, keyless: Keyless | None = None
+) -> pa.Table:
     """read_part's columns as an Arrow table, or a PartError. Rows whose group key is
-    missing are left out, as pandas' groupby leaves them out of every group."""
+    missing are left out, as pandas' groupby leaves them out of every group (counted in
+    ``keyless``)."""
     fmt = fmt or detect_format(bytes(body[:4]), "")
     if fmt == "parquet":
-        tables = list(parquet_tables(body, contract))
+        tables = list(parquet_tables(body, contract, keyless))
         return pa.concat_tables(tables) if tables else _empty_table(contract)
     if fmt in ("csv", "csv.gz"):
         # bytes: the CSV error path searches and decodes the text.
         text = body if isinstance(body, bytes) else bytes(body)
-        return _read_csv(text, contract, gzipped=fmt == "csv.gz")
+        return _read_csv(text, contract, gzipped=fmt == "csv.gz", keyless=keyless)
     raise PartError("BAD_FORMAT", f"unknown part format {fmt!r}")
 
 
@@ -301,6 +304,21 @@ def _empty_table(contract: Contract) -> pa.Table:
     return pa.table([pa.nulls(0, ARROW_TYPES[contract.columns[c]]) for c in cols], names=list(cols))
 
 
+class Keyless:
+    """A part's rows left out of every group because a group key is missing (pandas'
+    groupby leaves them out too): counted as the part is read, so that the job can say how
+    many there were (the audit's PART_AGGREGATED record, the job's log)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def keyed(self, table: pa.Table, contract: Contract) -> pa.Table:
+        """without_null_keys(table), counting the rows it leaves out."""
+        kept = without_null_keys(table, contract)
+        self.rows += table.num_rows - kept.num_rows
+        return kept
+
+
 def without_null_keys(table: pa.Table, contract: Contract) -> pa.Table:
     """The rows whose group keys are all present (not null, not NaN): pandas' groupby
     leaves out a row with a missing key, and so does the rollup (a part's rows as read, or
@@ -343,7 +361,7 @@ def table_frame(table: pa.Table, contract: Contract) -> pd.DataFrame:
 # ---- CSV --------------------------------------------------------------------------------
 
 
-def _read_csv(body: bytes, contract: Contract, gzipped: bool) -> pa.Table:
+def _read_csv(body: bytes, contract: Contract, gzipped: bool, keyless: Keyless | None = None) -> pa.Table:
     import pyarrow.csv as pacsv
 
     # A gzipped part is inflated whole first: the quote check below needs the text, and
@@ -370,7 +388,7 @@ def _read_csv(body: bytes, contract: Contract, gzipped: bool) -> pa.Table:
         table = pacsv.read_csv(pa.BufferReader(data), parse_options=parse, convert_options=convert)
     except (pa.ArrowException, OSError) as exc:
         raise _locate_csv_error(data, contract, names, exc) from None
-    return without_null_keys(table, contract)
+    return (keyless if keyless is not None else Keyless()).keyed(table, contract)
 
 
 def csv_text(body: native.Buffer, fmt: str) -> native.Buffer:
@@ -640,11 +658,14 @@ def _describe_arrow_error(exc: BaseException | None, names: list[str]) -> PartEr
 _PARQUET_BATCH_ROWS = 1 << 16
 
 
-def parquet_tables(body: native.Buffer, contract: Contract) -> Iterator[pa.Table]:
+def parquet_tables(
+    body: native.Buffer, contract: Contract, keyless: Keyless | None = None
+) -> Iterator[pa.Table]:
     """A Parquet part's used columns, typed as the contract says, in tables of at most
-    _PARQUET_BATCH_ROWS rows, rows with a null (or NaN) group key left out; a PartError (at
-    the batch where it is found) otherwise. Only real nulls are missing here: Parquet cells
-    are typed, and pandas' read_parquet reads no spelling as missing."""
+    _PARQUET_BATCH_ROWS rows, rows with a null (or NaN) group key left out (counted in
+    ``keyless``); a PartError (at the batch where it is found) otherwise. Only real nulls
+    are missing here: Parquet cells are typed, and pandas' read_parquet reads no spelling
+    as missing."""
     try:
         pf = pq.ParquetFile(pa.BufferReader(body))
         schema = pf.schema_arrow
@@ -654,6 +675,7 @@ def parquet_tables(body: native.Buffer, contract: Contract) -> Iterator[pa.Table
         raise PartError("BAD_FORMAT", "not a readable Parquet file") from None
     _check_header(_parquet_columns(schema), contract, line=None)
     used = list(contract.used_columns)
+    tally = keyless if keyless is not None else Keyless()
     batches = pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=used, use_threads=False)
     while True:
         try:
@@ -664,7 +686,7 @@ def parquet_tables(body: native.Buffer, contract: Contract) -> Iterator[pa.Table
             return
         arrays = [_cast_parquet_column(batch.column(c), c, contract.columns[c]) for c in used]
         # A fresh table drops the writer's pandas metadata (index, categorical dtypes).
-        yield without_null_keys(pa.table(arrays, names=used), contract)
+        yield tally.keyed(pa.table(arrays, names=used), contract)
 
 
 _T = TypeVar("_T")

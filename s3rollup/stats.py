@@ -313,9 +313,15 @@ def partial_from_groups(groups: native.Groups, contract: Contract) -> pa.Table:
 
 
 def part_partial(
-    body: native.Buffer, contract: Contract, fmt: str, alone: bool = False
+    body: native.Buffer,
+    contract: Contract,
+    fmt: str,
+    alone: bool = False,
+    keyless: parse.Keyless | None = None,
 ) -> tuple[pa.Table, int]:
-    """One part's partial and its row count, from its bytes; a PartError when it is rejected.
+    """One part's partial and its row count (the rows in a group), from its bytes; a
+    PartError when it is rejected. The rows whose group key is missing, in no group, are
+    counted in ``keyless``.
 
     A plain CSV part goes through the native single-pass parser, on every CPU when the
     part is computed ``alone`` (no other part's task competes for them: see
@@ -332,13 +338,20 @@ def part_partial(
         if pieces is not None:
             partials = [partial_from_groups(g, contract) for g in pieces]
             merged = partials[0] if len(partials) == 1 else merge_partials(partials, contract)
+            if keyless is not None:
+                keyless.rows += sum(g.keyless for g in pieces)
             return merged, sum(g.records for g in pieces)
     if fmt == "parquet":
-        tables = parse.parquet_tables(body, contract)
+        # Counted apart: table_groups leaves the batches unread where it does not apply,
+        # and read_table below reads (and counts) the part again.
+        counted = parse.Keyless()
+        tables = parse.parquet_tables(body, contract, counted)
         groups = parse.table_groups(parse.read_ahead(tables) if alone else tables, contract)
         if groups is not None:
+            if keyless is not None:
+                keyless.rows += counted.rows
             return partial_from_groups(groups, contract), groups.records
-    table = parse.read_table(body, contract, fmt)
+    table = parse.read_table(body, contract, fmt, keyless)
     groups = parse.table_groups([table], contract)
     if groups is not None:
         return partial_from_groups(groups, contract), groups.records

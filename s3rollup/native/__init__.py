@@ -63,6 +63,8 @@ def _load() -> ctypes.CDLL | None:
     lib.sr_na.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int]
     lib.sr_export.restype = None
     lib.sr_export.argtypes = [ctypes.c_void_p, _I64P, _I64P, _I64P, _F64P, _F64P, _F64P, _F64P]
+    lib.sr_keyless.restype = ctypes.c_int64
+    lib.sr_keyless.argtypes = [ctypes.c_void_p]
     lib.sr_thread_bytes.restype = ctypes.c_int64
     lib.sr_thread_bytes.argtypes = []
     lib.sr_merge.restype = ctypes.c_int
@@ -111,7 +113,8 @@ def vector() -> bool:
 @dataclass(frozen=True)
 class Groups:
     """Per group (rows: code order for rollup_codes, first-seen order otherwise) and value
-    column (columns): the moments."""
+    column (columns): the moments. ``keyless``: the records rollup_csv read whose key is
+    missing, in no group."""
 
     keys: npt.NDArray[np.int64]
     rows: npt.NDArray[np.int64]
@@ -120,6 +123,7 @@ class Groups:
     m2: npt.NDArray[np.float64]
     min: npt.NDArray[np.float64]
     max: npt.NDArray[np.float64]
+    keyless: int = 0
 
     @property
     def records(self) -> int:
@@ -176,7 +180,7 @@ class _Context:
         self.lib.sr_export(
             self.ptr, _i64(keys), _i64(rows), _i64(count), _f64(mean), _f64(m2), _f64(mn), _f64(mx)
         )
-        return Groups(keys, rows, count, mean, m2, mn, mx)
+        return Groups(keys, rows, count, mean, m2, mn, mx, int(self.lib.sr_keyless(self.ptr)))
 
 
 def _f64_pointers(arrays: Sequence[npt.NDArray[np.float64]]) -> ctypes.Array[Any]:

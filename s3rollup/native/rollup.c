@@ -140,6 +140,7 @@ typedef struct {
     int64_t wcap;
     int64_t defer_groups; /* rows wait from this many groups on (DEFER_GROUPS) */
     size_t defer_bytes;   /* in buffers of about this many bytes (DEFER_BYTES) */
+    int64_t keyless; /* sr_csv: records whose key is missing (in no group) */
     int na_empty;  /* sr_csv: an empty cell is missing */
     char *na;      /* sr_csv: the other missing-value spellings, each ended by a NUL */
     int64_t na_len;
@@ -204,6 +205,10 @@ static struct thread_mem *thread_mem(void) {
     }
     return this_thread = m;
 }
+
+/* sr_csv's records whose key cell was a missing value: in no group, as pandas' groupby
+ * leaves them out. */
+int64_t sr_keyless(const sr_ctx *c) { return c->keyless; }
 
 /* Bytes kept by threads for their next parts (wait buffers and spare group storage). */
 int64_t sr_thread_bytes(void) { return (int64_t)atomic_load(&kept_bytes); }
@@ -1131,6 +1136,7 @@ static inline __attribute__((always_inline)) int csv_rows(sr_ctx *c, const char 
         }
         keys[m] = key;
         keyless[m] = (unsigned char)nokey;
+        c->keyless += nokey;
         m++;
     }
     return SR_OK;

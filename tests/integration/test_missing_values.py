@@ -47,6 +47,13 @@ def test_a_part_with_na_null_and_n_a_cells_is_accepted_and_equals_pandas(stack: 
     expected = complex_operation(pd.concat(frames, ignore_index=True))
     assert compare(result_frame(stack, dataset), expected, rtol=1e-9) == []
     assert manifest["rows"] == sum(int(f["category"].notna().sum()) for f in frames)
+    # ... and the rows left out are never silent: each part's audit record counts them
+    aggregated = {r["key"]: r for r in audit_records(stack, dataset) if r["event"] == "PART_AGGREGATED"}
+    assert set(aggregated) == keys
+    for i, f in enumerate(frames):
+        record = aggregated[next(k for k in keys if k.endswith(f"part-{i}.csv"))]
+        assert record["detail"] == {"rows_without_key": len(f) // 50}
+        assert record["rows"] == int(f["category"].notna().sum())
 
 
 def test_a_contract_without_a_spelling_has_its_parts_quarantined(stack: Any, dataset: str) -> None:

@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import hashlib
 import io
+import re
 import threading
 import zlib
 from types import SimpleNamespace
@@ -118,13 +119,57 @@ def test_part_result_reports_checksums_rows_and_the_partial_it_encoded() -> None
     assert data is not None
     assert result["sha256"] == hashlib.sha256(body).hexdigest()
     assert result["partial_sha256"] == hashlib.sha256(data).hexdigest()
-    assert result["rows"] == 500 and "error" not in result
+    assert result["rows"] == 500 and result["rows_without_key"] == 0 and "error" not in result
     assert set(result["seconds"]) == {"read", "aggregate", "encode"}
     pd.testing.assert_frame_equal(
         table_from_parquet(data).to_pandas(), partial_from_frame(frame, C).to_pandas(), check_exact=True
     )
     # AND the table it returns is the one it encoded
     assert table is not None and table.equals(table_from_parquet(data))
+
+
+def _keyless_part(fmt: str) -> tuple[bytes, int, int]:
+    """A 900-row part of the seed's schema whose every 9th row has no group key (spelled NA
+    in CSV, a null in Parquet): (body, rows in a group, rows without a key)."""
+    from s3rollup.demo import generate_part
+
+    frame = generate_part(3, 900, 42)
+    frame["category"] = frame["category"].astype("Int64")
+    frame.loc[frame.index % 9 == 4, "category"] = pd.NA
+    missing = int(frame["category"].isna().sum())
+    if fmt == "parquet":
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        return buf.getvalue(), len(frame) - missing, missing
+    text = frame.to_csv(index=False, na_rep="NA").encode()
+    if fmt == "csv-quoted":  # a quoted id: not for the native parser; pyarrow reads it
+        header, first_id, rest = re.split(rb"\n([0-9]+),", text, maxsplit=1)
+        text = header + b'\n"' + first_id + b'",' + rest
+    if fmt == "csv.gz":
+        return zlib.compress(text, wbits=31), len(frame) - missing, missing
+    return text, len(frame) - missing, missing
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "without-native"])
+@pytest.mark.parametrize("alone", [False, True], ids=["among-others", "alone"])
+@pytest.mark.parametrize("fmt", ["csv", "csv-quoted", "csv.gz", "parquet"])
+def test_part_result_counts_the_rows_left_out_for_a_missing_group_key(
+    monkeypatch, fmt, alone, native
+) -> None:
+    from s3rollup import native as native_module
+
+    if not native:
+        monkeypatch.setattr(native_module, "LIB", None)
+    elif native_module.LIB is None:
+        pytest.skip("librollup.so is not loaded")
+    # GIVEN a part whose every 9th row has no group key
+    body, grouped, missing = _keyless_part(fmt)
+    assert missing == 100
+    # WHEN a task makes its result of it, on every path that reads it
+    result, data, _ = job_module.part_result(io.BytesIO(body), len(body), f"part.{fmt}", C, alone)
+    # THEN the rows in a group and the rows left out add up to the part's, and say which
+    assert data is not None, result
+    assert (result["rows"], result["rows_without_key"]) == (grouped, missing)
 
 
 def test_part_result_of_a_rejected_part_names_the_problem_and_has_no_partial() -> None:

@@ -667,7 +667,7 @@ def test_threads_that_end_free_the_memory_they_kept_for_their_next_parts(monkeyp
 
 def _by_key(g: native.Groups) -> native.Groups:
     order = np.argsort(g.keys)
-    return native.Groups(*(a[order] for a in _groups_fields(g)))
+    return native.Groups(*(a[order] for a in _groups_fields(g)), keyless=g.keyless)
 
 
 def _groups_fields(g: native.Groups) -> list[Any]:
