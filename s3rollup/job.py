@@ -765,6 +765,7 @@ class Job:
                 },
             )
             return
+        without_key = int(res["rows_without_key"])  # in no group: a group key was missing
         try:
             self.audit.append(
                 self.dataset,
@@ -779,21 +780,21 @@ class Job:
                 sha256=res["sha256"],
                 rows=res["rows"],
                 job_id=self.job_id,
-                detail={"rows_without_key": int(res.get("rows_without_key", 0))},
+                detail={"rows_without_key": without_key},
             )
-            if res.get("rows_without_key"):
+            if without_key:
                 # Not an error (pandas' groupby leaves such rows out too), but never silent.
                 log.warning(
                     "rows without a group key left out",
                     extra={
                         "dataset": self.dataset,
                         "part_id": pid,
-                        "rows_without_key": int(res["rows_without_key"]),
+                        "rows_without_key": without_key,
                         "rows": int(res["rows"]),
                     },
                 )
             self.rows_aggregated += int(res["rows"])
-            self.rows_without_key += int(res.get("rows_without_key", 0))
+            self.rows_without_key += without_key
             self.parts_aggregated += 1
             self.kernels.add(res["kernels"])
             for step, seconds in res.get("seconds", {}).items():

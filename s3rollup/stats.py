@@ -331,6 +331,7 @@ def part_partial(
     or from partial_from_frame. A Parquet part computed ``alone`` is decoded a batch
     ahead of those kernels, on a second thread (parse.read_ahead).
     """
+    keyless = keyless if keyless is not None else parse.Keyless()
     if fmt in ("csv", "csv.gz"):
         body = parse.csv_text(body, fmt)
         fmt = "csv"
@@ -338,8 +339,7 @@ def part_partial(
         if pieces is not None:
             partials = [partial_from_groups(g, contract) for g in pieces]
             merged = partials[0] if len(partials) == 1 else merge_partials(partials, contract)
-            if keyless is not None:
-                keyless.rows += sum(g.keyless for g in pieces)
+            keyless.rows += sum(g.keyless for g in pieces)
             return merged, sum(g.records for g in pieces)
     if fmt == "parquet":
         # Counted apart: table_groups leaves the batches unread where it does not apply,
@@ -348,8 +348,7 @@ def part_partial(
         tables = parse.parquet_tables(body, contract, counted)
         groups = parse.table_groups(parse.read_ahead(tables) if alone else tables, contract)
         if groups is not None:
-            if keyless is not None:
-                keyless.rows += counted.rows
+            keyless.rows += counted.rows
             return partial_from_groups(groups, contract), groups.records
     table = parse.read_table(body, contract, fmt, keyless)
     groups = parse.table_groups([table], contract)

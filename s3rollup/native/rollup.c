@@ -161,9 +161,14 @@ static int cpu_has_avx2(void) { return 0; }
 /* What all threads keep (thread_mem), in bytes. */
 static atomic_llong kept_bytes;
 
+/* The bytes of group storage (keys, rows and acc) for alloc groups of per blocks each. */
+static size_t storage_bytes(int64_t alloc, size_t per) {
+    return (size_t)alloc * (2 * sizeof(int64_t) + per * sizeof(blk_t));
+}
+
 static void spare_free(struct spare *s) {
     if (!s->acc) return;
-    atomic_fetch_sub(&kept_bytes, (long long)((size_t)s->alloc * (2 * sizeof(int64_t) + s->per * sizeof(blk_t))));
+    atomic_fetch_sub(&kept_bytes, (long long)storage_bytes(s->alloc, s->per));
     free(s->keys);
     free(s->rows);
     free(s->acc);
@@ -281,7 +286,7 @@ void sr_free(sr_ctx *c) {
  * SPARE_BYTES or smaller than what the thread keeps; else freed. */
 static void keep_storage(sr_ctx *c) {
     size_t per = (size_t)BLOCKS(c->nvalues);
-    size_t bytes = (size_t)c->alloc * (2 * sizeof(int64_t) + per * sizeof(blk_t));
+    size_t bytes = storage_bytes(c->alloc, per);
     struct thread_mem *m = c->acc && bytes <= SPARE_BYTES ? thread_mem() : NULL;
     if (m && m->spare.alloc * (int64_t)m->spare.per <= c->alloc * (int64_t)per) {
         spare_free(&m->spare);
@@ -304,7 +309,7 @@ static int reserve(sr_ctx *c, int64_t need) {
     struct thread_mem *m = c->alloc ? NULL : thread_mem();
     if (m && m->spare.acc && m->spare.per == per) {
         struct spare *s = &m->spare;
-        atomic_fetch_sub(&kept_bytes, (long long)((size_t)s->alloc * (2 * sizeof(int64_t) + per * sizeof(blk_t))));
+        atomic_fetch_sub(&kept_bytes, (long long)storage_bytes(s->alloc, per));
         c->keys = s->keys, c->rows = s->rows, c->acc = s->acc, c->alloc = s->alloc;
         *s = (struct spare){0};
     }
